@@ -1,0 +1,77 @@
+"""What every model family (GMIC, all-conv, …) provides, so that model files, the ensemble and
+the trainer handle all of them through one code path."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import torch
+from torch import nn
+
+from .geometry import Geometry
+from .mammogram import Mammogram
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One image ready for a model: `tensor` is (C, H, W) float32 on the input grid."""
+
+    tensor: torch.Tensor
+    geometry: Geometry
+
+
+@dataclass(frozen=True)
+class ScoreMaps:
+    """A family's output in the shape the ensemble needs; everything on the input grid.
+
+    `malignant`/`benign` are (N,) probabilities. `maps` is (N, 2, h, w) covering the whole
+    input: channel 0 benign, channel 1 malignant (families without a benign map repeat the
+    malignant one and set `has_benign` False). `boxes` is (N, K, 4) as (top, left, bottom,
+    right) input pixels with `box_weights` (N, K), or None.
+    """
+
+    malignant: torch.Tensor
+    benign: torch.Tensor | None
+    maps: torch.Tensor
+    has_benign: bool
+    boxes: torch.Tensor | None = None
+    box_weights: torch.Tensor | None = None
+
+
+class ModelFamily(Protocol):
+    name: str
+
+    def build(self, architecture: dict[str, Any]) -> nn.Module:
+        """A module with freshly initialised weights for this architecture config."""
+
+    def default_preprocessing(self, architecture: dict[str, Any]) -> dict[str, Any]:
+        """The preprocessing spec of the published models of this family."""
+
+    def preprocess(self, image: Mammogram, spec: dict[str, Any]) -> Prepared:
+        """Source image → model input and the `Geometry` that maps it back."""
+
+    def score_maps(self, output: Any) -> ScoreMaps:
+        """The module's typed forward result → `ScoreMaps`."""
+
+
+_FAMILIES: dict[str, ModelFamily] = {}
+
+
+def register_family(family: ModelFamily) -> ModelFamily:
+    _FAMILIES[family.name] = family
+    return family
+
+
+def get_family(name: str) -> ModelFamily:
+    _load_builtin_families()
+    try:
+        return _FAMILIES[name]
+    except KeyError:
+        known = ", ".join(sorted(_FAMILIES)) or "none"
+        raise ValueError(f"unknown model family {name!r}; known families: {known}") from None
+
+
+def _load_builtin_families() -> None:
+    # Imported lazily: the family packages import this module to register themselves.
+    from . import allconv, gmic  # noqa: F401

@@ -1,0 +1,172 @@
+"""`Geometry`: the exact chain of flips, crops, pads and resizes from a source image to a
+model input, and its inverse.
+
+Every step is axis-aligned, so the chain is a separate affine map per axis in continuous pixel
+coordinates (pixel i covers [i, i+1)). That makes mapping points, boxes and whole maps back to
+the source grid exact and cheap, whatever the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Flip:
+    """Mirror one axis (0 = rows, 1 = columns) of the current image."""
+
+    axis: int
+
+
+@dataclass(frozen=True)
+class Crop:
+    """Keep rows [top, top+height) and columns [left, left+width); may extend past the image,
+    in which case the outside reads as zero (a crop with negative offsets is a pad)."""
+
+    top: int
+    left: int
+    height: int
+    width: int
+
+
+@dataclass(frozen=True)
+class Pad:
+    top: int = 0
+    bottom: int = 0
+    left: int = 0
+    right: int = 0
+
+
+@dataclass(frozen=True)
+class Resize:
+    height: int
+    width: int
+
+
+Step = Flip | Crop | Pad | Resize
+
+
+@dataclass(frozen=True)
+class _Axis:
+    """x_input = scale * x_source + offset, on one axis."""
+
+    scale: float = 1.0
+    offset: float = 0.0
+
+    def then(self, scale: float, offset: float) -> _Axis:
+        return _Axis(self.scale * scale, self.offset * scale + offset)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Source grid (rows, cols) → input grid, as an ordered chain of steps."""
+
+    source_shape: tuple[int, int]
+    steps: tuple[Step, ...] = ()
+    _axes: tuple[_Axis, _Axis] = field(init=False, repr=False, compare=False)
+    _input_shape: tuple[int, int] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        axes = [_Axis(), _Axis()]
+        size = list(self.source_shape)
+        for step in self.steps:
+            if isinstance(step, Flip):
+                a = step.axis
+                axes[a] = axes[a].then(-1.0, float(size[a]))
+            elif isinstance(step, Crop):
+                axes[0] = axes[0].then(1.0, -float(step.top))
+                axes[1] = axes[1].then(1.0, -float(step.left))
+                size = [step.height, step.width]
+            elif isinstance(step, Pad):
+                axes[0] = axes[0].then(1.0, float(step.top))
+                axes[1] = axes[1].then(1.0, float(step.left))
+                size = [size[0] + step.top + step.bottom, size[1] + step.left + step.right]
+            elif isinstance(step, Resize):
+                new = [step.height, step.width]
+                for a in (0, 1):
+                    axes[a] = axes[a].then(new[a] / size[a], 0.0)
+                size = new
+            else:  # pragma: no cover - the type union is closed
+                raise TypeError(f"unknown geometry step {step!r}")
+        object.__setattr__(self, "_axes", (axes[0], axes[1]))
+        object.__setattr__(self, "_input_shape", (int(size[0]), int(size[1])))
+
+    def then(self, *steps: Step) -> Geometry:
+        return Geometry(self.source_shape, self.steps + tuple(steps))
+
+    @property
+    def input_shape(self) -> tuple[int, int]:
+        return self._input_shape
+
+    # -- points and boxes ---------------------------------------------------------------
+
+    def to_input(self, points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        """(…, 2) continuous (row, col) source coordinates → input coordinates."""
+        p = np.asarray(points, dtype=np.float64)
+        out = np.empty_like(p)
+        for a in (0, 1):
+            out[..., a] = self._axes[a].scale * p[..., a] + self._axes[a].offset
+        return out
+
+    def to_source(self, points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        """(…, 2) continuous (row, col) input coordinates → source coordinates."""
+        p = np.asarray(points, dtype=np.float64)
+        out = np.empty_like(p)
+        for a in (0, 1):
+            out[..., a] = (p[..., a] - self._axes[a].offset) / self._axes[a].scale
+        return out
+
+    def box_to_source(self, box: Sequence[float], clip: bool = True) -> tuple[float, ...]:
+        """(top, left, bottom, right) in input pixels → the same box on the source grid.
+
+        Flips swap the edges, so the corners are re-sorted; `clip` keeps it inside the image.
+        """
+        corners = self.to_source([[box[0], box[1]], [box[2], box[3]]])
+        top, bottom = sorted(corners[:, 0])
+        left, right = sorted(corners[:, 1])
+        if clip:
+            rows, cols = self.source_shape
+            top, bottom = np.clip([top, bottom], 0, rows)
+            left, right = np.clip([left, right], 0, cols)
+        return (float(top), float(left), float(bottom), float(right))
+
+    # -- maps -----------------------------------------------------------------------------
+
+    def map_to_source(self, grid_map: np.ndarray) -> np.ndarray:
+        """Resample a (…, h, w) map that covers the whole input grid onto the source grid.
+
+        Bilinear on pixel centres; source pixels that fall outside the input (cropped away)
+        read 0. Works for any map resolution: the saliency grid, or the input itself.
+        """
+        m = np.asarray(grid_map, dtype=np.float32)
+        h, w = m.shape[-2:]
+        rows_idx = self._sample_axis(0, h)
+        cols_idx = self._sample_axis(1, w)
+        m = _lerp(m, *rows_idx, axis=-2)
+        return _lerp(m, *cols_idx, axis=-1)
+
+    def _sample_axis(self, a: int, n_map: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        n_src = self.source_shape[a]
+        centres = np.arange(n_src, dtype=np.float64) + 0.5
+        x_in = self._axes[a].scale * centres + self._axes[a].offset
+        u = x_in * (n_map / self._input_shape[a]) - 0.5
+        inside = (x_in >= 0) & (x_in <= self._input_shape[a])
+        u = np.clip(u, 0, n_map - 1)
+        i0 = np.floor(u).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_map - 1)
+        t = (u - i0).astype(np.float32)
+        t[~inside] = np.nan  # marks outside; _lerp turns it into 0
+        return i0, i1, t
+
+
+def _lerp(m: np.ndarray, i0: np.ndarray, i1: np.ndarray, t: np.ndarray, axis: int) -> np.ndarray:
+    a = np.take(m, i0, axis=axis)
+    b = np.take(m, i1, axis=axis)
+    shape = [1] * m.ndim
+    shape[axis] = t.shape[0]
+    tt = t.reshape(shape)
+    out = a + (b - a) * np.nan_to_num(tt)
+    return np.where(np.isnan(tt), np.float32(0), out).astype(np.float32)

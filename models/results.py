@@ -1,0 +1,93 @@
+"""Typed predictions that leave `models`: per image, per breast and per exam, with saliency
+maps and ROI boxes already on each source image's pixel grid."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .mammogram import Laterality, View
+
+
+@dataclass(frozen=True)
+class RegionOfInterest:
+    """A box on the source grid: (top, left, bottom, right) in pixels, with its weight
+    (GMIC's attention, or the saliency peak value) and the member model that proposed it."""
+
+    box: tuple[float, float, float, float]
+    weight: float
+    model: str
+
+    @property
+    def center(self) -> tuple[float, float]:
+        top, left, bottom, right = self.box
+        return ((top + bottom) / 2.0, (left + right) / 2.0)
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What an output object must say about the algorithm behind it."""
+
+    name: str
+    version: str
+    family: str
+    clinical_use: bool
+    """True only when the model file says the model is validated for clinical use."""
+    intended_use: str
+    licence: str
+    operating_point: float | None
+    """Malignancy threshold above which a finding must be presented, if one was set."""
+
+
+@dataclass(frozen=True)
+class ImagePrediction:
+    sop_instance_uid: str
+    laterality: Laterality
+    view: View
+    malignant: float
+    """Ensemble probability of malignancy for this image."""
+    benign: float | None
+    per_model: dict[str, float]
+    """Each member's malignancy probability (averaged over its flips), by model name."""
+    malignant_map: np.ndarray = field(repr=False)
+    """(rows, cols) float32 in [0, 1] on the source grid."""
+    benign_map: np.ndarray | None = field(repr=False)
+    rois: tuple[RegionOfInterest, ...] = ()
+    """Most important first."""
+
+
+@dataclass(frozen=True)
+class BreastPrediction:
+    laterality: Laterality
+    malignant: float
+    """Mean over the breast's CC and MLO images (or the one present)."""
+    benign: float | None
+    sop_instance_uids: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ExamPrediction:
+    study_instance_uid: str
+    images: tuple[ImagePrediction, ...]
+    breasts: tuple[BreastPrediction, ...]
+    malignant: float
+    """Max over breasts."""
+    benign: float | None
+    missing_views: tuple[str, ...]
+    """E.g. ("R-MLO",); empty for a complete four-view exam."""
+    models: tuple[ModelInfo, ...]
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing_views)
+
+    @property
+    def clinical_use(self) -> bool:
+        return all(m.clinical_use for m in self.models)
+
+    def image(self, sop_instance_uid: str) -> ImagePrediction:
+        for img in self.images:
+            if img.sop_instance_uid == sop_instance_uid:
+                return img
+        raise KeyError(sop_instance_uid)

@@ -1,0 +1,1 @@
+"""One module per `plugin` subcommand; each exposes `register(subparsers)`."""
