@@ -68,31 +68,41 @@ class Geometry:
     steps: tuple[Step, ...] = ()
     _axes: tuple[_Axis, _Axis] = field(init=False, repr=False, compare=False)
     _input_shape: tuple[int, int] = field(init=False, repr=False, compare=False)
+    _visible: tuple[tuple[float, float], ...] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         axes = [_Axis(), _Axis()]
-        size = list(self.source_shape)
+        size = [float(n) for n in self.source_shape]
+        # Per axis, the interval of the current grid that still shows source pixels: a crop
+        # followed by a pad must not make cropped-away source pixels look visible.
+        visible = [[0.0, size[0]], [0.0, size[1]]]
         for step in self.steps:
             if isinstance(step, Flip):
                 a = step.axis
-                axes[a] = axes[a].then(-1.0, float(size[a]))
+                axes[a] = axes[a].then(-1.0, size[a])
+                visible[a] = [size[a] - visible[a][1], size[a] - visible[a][0]]
             elif isinstance(step, Crop):
-                axes[0] = axes[0].then(1.0, -float(step.top))
-                axes[1] = axes[1].then(1.0, -float(step.left))
-                size = [step.height, step.width]
+                for a, start, length in ((0, step.top, step.height), (1, step.left, step.width)):
+                    axes[a] = axes[a].then(1.0, -float(start))
+                    lo, hi = visible[a][0] - start, visible[a][1] - start
+                    visible[a] = [max(lo, 0.0), min(hi, float(length))]
+                    size[a] = float(length)
             elif isinstance(step, Pad):
-                axes[0] = axes[0].then(1.0, float(step.top))
-                axes[1] = axes[1].then(1.0, float(step.left))
-                size = [size[0] + step.top + step.bottom, size[1] + step.left + step.right]
+                for a, before, after in ((0, step.top, step.bottom), (1, step.left, step.right)):
+                    axes[a] = axes[a].then(1.0, float(before))
+                    visible[a] = [visible[a][0] + before, visible[a][1] + before]
+                    size[a] += before + after
             elif isinstance(step, Resize):
-                new = [step.height, step.width]
-                for a in (0, 1):
-                    axes[a] = axes[a].then(new[a] / size[a], 0.0)
-                size = new
+                for a, new in ((0, step.height), (1, step.width)):
+                    k = new / size[a]
+                    axes[a] = axes[a].then(k, 0.0)
+                    visible[a] = [visible[a][0] * k, visible[a][1] * k]
+                    size[a] = float(new)
             else:  # pragma: no cover - the type union is closed
                 raise TypeError(f"unknown geometry step {step!r}")
         object.__setattr__(self, "_axes", (axes[0], axes[1]))
         object.__setattr__(self, "_input_shape", (int(size[0]), int(size[1])))
+        object.__setattr__(self, "_visible", (tuple(visible[0]), tuple(visible[1])))
 
     def then(self, *steps: Step) -> Geometry:
         return Geometry(self.source_shape, self.steps + tuple(steps))
@@ -100,6 +110,15 @@ class Geometry:
     @property
     def input_shape(self) -> tuple[int, int]:
         return self._input_shape
+
+    def visible(self, points: np.ndarray | Sequence[Sequence[float]]) -> np.ndarray:
+        """Whether (…, 2) input coordinates show source pixels (not padding, not cropped)."""
+        p = np.asarray(points, dtype=np.float64)
+        ok = np.ones(p.shape[:-1], dtype=bool)
+        for a in (0, 1):
+            lo, hi = self._visible[a]
+            ok &= (p[..., a] >= lo) & (p[..., a] < hi)
+        return ok
 
     # -- points and boxes ---------------------------------------------------------------
 
@@ -153,7 +172,8 @@ class Geometry:
         centres = np.arange(n_src, dtype=np.float64) + 0.5
         x_in = self._axes[a].scale * centres + self._axes[a].offset
         u = x_in * (n_map / self._input_shape[a]) - 0.5
-        inside = (x_in >= 0) & (x_in <= self._input_shape[a])
+        lo, hi = self._visible[a]
+        inside = (x_in >= lo) & (x_in < hi)
         u = np.clip(u, 0, n_map - 1)
         i0 = np.floor(u).astype(np.int64)
         i1 = np.minimum(i0 + 1, n_map - 1)

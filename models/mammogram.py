@@ -67,5 +67,5 @@ class Mammogram:
 
     @property
     def view_key(self) -> str:
-        """"L-CC", "R-MLO", …: the names the papers and the exam grouper use."""
+        """ "L-CC", "R-MLO", …: the names the papers and the exam grouper use."""
         return f"{self.laterality}-{self.view}"

@@ -1,0 +1,115 @@
+"""Geometry maps points, boxes and maps exactly between the source and input grids."""
+
+import numpy as np
+import pytest
+
+from models.geometry import Crop, Flip, Geometry, Pad, Resize
+
+
+def apply_chain(image: np.ndarray, geometry: Geometry) -> np.ndarray:
+    """Apply the chain to an image the slow, obvious way (nearest-neighbour resize)."""
+    out = image
+    for step in geometry.steps:
+        if isinstance(step, Flip):
+            out = np.flip(out, axis=step.axis)
+        elif isinstance(step, Crop):
+            padded = np.zeros((step.height, step.width), out.dtype)
+            r0, c0 = max(step.top, 0), max(step.left, 0)
+            r1 = min(step.top + step.height, out.shape[0])
+            c1 = min(step.left + step.width, out.shape[1])
+            padded[r0 - step.top : r1 - step.top, c0 - step.left : c1 - step.left] = out[
+                r0:r1, c0:c1
+            ]
+            out = padded
+        elif isinstance(step, Pad):
+            out = np.pad(out, ((step.top, step.bottom), (step.left, step.right)))
+        elif isinstance(step, Resize):
+            rows = ((np.arange(step.height) + 0.5) * out.shape[0] / step.height).astype(int)
+            cols = ((np.arange(step.width) + 0.5) * out.shape[1] / step.width).astype(int)
+            out = out[rows][:, cols]
+    return out
+
+
+CHAINS = [
+    Geometry((100, 80)),
+    Geometry((100, 80), (Flip(1),)),
+    Geometry((100, 80), (Flip(0), Flip(1))),
+    Geometry((100, 80), (Flip(1), Crop(10, 5, 60, 70), Pad(4, 6, 0, 30))),
+    Geometry((100, 80), (Crop(-20, 0, 140, 80), Flip(1))),
+    Geometry((100, 80), (Flip(1), Crop(10, 0, 60, 80), Pad(0, 4, 0, 16), Resize(128, 192))),
+]
+
+
+@pytest.mark.parametrize("geometry", CHAINS)
+def test_input_shape_matches_applied_chain(geometry):
+    image = np.arange(100 * 80, dtype=np.float32).reshape(100, 80)
+    assert apply_chain(image, geometry).shape == geometry.input_shape
+
+
+@pytest.mark.parametrize("geometry", CHAINS)
+def test_points_round_trip(geometry):
+    points = np.random.default_rng(0).uniform(0, 80, size=(50, 2))
+    np.testing.assert_allclose(geometry.to_source(geometry.to_input(points)), points, atol=1e-9)
+
+
+@pytest.mark.parametrize("geometry", CHAINS)
+def test_pixel_centres_land_on_the_same_pixel(geometry):
+    image = np.arange(100 * 80, dtype=np.float32).reshape(100, 80) + 1
+    applied = apply_chain(image, geometry)
+    rows, cols = np.meshgrid(np.arange(100), np.arange(80), indexing="ij")
+    centres = np.stack([rows + 0.5, cols + 0.5], axis=-1).reshape(-1, 2)
+    mapped = geometry.to_input(centres)
+    inside = geometry.visible(mapped)
+    # With an integer upscale the centre maps into the pixel it became, for every chain here.
+    idx = np.floor(mapped[inside]).astype(int)
+    np.testing.assert_array_equal(applied[idx[:, 0], idx[:, 1]], image.reshape(-1)[inside])
+
+
+@pytest.mark.parametrize("geometry", CHAINS)
+def test_map_of_the_input_itself_comes_back_as_the_source(geometry):
+    image = np.random.default_rng(1).uniform(size=(100, 80)).astype(np.float32)
+    applied = apply_chain(image, geometry)
+    back = geometry.map_to_source(applied)
+    assert back.shape == image.shape
+    if any(isinstance(s, Resize) for s in geometry.steps):
+        return  # resampling twice blurs; covered by the coarse-map test
+    visible = geometry.map_to_source(apply_chain(np.ones_like(image), geometry)) > 0.999
+    assert visible.any()
+    np.testing.assert_allclose(back[visible], image[visible], atol=1e-6)
+
+
+def test_cropped_away_pixels_read_zero():
+    g = Geometry((100, 80), (Crop(10, 0, 60, 80),))
+    back = g.map_to_source(np.ones(g.input_shape, np.float32))
+    assert back[:10].max() == 0 and back[70:].max() == 0 and back[10:70].min() == 1
+
+
+def test_coarse_map_is_upsampled_bilinearly_on_pixel_centres():
+    g = Geometry((64, 64), (Resize(128, 128),))
+    coarse = np.zeros((2, 2), np.float32)
+    coarse[0, 0] = 1.0
+    back = g.map_to_source(coarse)
+    assert back[0, 0] == pytest.approx(1.0)
+    assert back[63, 63] == pytest.approx(0.0)
+    assert 0 < back[32, 32] < 1
+
+
+def test_boxes_follow_flips_and_crops():
+    g = Geometry((100, 80), (Flip(1), Crop(10, 0, 60, 80), Pad(0, 4, 0, 16), Resize(128, 96)))
+    assert g.box_to_source((0, 0, 64, 48)) == (10.0, 32.0, 42.0, 80.0)
+    # A box reaching into the padding is clipped to the image.
+    assert g.box_to_source((100, 0, 128, 96)) == (60.0, 0.0, 74.0, 80.0)
+    assert g.box_to_source((0, 0, 400, 96)) == (10.0, 0.0, 100.0, 80.0)
+
+
+def test_visible_excludes_padding_and_cropped_away_source():
+    g = Geometry((100, 80), (Crop(10, 0, 60, 80), Pad(4, 6, 0, 0)))
+    assert not g.visible([[2.0, 5.0]])[0]  # padding that sits where rows 6..9 would be
+    assert g.visible([[4.5, 5.0]])[0]
+    assert not g.visible([[64.5, 5.0]])[0]
+
+
+def test_leading_map_axes_are_kept():
+    g = Geometry((40, 30), (Flip(1), Resize(20, 15)))
+    maps = np.random.default_rng(2).uniform(size=(2, 5, 4)).astype(np.float32)
+    assert g.map_to_source(maps).shape == (2, 40, 30)
