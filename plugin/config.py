@@ -1,0 +1,291 @@
+"""The service configuration: `config.yml` read with pyyaml into pydantic models.
+
+Unknown keys and bad values are errors that name the key path (`listener.port: …`), so a typo
+never silently falls back to a default. Relative paths are relative to the config file's folder,
+so a config and its model files move together. Secrets are never in the file: a key ending in
+`_env` names the environment variable that holds the secret (`resolve_secret`).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydicom.uid import UID
+
+from plugin.delivery import Destination
+
+DEFAULT_CONFIG = Path("config.yml")
+
+
+class ConfigError(ValueError):
+    """A configuration that cannot be used; each line names the key path and the fix."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
+    base = (info.context or {}).get("base")
+    value = value.expanduser()
+    if base is not None and not value.is_absolute():
+        value = Path(base) / value
+    return value
+
+
+ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
+"""A path in the config; relative paths are taken from the config file's folder."""
+
+_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
+
+
+def _ae_title(value: str) -> str:
+    if not _AE_TITLE.match(value) or not value.strip():
+        raise ValueError(
+            "an AE title is 1 to 16 printable ASCII characters, not blank and without backslash"
+        )
+    return value.strip()
+
+
+AETitle = Annotated[str, AfterValidator(_ae_title)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+def resolve_secret(env_name: str | None, key_path: str) -> str | None:
+    """The secret held by the environment variable a config key names; None when no variable
+    is named. A named but unset variable is an error, since the operator asked for a secret."""
+    if env_name is None:
+        return None
+    value = os.environ.get(env_name)
+    if value is None:
+        raise ConfigError(
+            f"{key_path}: environment variable {env_name} is not set; export it before starting "
+            "the service (secrets are never read from the config file)"
+        )
+    return value
+
+
+# -- listener -------------------------------------------------------------------------------
+
+# Compressed first so a sender offering JPEG 2000 and uncompressed in one context keeps its
+# compressed bytes (reference: integration-anchors §2.3); decoding happens in the worker.
+DEFAULT_TRANSFER_SYNTAXES = (
+    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
+    "1.2.840.10008.1.2.4.91",  # JPEG 2000
+    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
+    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
+    "1.2.840.10008.1.2.4.203",  # HTJ2K
+    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
+    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
+    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
+    "1.2.840.10008.1.2.4.57",  # JPEG lossless
+    "1.2.840.10008.1.2.5",  # RLE lossless
+    "1.2.840.10008.1.2.4.50",  # JPEG baseline
+    "1.2.840.10008.1.2.4.51",  # JPEG extended
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
+    "1.2.840.10008.1.2.1",  # explicit VR little endian
+    "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.2",  # explicit VR big endian (retired)
+)
+
+
+class AllowedCaller(Section):
+    ae_title: AETitle
+    address: str | None = None
+    """If set, the caller must also connect from this IP address."""
+
+
+class TlsConfig(Section):
+    certificate: ConfigPath
+    private_key: ConfigPath
+    ca_certificates: ConfigPath | None = None
+    """Trusted CA bundle for client certificates."""
+    require_client_certificate: bool = True
+
+
+class ListenerConfig(Section):
+    ae_title: AETitle = "MAMMO_AI"
+    host: str = "127.0.0.1"
+    port: int = Field(11112, ge=0, le=65535)
+    allowed_callers: list[AllowedCaller] = []
+    """Empty: any calling AE is accepted. Otherwise unknown callers are rejected at
+    association time (A-ASSOCIATE-RJ, calling AE title not recognised)."""
+    max_associations: int = Field(10, ge=1, le=1000)
+    max_pdu_size: int = Field(0, ge=0)
+    """Largest PDU we receive, in bytes; 0 means unlimited (fastest for large images)."""
+    transfer_syntaxes: list[str] = list(DEFAULT_TRANSFER_SYNTAXES)
+    """Preference order when a sender proposes several in one presentation context."""
+    acse_timeout_seconds: Seconds = 30
+    dimse_timeout_seconds: Seconds = 30
+    network_timeout_seconds: Seconds = 60
+    max_image_pixels: int = Field(100_000_000, ge=1)
+    """Images whose header claims more pixels (rows × columns × frames) are refused."""
+    tls: TlsConfig | None = None
+
+    @field_validator("transfer_syntaxes")
+    @classmethod
+    def _known_syntaxes(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("list at least one transfer syntax UID")
+        for uid in value:
+            if not UID(uid).is_transfer_syntax:
+                raise ValueError(f"{uid} is not a transfer syntax UID known to pydicom")
+        if len(set(value)) != len(value):
+            raise ValueError("a transfer syntax is listed twice")
+        return value
+
+
+# -- storage, exams, models, worker, delivery ------------------------------------------------
+
+
+class StorageConfig(Section):
+    spool: ConfigPath = Path("var/spool")
+    """Received instances and result objects; must be one filesystem (atomic renames)."""
+    database: ConfigPath = Path("var/plugin.sqlite")
+    min_free_mb: int = Field(1024, ge=0)
+    """Disk watermark: below this much free space in the spool, C-STORE answers 0xA700."""
+
+
+class ExamsConfig(Section):
+    settle_seconds: Seconds = 5
+    """Quiet time after the fourth screening view before an exam is analysed."""
+    quiet_seconds: Seconds = 60
+    """Quiet time after which an incomplete exam is analysed with what it has (partial)."""
+    max_wait_seconds: Seconds = 900
+    """Hard limit from the first image: an exam that keeps trickling in is analysed anyway."""
+    late_images: Literal["reanalyse", "ignore"] = "reanalyse"
+    """A new image for an exam already analysed: new analysis and result version, or audit
+    and ignore."""
+    selection: dict[str, Any] = {}
+    """Options of the view-selection policy (plugin.selection)."""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ExamsConfig:
+        if not self.settle_seconds <= self.quiet_seconds <= self.max_wait_seconds:
+            raise ValueError(
+                "need settle_seconds <= quiet_seconds <= max_wait_seconds, got "
+                f"{self.settle_seconds}, {self.quiet_seconds}, {self.max_wait_seconds}"
+            )
+        return self
+
+
+class ModelMember(Section):
+    path: ConfigPath
+    flips: list[Literal["none", "hflip", "vflip", "hvflip"]] = ["none"]
+
+    @field_validator("flips")
+    @classmethod
+    def _distinct(cls, value: list[str]) -> list[str]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("list each flip once, at least one (use [none] for no flips)")
+        return value
+
+
+class ModelsConfig(Section):
+    members: list[ModelMember] = Field(min_length=1)
+    device: Literal["auto", "cpu", "cuda"] | Annotated[str, Field(pattern=r"^cuda:\d+$")] = "auto"
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    max_batch: int = Field(8, ge=1)
+
+
+class WorkerConfig(Section):
+    max_attempts: int = Field(3, ge=1)
+    """Tries per exam job before it is quarantined with the reason."""
+    retry_delay_seconds: Seconds = 10
+
+
+class DeliveryConfig(Section):
+    max_attempts: int = Field(10, ge=1)
+    """Tries per (object, destination) before it becomes a dead letter (`plugin retry`)."""
+    initial_delay_seconds: Seconds = 5
+    max_delay_seconds: Seconds = 3600
+    multiplier: float = Field(2.0, ge=1.0)
+    poll_seconds: Seconds = 0.5
+
+
+class ObservabilityConfig(Section):
+    http_host: str = "127.0.0.1"
+    http_port: int | None = Field(9108, ge=0, le=65535)
+    """Serves /metrics (Prometheus) and /health; null disables it."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["json", "text"] = "json"
+    audit_log: ConfigPath = Path("var/audit.jsonl")
+    """One JSON object a line: received, skipped (with reason), analysed, delivered."""
+
+
+class Config(Section):
+    listener: ListenerConfig = ListenerConfig()
+    storage: StorageConfig = StorageConfig()
+    exams: ExamsConfig = ExamsConfig()
+    models: ModelsConfig
+    worker: WorkerConfig = WorkerConfig()
+    delivery: DeliveryConfig = DeliveryConfig()
+    destinations: list[Destination] = []
+    observability: ObservabilityConfig = ObservabilityConfig()
+    source: Path | None = Field(None, exclude=True)
+    """The file this config was read from (set by `load_config`)."""
+
+    @model_validator(mode="after")
+    def _unique_destinations(self) -> Config:
+        names = [d.name for d in self.destinations]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"destinations: names must be unique, repeated: {', '.join(dupes)}")
+        return self
+
+    def destination(self, name: str) -> Destination:
+        for dest in self.destinations:
+            if dest.name == name:
+                return dest
+        raise KeyError(name)
+
+
+def _format_errors(source: str, exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key (check the spelling against the configuration reference)"
+        lines.append(f"  {loc or '(top level)'}: {message}")
+    return f"{source}: invalid configuration\n" + "\n".join(lines)
+
+
+def parse_config(data: Any, base: Path, source: str = "config") -> Config:
+    """Validate already-parsed YAML; relative paths resolve against `base`."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of sections")
+    try:
+        return Config.model_validate(data, context={"base": base})
+    except ValidationError as exc:
+        raise ConfigError(_format_errors(source, exc)) from None
+
+
+def load_config(path: Path | str = DEFAULT_CONFIG) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(
+            f"{path}: no such config file; pass --config FILE or run from the repository root"
+        ) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    config = parse_config(data, path.resolve().parent, str(path))
+    return config.model_copy(update={"source": path.resolve()})
