@@ -8,7 +8,13 @@ import sys
 
 # Each module in plugin.commands adds its subcommands with `register(subparsers)`.
 COMMANDS = [
+    "serve",
+    "status",
+    "retry",
+    "config",
+    "demo",
     "models",
+    "run",
 ]
 
 

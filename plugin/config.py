@@ -27,6 +27,8 @@ from pydantic import (
 from pydicom.uid import UID
 
 from plugin.delivery import Destination
+from plugin.outputs.common import OutputKind
+from plugin.selection import SelectionPolicy
 
 DEFAULT_CONFIG = Path("config.yml")
 
@@ -171,7 +173,13 @@ class ExamsConfig(Section):
     """A new image for an exam already analysed: new analysis and result version, or audit
     and ignore."""
     selection: dict[str, Any] = {}
-    """Options of the view-selection policy (plugin.selection)."""
+    """Options of the view-selection policy (plugin.selection.SelectionPolicy)."""
+
+    @field_validator("selection")
+    @classmethod
+    def _known_policy(cls, value: dict[str, Any]) -> dict[str, Any]:
+        SelectionPolicy.from_mapping(value)  # raises ValueError naming the option
+        return value
 
     @model_validator(mode="after")
     def _ordered(self) -> ExamsConfig:
@@ -227,6 +235,39 @@ class ObservabilityConfig(Section):
     """One JSON object a line: received, skipped (with reason), analysed, delivered."""
 
 
+DEFAULT_OUTPUTS = (OutputKind.CAD_SR, OutputKind.TID1500, OutputKind.SEG, OutputKind.SC)
+
+
+class Route(Section):
+    """A destination and the result objects it receives. In the file the `outputs` key sits
+    beside the destination's own keys (`type`, `name`, …)."""
+
+    destination: Destination
+    outputs: list[OutputKind] = list(DEFAULT_OUTPUTS)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _split(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "destination" not in data:
+            data = dict(data)
+            outputs = data.pop("outputs", None)
+            return {"destination": data} | ({} if outputs is None else {"outputs": outputs})
+        return data
+
+    @field_validator("outputs")
+    @classmethod
+    def _some_outputs(cls, value: list[OutputKind]) -> list[OutputKind]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError(
+                f"list each output once, at least one of: {', '.join(k.value for k in OutputKind)}"
+            )
+        return value
+
+    @property
+    def name(self) -> str:
+        return self.destination.name
+
+
 class Config(Section):
     listener: ListenerConfig = ListenerConfig()
     storage: StorageConfig = StorageConfig()
@@ -234,7 +275,7 @@ class Config(Section):
     models: ModelsConfig
     worker: WorkerConfig = WorkerConfig()
     delivery: DeliveryConfig = DeliveryConfig()
-    destinations: list[Destination] = []
+    destinations: list[Route] = []
     observability: ObservabilityConfig = ObservabilityConfig()
     source: Path | None = Field(None, exclude=True)
     """The file this config was read from (set by `load_config`)."""
@@ -247,22 +288,45 @@ class Config(Section):
             raise ValueError(f"destinations: names must be unique, repeated: {', '.join(dupes)}")
         return self
 
-    def destination(self, name: str) -> Destination:
-        for dest in self.destinations:
-            if dest.name == name:
-                return dest
+    def route(self, name: str) -> Route:
+        for route in self.destinations:
+            if route.name == name:
+                return route
         raise KeyError(name)
+
+    @property
+    def output_kinds(self) -> list[OutputKind]:
+        """Every kind some destination takes, in OutputKind order (what the worker builds)."""
+        wanted = {k for route in self.destinations for k in route.outputs}
+        return [k for k in OutputKind if k in wanted]
 
 
 def _format_errors(source: str, exc: ValidationError) -> str:
     lines = []
     for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if not str(p).startswith("function-"))
+        loc = ".".join(_key_path(err["loc"]))
         message = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             message = "unknown key (check the spelling against the configuration reference)"
         lines.append(f"  {loc or '(top level)'}: {message}")
     return f"{source}: invalid configuration\n" + "\n".join(lines)
+
+
+def _key_path(loc: tuple[int | str, ...]) -> list[str]:
+    """The path as written in the file: without pydantic's wrapper and union-tag segments."""
+    out: list[str] = []
+    for i, part in enumerate(loc):
+        text = str(part)
+        in_route = loc[0] == "destinations" and i >= 2
+        if text.startswith("function-") or (in_route and i == 2 and text == "destination"):
+            continue
+        if in_route and i == 3 and loc[2] == "destination" and text in _DESTINATION_TYPES:
+            continue
+        out.append(text)
+    return out
+
+
+_DESTINATION_TYPES = {"dicom", "dicomweb", "orthanc", "folder"}
 
 
 def parse_config(data: Any, base: Path, source: str = "config") -> Config:

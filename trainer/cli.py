@@ -9,6 +9,8 @@ import sys
 # Each module in trainer.commands adds its subcommands with `register(subparsers)`.
 COMMANDS = [
     "synth",
+    "finetune",
+    "evaluate",
 ]
 
 

@@ -72,9 +72,7 @@ def bootstrap_auc_ci(
     return float(lo), float(hi)
 
 
-def roc_curve(
-    labels: np.ndarray, scores: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(fpr, tpr, thresholds): one point per distinct score, from (0, 0) to (1, 1); a case is
     called positive when its score >= threshold."""
     labels, scores = _check(labels, scores)

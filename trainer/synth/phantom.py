@@ -84,7 +84,7 @@ class RenderedView:
 
 FAT = 0.30
 GLAND = 0.62
-MUSCLE = 0.66
+MUSCLE = 0.56
 SKIN = 0.06
 BACKGROUND = 0.004
 
@@ -97,13 +97,18 @@ def random_breast(rng: np.random.Generator) -> Breast:
     )
 
 
-def random_lesion(rng: np.random.Generator, *, malignant: bool) -> Lesion:
-    if malignant:
-        kind = LesionType.SPICULATED_MASS if rng.random() < 0.65 else (
-            LesionType.PLEOMORPHIC_CALCIFICATIONS
-        )
-    else:
-        kind = LesionType.ROUND_MASS if rng.random() < 0.6 else LesionType.COARSE_CALCIFICATIONS
+def random_lesion(
+    rng: np.random.Generator, *, malignant: bool, kind: LesionType | None = None
+) -> Lesion:
+    """A lesion of `kind`, or of a random kind with the given malignancy."""
+    if kind is None and malignant:
+        spiculated = rng.random() < 0.65
+        kind = LesionType.SPICULATED_MASS if spiculated else LesionType.PLEOMORPHIC_CALCIFICATIONS
+    elif kind is None:
+        round_mass = rng.random() < 0.6
+        kind = LesionType.ROUND_MASS if round_mass else LesionType.COARSE_CALCIFICATIONS
+    elif kind.malignant != malignant:
+        raise ValueError(f"a {kind.value} is {'not ' if malignant else ''}malignant")
     size = {
         LesionType.SPICULATED_MASS: (5.0, 10.0),
         LesionType.ROUND_MASS: (5.0, 11.0),
@@ -142,8 +147,8 @@ def render_view(
     edge = np.clip((1.0 - radius) / 0.12, 0.0, 1.0)
     thickness = np.sqrt(edge)
 
-    gland = _parenchyma(rng, rows, cols, breast.density, u, radius)
-    tissue = FAT + (GLAND - FAT) * gland
+    gland, strands = _parenchyma(rng, frame, rows, cols, breast.density, u, radius)
+    tissue = FAT + (GLAND - FAT) * gland + 0.015 * strands
 
     skin_px = max(1.0, 1.5 / spacing_mm)
     skin_width = skin_px / (frame.scale_px)
@@ -151,7 +156,7 @@ def render_view(
 
     image = thickness * tissue + skin
     if view is View.MLO:
-        image = _add_pectoral(rng, image, frame, y, x)
+        image = _add_pectoral(image, frame, strands, y, x)
     image = np.where(inside, image, 0.0).astype(np.float32)
 
     malignant = np.zeros((rows, cols), dtype=bool)
@@ -207,8 +212,8 @@ class _Frame:
             return _Frame(rows * 0.5, breast.height * rows, extent, 0.0, (0.0, 0.0))
         return _Frame(
             centre_row=rows * 0.42,
-            half_height=breast.height * rows * 1.35,
-            extent=extent * 1.05,
+            half_height=breast.height * rows * 1.2,
+            extent=extent * 0.95,
             tilt=math.radians(18.0),
             pectoral=(rows * 0.62, cols * 0.3),
         )
@@ -233,42 +238,54 @@ class _Frame:
 
 def _parenchyma(
     rng: np.random.Generator,
+    frame: _Frame,
     rows: int,
     cols: int,
     density: float,
     u: np.ndarray,
     radius: np.ndarray,
-) -> np.ndarray:
-    """Fibroglandular fraction in [0, 1]: power-law (1/f^3) noise, thresholded softly to the
-    requested density, concentrated behind the nipple and thinning towards skin and chest wall,
-    as breast tissue does."""
-    white = rng.standard_normal((rows, cols), dtype=np.float32)
-    spectrum = sfft.rfft2(white)
+) -> tuple[np.ndarray, np.ndarray]:
+    """Fibroglandular fraction in [0, 1] and a fine strand texture.
+
+    Both come from one white-noise field filtered to a power-law (1/f^3) spectrum, stretched
+    along the breast axis (ducts and ligaments run towards the nipple). The fraction is the
+    noise thresholded softly to the requested density, concentrated behind the nipple and
+    thinning towards the skin and the chest wall, as breast tissue does.
+    """
+    spectrum = sfft.rfft2(rng.standard_normal((rows, cols), dtype=np.float32))
     fy = sfft.fftfreq(rows).astype(np.float32)[:, None]
     fx = sfft.rfftfreq(cols).astype(np.float32)[None, :]
-    f = np.sqrt(fy * fy + fx * fx)
-    f[0, 0] = 1.0
-    f = np.maximum(f, np.float32(2.0 / max(rows, cols)))  # no structure larger than the breast
-    spectrum *= f ** np.float32(-1.5)
-    noise = sfft.irfft2(spectrum, s=(rows, cols)).astype(np.float32)
-    noise = (noise - noise.mean()) / (noise.std() + 1e-6)
+    c, s = np.float32(math.cos(frame.tilt)), np.float32(math.sin(frame.tilt))
+    f_along, f_across = fx * c + fy * s, fy * c - fx * s
+    floor = np.float32(2.0 / max(rows, cols))  # no structure larger than the breast
 
-    envelope = np.exp(-(((u - 0.45) / 0.38) ** 2)) * np.clip((1.0 - radius) / 0.25, 0.0, 1.0)
+    def shaped(stretch: float, slope: float, band: float | None) -> np.ndarray:
+        f = np.sqrt((f_along * stretch) ** 2 + (f_across / stretch) ** 2)
+        weight = np.maximum(f, floor) ** np.float32(-slope)
+        if band is not None:
+            weight = weight * (1.0 - np.exp(-((f / np.float32(band)) ** 2)))
+        out = sfft.irfft2(spectrum * weight, s=(rows, cols)).astype(np.float32)
+        return (out - out.mean()) / (out.std() + np.float32(1e-6))
+
+    clouds = shaped(1.8, 1.5, None)
+    strands = shaped(2.5, 1.0, 0.02)
+    envelope = np.exp(-(((u - 0.45) / 0.4) ** 2)) * np.clip((1.0 - radius) / 0.2, 0.0, 1.0)
     threshold = np.float32(special.ndtri(1.0 - min(0.95, density * 1.6)))
-    return (1.0 / (1.0 + np.exp(-(noise - threshold) * 2.5))) * envelope
+    gland = envelope / (1.0 + np.exp(-(clouds - threshold) * 1.6))
+    return gland.astype(np.float32), (strands * envelope).astype(np.float32)
 
 
 def _add_pectoral(
-    rng: np.random.Generator, image: np.ndarray, frame: _Frame, y: np.ndarray, x: np.ndarray
+    image: np.ndarray, frame: _Frame, texture: np.ndarray, y: np.ndarray, x: np.ndarray
 ) -> np.ndarray:
     """The pectoral muscle: a bright triangle in the upper chest-wall corner with a slightly
-    convex edge, as on an MLO."""
+    convex edge, brightest towards the axilla, as on an MLO."""
     down, across = frame.pectoral
     t = y / down + x / across
     bulge = 0.06 * np.sin(np.clip(y / down, 0.0, 1.0) * math.pi)
     muscle = np.clip((1.0 + bulge - t) / 0.02, 0.0, 1.0)
-    grain = 1.0 + 0.03 * np.sin(y * 0.05 + x * 0.11 + rng.uniform(0, 2 * math.pi))
-    return image * (1.0 - muscle) + MUSCLE * grain * muscle
+    value = MUSCLE * (1.0 + 0.1 * np.clip(1.0 - t, 0.0, 1.0)) + 0.02 * texture
+    return image * (1.0 - muscle) + value * muscle
 
 
 def _draw_lesion(
@@ -319,7 +336,7 @@ def _mass(
     density = 0.2 * np.sqrt(core)
 
     # Spicules: thin lines radiating out to ~2.5 radii, fading with distance.
-    width = max(0.8, r_px * 0.06)
+    width = max(1.0, r_px * 0.08)
     spicules = np.zeros_like(rho)
     for angle in shape.uniform(0, 2 * math.pi, size=int(shape.integers(8, 15))):
         length = r_px * shape.uniform(1.6, 2.5)
@@ -327,8 +344,9 @@ def _mass(
         off = np.abs(rho * np.sin(theta - angle))
         on = (along > 0) & (along < length)
         fade = np.clip(1.0 - along / length, 0.0, 1.0)
-        spicules = np.maximum(spicules, np.where(on, np.clip(1.0 - off / width, 0.0, 1.0) * fade, 0))
-    density = np.maximum(density, 0.12 * spicules)
+        line = np.clip(1.0 - off / width, 0.0, 1.0) * fade
+        spicules = np.maximum(spicules, np.where(on, line, 0.0))
+    density = np.maximum(density, 0.15 * spicules)
     region = (rho <= edge) | (spicules > 0.25)
     return density.astype(np.float32), region
 
@@ -342,7 +360,7 @@ def _calcifications(
     spacing_mm: float,
     turn: float,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Bright specks in a cluster; the mask is the cluster's outline (how clusters are annotated)."""
+    """Bright specks in a cluster; the mask is the cluster's outline, as clusters are annotated."""
     pleomorphic = kind is LesionType.PLEOMORPHIC_CALCIFICATIONS
     count = int(shape.integers(10, 25) if pleomorphic else shape.integers(3, 7))
     speck_mm = (0.15, 0.4) if pleomorphic else (0.5, 1.2)

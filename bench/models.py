@@ -1,0 +1,177 @@
+"""Model benchmark: seconds per four-view exam, images per second and peak memory, per member
+model and for the full flip-TTA ensemble, on CPU and on CUDA when present.
+
+Weights are random (the published architectures at full size): speed does not depend on them.
+Ratios are against the first row (GMIC, one pass per view, fp32) measured in the same run.
+
+    python bench/models.py [--device cpu|cuda|auto] [--precision fp32 bf16] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from models import Laterality, Mammogram, ModelCard, View, get_family, save_model
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+
+ALL_FLIPS = ("none", "hflip", "vflip", "hvflip")
+
+
+@dataclass
+class Row:
+    what: str
+    device: str
+    precision: str
+    images: int
+    seconds: float
+    peak_mib: float
+
+
+def synthetic_exam(rows: int, cols: int, seed: int = 0) -> list[Mammogram]:
+    """Four mammogram-like images (a bright half-ellipse on black) of one study."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:rows, 0:cols]
+    images = []
+    for lat in (Laterality.RIGHT, Laterality.LEFT):
+        for view in (View.CC, View.MLO):
+            x = xx if lat == Laterality.LEFT else cols - 1 - xx
+            breast = ((yy - rows / 2) / (rows * 0.45)) ** 2 + (x / (cols * 0.7)) ** 2 < 1
+            pixels = (breast * (1500 + 400 * rng.standard_normal((rows, cols)))).clip(0, 4095)
+            images.append(
+                Mammogram(
+                    pixels=pixels.astype(np.float32),
+                    laterality=lat,
+                    view=view,
+                    bits_stored=12,
+                    sop_instance_uid=f"1.2.3.{len(images)}",
+                    series_instance_uid="1.2.3",
+                    study_instance_uid="1.2",
+                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+                )
+            )
+    return images
+
+
+def write_model(folder: Path, family: str, preset: str) -> Path:
+    fam = get_family(family)
+    presets = __import__(f"models.{family}", fromlist=["PRESETS"]).PRESETS
+    architecture = presets[preset]
+    card = ModelCard(
+        family=family,
+        architecture=architecture,
+        preprocessing=fam.default_preprocessing(architecture),
+        name=f"bench-{family}-{preset}",
+        version="0",
+        licence="Apache-2.0 (random weights)",
+    )
+    return save_model(fam.build(architecture), card, folder / f"{family}-{preset}.safetensors")
+
+
+def peak_memory_reset(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
+
+
+def peak_memory_mib(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def measure(
+    what: str, members: list[MemberSpec], device: str, precision: str, exam, repeats: int
+) -> Row:
+    ensemble = Ensemble(EnsembleSpec(tuple(members), device=device, precision=precision))
+    ensemble.predict_exam(exam)  # warm-up: allocator, kernels, caches
+    peak_memory_reset(ensemble.device)
+    times = []
+    for _ in range(repeats):
+        if ensemble.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        ensemble.predict_exam(exam)
+        if ensemble.device.type == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - start)
+    images = len(exam) * sum(len(m.flips) for m in members)
+    return Row(
+        what,
+        str(ensemble.device),
+        precision,
+        images,
+        float(np.median(times)),
+        peak_memory_mib(ensemble.device),
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    parser.add_argument(
+        "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"]
+    )
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--image-size", default="3328x2560", help="source image rows x cols")
+    parser.add_argument("--gmic-preset", default="published")
+    parser.add_argument("--allconv-preset", default="resnet50")
+    args = parser.parse_args(argv)
+
+    rows, cols = (int(v) for v in args.image_size.split("x"))
+    exam = synthetic_exam(rows, cols)
+    with tempfile.TemporaryDirectory() as tmp:
+        gmic = write_model(Path(tmp), "gmic", args.gmic_preset)
+        allconv = write_model(Path(tmp), "allconv", args.allconv_preset)
+        plans = [
+            ("GMIC, 1 pass", [MemberSpec(gmic)]),
+            ("GMIC, hflip TTA", [MemberSpec(gmic, ("none", "hflip"))]),
+            ("all-conv, 1 pass", [MemberSpec(allconv)]),
+            ("all-conv, 4-flip TTA", [MemberSpec(allconv, ALL_FLIPS)]),
+            (
+                "ensemble (GMIC x2 + all-conv x4)",
+                [MemberSpec(gmic, ("none", "hflip")), MemberSpec(allconv, ALL_FLIPS)],
+            ),
+        ]
+        results = [
+            measure(what, members, args.device, precision, exam, args.repeats)
+            for precision in args.precision
+            for what, members in plans
+        ]
+
+    print(
+        f"\nmachine: {platform.machine()} {platform.processor() or ''} "
+        f"{os.cpu_count()} cores; python {sys.version.split()[0]}; torch {torch.__version__}; "
+        f"source images {rows}x{cols}; median of {args.repeats}"
+    )
+    if torch.cuda.is_available():
+        print(f"gpu: {torch.cuda.get_device_name()}")
+    base = results[0].seconds
+    header = f"{'model':34} {'device':7} {'prec':5} {'img/exam':>8} {'s/exam':>8} "
+    header += f"{'img/s':>7} {'peak MiB':>9} {'x base':>7}"
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        print(
+            f"{r.what:34} {r.device:7} {r.precision:5} {r.images:8d} {r.seconds:8.2f} "
+            f"{r.images / r.seconds:7.2f} {r.peak_mib:9.0f} {r.seconds / base:7.2f}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

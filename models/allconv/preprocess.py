@@ -1,0 +1,110 @@
+"""The published preprocessing of the all-convolutional classifier (Shen et al.).
+
+Upstream reads 16-bit PNGs unchanged, resizes them bicubically to 1152x896 when needed,
+multiplies by 0.003891 (= 255/65535) and subtracts one featurewise mean (52.18 for the DDSM
+models, 44.33 for INbreast); there is no per-image normalisation and no canonical-side flip.
+
+DICOM images are rarely 16-bit: INbreast is 14-bit, many systems store 12. The 0.003891 factor
+assumes the full 16-bit range, so a `bits_stored`-bit image is first stretched to it
+(x · 65535 / (2^bits − 1)), rounded and clipped as a 16-bit PNG would hold it. We take the
+stretch rather than the raw value because the published means only make sense that way: a
+14-bit image left unstretched tops out at 63.7 after rescaling, below what a mean of 44.33 over
+a mostly black image needs. `scale_to_16bit: false` in the spec feeds stored values unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..family import Prepared
+from ..geometry import Geometry, Resize
+from ..mammogram import Mammogram
+from .network import ArchitectureConfig
+
+RESCALE_16BIT = 0.003891
+DDSM_MEAN = 52.18
+INBREAST_MEAN = 44.33
+_MAX_16BIT = 65535.0
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    target_size: tuple[int, int]
+    """(rows, cols) of the model input; 1152x896 for the published models."""
+    featurewise_mean: float = DDSM_MEAN
+    rescale: float = RESCALE_16BIT
+    scale_to_16bit: bool = True
+    """Stretch a `bits_stored` < 16 image to the 16-bit range before `rescale`."""
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> PreprocessSpec:
+        allowed = {"target_size", "featurewise_mean", "rescale", "scale_to_16bit"}
+        unknown = sorted(set(spec) - allowed)
+        if unknown:
+            raise ValueError(
+                f"unknown all-conv preprocessing keys {unknown}; allowed: {sorted(allowed)}"
+            )
+        if "target_size" not in spec or len(spec["target_size"]) != 2:
+            raise ValueError("all-conv preprocessing needs target_size: [rows, cols]")
+        rows, cols = (int(v) for v in spec["target_size"])
+        return cls(
+            target_size=(rows, cols),
+            featurewise_mean=float(spec.get("featurewise_mean", DDSM_MEAN)),
+            rescale=float(spec.get("rescale", RESCALE_16BIT)),
+            scale_to_16bit=bool(spec.get("scale_to_16bit", True)),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target_size": list(self.target_size),
+            "featurewise_mean": self.featurewise_mean,
+            "rescale": self.rescale,
+            "scale_to_16bit": self.scale_to_16bit,
+        }
+
+
+def default_spec(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The DDSM preprocessing at the architecture's input size (INbreast models: mean 44.33)."""
+    config = ArchitectureConfig.from_dict(architecture)
+    return PreprocessSpec(target_size=config.input_shape).to_dict()
+
+
+def preprocess(image: Mammogram, spec: dict[str, Any]) -> Prepared:
+    """Mammogram → (3, H, W) float32 input and the `Geometry` (one Resize step) back."""
+    s = PreprocessSpec.from_dict(spec)
+    pixels = np.asarray(image.pixels)
+    if pixels.ndim != 2:
+        raise ValueError(f"expected one 2-D image plane, got pixels of shape {pixels.shape}")
+    if not 1 <= image.bits_stored <= 16:
+        raise ValueError(
+            f"bits_stored {image.bits_stored} is outside 1..16; the all-conv models take "
+            "images of at most 16 bits"
+        )
+    x = pixels.astype(np.float32)
+    if s.scale_to_16bit and image.bits_stored < 16:
+        x = _as_16bit_png(x.astype(np.float64) * (_MAX_16BIT / (2**image.bits_stored - 1)))
+    rows, cols = s.target_size
+    if x.shape != (rows, cols):
+        x = _resize_bicubic(x, rows, cols)
+    # Two float32 operations, as upstream: this reproduces its input bit for bit.
+    x = x * np.float32(s.rescale)
+    x = x - np.float32(s.featurewise_mean)
+    tensor = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).repeat(3, 1, 1)
+    return Prepared(tensor=tensor, geometry=Geometry(image.shape, (Resize(rows, cols),)))
+
+
+def _resize_bicubic(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
+    """OpenCV's INTER_CUBIC on a uint16 image: a = −0.75 bicubic on pixel centres without
+    antialiasing (torch's `bicubic`, align_corners=False), then rounded and saturated to 16 bits."""
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
+    out = F.interpolate(t, size=(rows, cols), mode="bicubic", align_corners=False)
+    return _as_16bit_png(out[0, 0].numpy())
+
+
+def _as_16bit_png(x: np.ndarray) -> np.ndarray:
+    return np.clip(np.rint(x), 0.0, _MAX_16BIT).astype(np.float32)

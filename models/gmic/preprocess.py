@@ -1,0 +1,328 @@
+"""GMIC's inference preprocessing, from a `Mammogram` to the model input and its `Geometry`.
+
+The steps follow the public pipeline (`reference/gmic/ARCHITECTURE.md` §9), with every pixel
+operation expressed as a `Geometry` step so that maps and boxes go back to the source exactly:
+
+1. **Flip** so the breast faces right: chest wall at column 0, nipple towards higher columns.
+   GMIC mirrors R views, assuming the usual display (L views face right, R views face left).
+   We decide from the image itself: PatientOrientation's row direction when present ("A…":
+   columns run towards the nipple, already facing right; "P…": mirror), else the half of the
+   image holding more signal is the chest-wall side, else (a blank image) the laterality.
+   Spec `orientation: "laterality"` reproduces GMIC's rule exactly (mirror R views).
+2. **Crop stage** on the right-facing image: mask `pixels > 0`, erode it `crop_iterations`
+   times, keep the largest 4-connected component, dilate it back, take its bounding box plus
+   up to `crop_buffer` pixels above, below and on the nipple side. It also yields the
+   right-most tissue column (searched below the top third) and the bottom-most tissue row.
+3. **Resize** by `scale` (only when the window is smaller than the published 2944x1920).
+4. **Window centre**: CC views slide the window over rows to cover the most non-zero pixels
+   (ties: closest to the image centre), with its right edge at the right-most tissue column;
+   MLO views anchor the window at the bottom-most and right-most tissue.
+5. **Pad and window**: a short CC image is zero-padded evenly above and below, a short MLO
+   image below only, a narrow image on the right (nipple side); the window is then moved to
+   lie inside the padded image.
+6. **Standardise** the whole window, padding included: subtract the mean, divide by the
+   standard deviation (at least 1e-5), in float32.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+import numpy as np
+import scipy.ndimage as ndi
+import torch
+import torch.nn.functional as F
+
+from ..family import Prepared
+from ..geometry import Crop, Flip, Geometry, Pad, Resize, Step
+from ..mammogram import Laterality, Mammogram, MammogramError, View
+from .network import PUBLISHED_INPUT_SHAPE, GMICConfig
+
+log = logging.getLogger(__name__)
+
+ORIENTATIONS = ("auto", "laterality")
+
+
+@dataclass(frozen=True)
+class PreprocessSpec:
+    window: tuple[int, int] = PUBLISHED_INPUT_SHAPE
+    """Model input size (rows, cols)."""
+    scale: float = 1.0
+    """Resize factor applied after the crop stage; the window is cut from the resized image."""
+    crop_iterations: int = 100
+    """Erosion/dilation iterations of the crop stage, in source pixels."""
+    crop_buffer: int = 50
+    """Margin added around the tissue box (not on the chest-wall side), in source pixels."""
+    rightmost_search_from: float = 1 / 3
+    """Fraction of rows from the top ignored when looking for the right-most tissue column."""
+    orientation: str = "auto"
+
+    @classmethod
+    def from_dict(cls, spec: dict[str, Any]) -> PreprocessSpec:
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(spec) - known)
+        if unknown:
+            raise ValueError(f"GMIC preprocessing: unknown keys {unknown}; known: {sorted(known)}")
+        data = dict(spec)
+        if "window" in data:
+            data["window"] = tuple(int(v) for v in data["window"])
+        return cls(**data)
+
+    def __post_init__(self) -> None:
+        if len(self.window) != 2 or min(self.window) < 1:
+            raise ValueError(f"GMIC preprocessing: window must be (rows, cols), got {self.window}")
+        if not 0.0 < self.scale <= 1.0:
+            raise ValueError(f"GMIC preprocessing: scale must be in (0, 1], got {self.scale}")
+        if self.crop_iterations < 0 or self.crop_buffer < 0:
+            raise ValueError("GMIC preprocessing: crop_iterations and crop_buffer must be >= 0")
+        if not 0.0 <= self.rightmost_search_from < 1.0:
+            raise ValueError("GMIC preprocessing: rightmost_search_from must be in [0, 1)")
+        if self.orientation not in ORIENTATIONS:
+            raise ValueError(
+                f"GMIC preprocessing: orientation must be one of {ORIENTATIONS}, "
+                f"got {self.orientation!r}"
+            )
+
+    def to_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["window"] = list(self.window)
+        return data
+
+
+def default_spec(architecture: dict[str, Any]) -> dict[str, Any]:
+    """The published preprocessing, scaled to the architecture's input size.
+
+    A smaller input keeps the published field of view: the cropped image is resized by
+    input rows / 2944 before the window is cut.
+    """
+    rows, cols = GMICConfig.from_dict(architecture).input_shape
+    return PreprocessSpec(window=(rows, cols), scale=rows / PUBLISHED_INPUT_SHAPE[0]).to_dict()
+
+
+@dataclass(frozen=True)
+class TissueBox:
+    """The crop stage's result on the right-facing image."""
+
+    top: int
+    bottom: int
+    left: int
+    right: int
+    rightmost_x: int
+    """Right-most tissue column, relative to the box."""
+    bottommost_y: int
+    """Bottom-most tissue row, relative to the box."""
+
+
+# -- public entry points ---------------------------------------------------------------------
+
+
+def preprocess(image: Mammogram, spec: dict[str, Any] | PreprocessSpec) -> Prepared:
+    window, geometry = extract_window(image, spec)
+    x = standardise(window)
+    return Prepared(tensor=torch.from_numpy(x).unsqueeze(0), geometry=geometry)
+
+
+def extract_window(
+    image: Mammogram, spec: dict[str, Any] | PreprocessSpec
+) -> tuple[np.ndarray, Geometry]:
+    """The window before standardisation (float32, source intensities) and its geometry."""
+    spec = spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec)
+    pixels = np.asarray(image.pixels, dtype=np.float32)
+    if pixels.ndim != 2:
+        raise MammogramError(f"GMIC needs a 2-D image, got pixel array shape {pixels.shape}")
+    geometry = Geometry(image.shape)
+    flip = needs_flip(image, spec.orientation)
+    if flip:
+        geometry, pixels = _step(geometry, pixels, Flip(axis=1))
+
+    box = find_tissue(pixels, spec, flipped=flip)
+    crop = Crop(box.top, box.left, box.bottom - box.top, box.right - box.left)
+    geometry, pixels = _step(geometry, pixels, crop)
+    rightmost_x, bottommost_y = box.rightmost_x, box.bottommost_y
+
+    if spec.scale != 1.0:
+        h, w = pixels.shape
+        resize = Resize(max(1, round(h * spec.scale)), max(1, round(w * spec.scale)))
+        geometry, pixels = _step(geometry, pixels, resize)
+        rightmost_x = int(np.floor((rightmost_x + 0.5) * resize.width / w))
+        bottommost_y = int(np.floor((bottommost_y + 0.5) * resize.height / h))
+
+    centre = window_centre(pixels, image.view, rightmost_x, bottommost_y, spec.window)
+    pad, top, left = place_window(pixels.shape, image.view, centre, spec.window)
+    for step in (pad, Crop(top, left, *spec.window)):
+        geometry, pixels = _step(geometry, pixels, step)
+    return np.ascontiguousarray(pixels, dtype=np.float32), geometry
+
+
+def standardise(window: np.ndarray) -> np.ndarray:
+    """Per-image standardisation in float32, as GMIC does it (padding included)."""
+    x = np.array(window, dtype=np.float32)
+    x -= x.mean()
+    x /= np.maximum(x.std(), np.float32(1e-5))
+    return x
+
+
+# -- the steps -------------------------------------------------------------------------------
+
+
+def needs_flip(image: Mammogram, orientation: str) -> bool:
+    """Whether the image must be mirrored so that the breast faces right (see module doc)."""
+    if orientation == "laterality":
+        return image.laterality == Laterality.RIGHT
+    if image.patient_orientation:
+        towards = image.patient_orientation[0].strip().upper()[:1]
+        if towards in ("A", "P"):
+            return towards == "P"
+    pixels = np.asarray(image.pixels, dtype=np.float64)
+    half = pixels.shape[1] // 2
+    left = pixels[:, :half].sum()
+    right = pixels[:, pixels.shape[1] - half :].sum()
+    if left != right:
+        flip = bool(right > left)
+    else:
+        flip = image.laterality == Laterality.RIGHT
+    if flip != (image.laterality == Laterality.RIGHT):
+        log.info(
+            "%s image is not in the usual display orientation; mirrored=%s", image.view_key, flip
+        )
+    return flip
+
+
+def find_tissue(pixels: np.ndarray, spec: PreprocessSpec, flipped: bool) -> TissueBox:
+    """GMIC's crop stage on a right-facing image.
+
+    `flipped` reproduces a detail of the public code: it measures the right-most column of a
+    mirrored image from the far edge, one pixel further right than on the mirrored grid.
+    """
+    mask = pixels > 0
+    if spec.crop_iterations:
+        mask = ndi.binary_erosion(mask, iterations=spec.crop_iterations)
+    labels, count = ndi.label(mask)
+    if count == 0:
+        raise MammogramError(
+            "no breast tissue found: the image has no region of non-zero pixels wider than "
+            f"{2 * spec.crop_iterations} pixels; check that the image is a mammogram whose "
+            "background is 0"
+        )
+    sizes = np.bincount(labels.ravel())
+    sizes[0] = 0
+    tissue = labels == int(sizes.argmax())
+    if spec.crop_iterations:
+        tissue = ndi.binary_dilation(tissue, iterations=spec.crop_iterations)
+
+    rows = np.flatnonzero(tissue.any(axis=1))
+    cols = np.flatnonzero(tissue.any(axis=0))
+    top, bottom = int(rows[0]), int(rows[-1]) + 1
+    left, right = int(cols[0]), int(cols[-1]) + 1
+    bottommost = bottom - 1
+    height, width = pixels.shape
+    top -= min(top, spec.crop_buffer)
+    bottom += min(height - bottom, spec.crop_buffer)
+    right += min(width - right, spec.crop_buffer)
+
+    boxed = tissue[top:bottom, left:right]
+    lower = boxed[int(boxed.shape[0] * spec.rightmost_search_from) :]
+    lower_cols = np.flatnonzero(lower.any(axis=0))
+    if lower_cols.size == 0:  # a box so short that its tissue is all in the top part
+        lower_cols = cols - left
+    rightmost = int(lower_cols[-1]) + int(flipped)
+    return TissueBox(top, bottom, left, right, rightmost, bottommost - top)
+
+
+def window_centre(
+    pixels: np.ndarray,
+    view: View,
+    rightmost_x: int,
+    bottommost_y: int,
+    window: tuple[int, int],
+) -> tuple[int, int]:
+    """(row, col) centre of the window on the cropped, right-facing image."""
+    height, width = window
+    centre_x = rightmost_x - width // 2 - 1
+    if view == View.MLO:
+        nonzero = np.flatnonzero((pixels[:, -width:] != 0).any(axis=1))
+        if nonzero.size:
+            bottommost_y = min(int(nonzero[-1]), bottommost_y)
+        return bottommost_y - height // 2 - 1, centre_x
+
+    rows, cols = pixels.shape
+    first, last = height // 2, rows - (height - height // 2)
+    if first >= last:
+        return rows // 2, centre_x
+    candidates = np.arange(first, last + 1)
+    counts = _window_counts(pixels > 0, candidates, centre_x, window)
+    best = candidates[counts == counts.max()]
+    return int(best[np.argmin(np.abs(best - rows // 2))]), centre_x
+
+
+def place_window(
+    shape: tuple[int, int], view: View, centre: tuple[int, int], window: tuple[int, int]
+) -> tuple[Pad, int, int]:
+    """Zero padding of the image and the window's upper-left corner in the padded image."""
+    (rows, cols), (height, width) = shape, window
+    top, left = centre[0] - height // 2, centre[1] - width // 2
+    pad_top = pad_bottom = pad_right = 0
+    if rows < height:
+        top = 0
+        if view == View.CC:
+            pad_top = (height - rows) // 2
+        pad_bottom = height - rows - pad_top
+    if cols < width:
+        left, pad_right = 0, width - cols
+    top = min(max(top, 0), rows + pad_top + pad_bottom - height)
+    left = min(max(left, 0), cols + pad_right - width)
+    return Pad(top=pad_top, bottom=pad_bottom, right=pad_right), top, left
+
+
+def _window_counts(
+    mask: np.ndarray, centres_y: np.ndarray, centre_x: int, window: tuple[int, int]
+) -> np.ndarray:
+    """Non-zero pixels in each window; windows that stick out are moved back inside first."""
+    l0, l1 = _window_span(np.array([centre_x]), window[1], mask.shape[1])
+    per_row = mask[:, int(l0[0]) : int(l1[0])].sum(axis=1)
+    cumulative = np.concatenate([[0], np.cumsum(per_row)])
+    t0, t1 = _window_span(centres_y, window[0], mask.shape[0])
+    return cumulative[t1] - cumulative[t0]
+
+
+def _window_span(centres: np.ndarray, size: int, limit: int) -> tuple[np.ndarray, np.ndarray]:
+    start = centres - size // 2
+    shift = np.clip(-start, 0, None)
+    start = np.clip(start, 0, None)
+    end = np.clip(centres + (size - size // 2) + shift, None, limit)
+    return start, end
+
+
+def _step(geometry: Geometry, pixels: np.ndarray, step: Step) -> tuple[Geometry, np.ndarray]:
+    """Append `step` to the geometry and apply it to the pixels; identity steps are left out."""
+    unchanged = step == Pad() or step == Crop(0, 0, *pixels.shape) or step == Resize(*pixels.shape)
+    if unchanged:
+        return geometry, pixels
+    return geometry.then(step), _apply(step, pixels)
+
+
+def _apply(step: Step, pixels: np.ndarray) -> np.ndarray:
+    """Apply one geometry step to an image; outside the image reads as zero."""
+    if isinstance(step, Flip):
+        return np.flip(pixels, axis=step.axis)
+    if isinstance(step, Pad):
+        return np.pad(pixels, ((step.top, step.bottom), (step.left, step.right)))
+    if isinstance(step, Crop):
+        out = np.zeros((step.height, step.width), dtype=pixels.dtype)
+        r0, c0 = max(step.top, 0), max(step.left, 0)
+        r1 = min(step.top + step.height, pixels.shape[0])
+        c1 = min(step.left + step.width, pixels.shape[1])
+        if r1 > r0 and c1 > c0:
+            out[r0 - step.top : r1 - step.top, c0 - step.left : c1 - step.left] = pixels[
+                r0:r1, c0:c1
+            ]
+        return out
+    if isinstance(step, Resize):
+        t = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
+        t = F.interpolate(
+            t, size=(step.height, step.width), mode="bilinear", align_corners=False, antialias=True
+        )
+        return t[0, 0].numpy()
+    raise TypeError(f"unknown geometry step {step!r}")

@@ -1,0 +1,92 @@
+"""`plugin status`: queues, exams and dead letters, read from the service's database."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from plugin.config import DEFAULT_CONFIG, load_config
+from plugin.observability import hash_uid
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("status", help="show queues, recent exams and dead letters")
+    p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--exams", type=int, default=10, metavar="N", help="recent exams to list")
+    p.set_defaults(func=_status)
+
+
+def _status(args: argparse.Namespace) -> int:
+    from plugin.store import Store
+
+    config = load_config(args.config)
+    if not config.storage.database.exists():
+        print(f"no database at {config.storage.database} yet: the service has not run")
+        return 0
+    store = Store(config.storage.database, config.storage.spool)
+    try:
+        counts = store.counts()
+        exams = store.exams()[-args.exams :]
+        dead = store.deliveries("dead")
+        quarantined = [j for j in store.jobs("quarantined")]
+    finally:
+        store.close()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "counts": counts,
+                    "exams": [
+                        {
+                            "id": e.id,
+                            "study": hash_uid(e.study_instance_uid),
+                            "state": e.state,
+                            "version": e.version,
+                            "reason": e.reason,
+                        }
+                        for e in exams
+                    ],
+                    "dead_letters": [
+                        {
+                            "id": d.id,
+                            "destination": d.destination,
+                            "kind": d.kind,
+                            "attempts": d.attempts,
+                            "error": d.last_error,
+                        }
+                        for d in dead
+                    ],
+                    "quarantined": [
+                        {"job": j.id, "exam": j.exam_id, "reason": j.reason} for j in quarantined
+                    ],
+                },
+                indent=2,
+            )
+        )
+        return 0
+    for table, states in counts.items():
+        text = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"
+        print(f"{table:11} {text}")
+    if exams:
+        print("\nrecent exams (study shown as hash)")
+        for e in exams:
+            age = time.time() - e.last_seen
+            why = f"  {e.reason}" if e.reason else ""
+            print(
+                f"  #{e.id:<5} {hash_uid(e.study_instance_uid)}  {e.state:11} v{e.version}"
+                f"  last image {age:,.0f} s ago{why}"
+            )
+    if quarantined:
+        print("\nquarantined exams (`plugin retry --quarantined` requeues them)")
+        for j in quarantined:
+            print(f"  exam #{j.exam_id} job #{j.id}: {j.reason}")
+    if dead:
+        print("\ndead letters (`plugin retry --dead-letters` or `plugin retry ID...`)")
+        for d in dead:
+            print(
+                f"  #{d.id:<6} {d.destination:16} {d.kind:14} {d.attempts} attempts: {d.last_error}"
+            )
+    return 0

@@ -1,0 +1,223 @@
+"""What operators and the site can see: JSON logs, the audit trail, Prometheus metrics and a
+health endpoint.
+
+Logs are for operators and never carry patient identifiers: UIDs appear only as short salted
+hashes (`hash_uid`), enough to follow one study through the logs without naming it. The audit
+trail (one JSON object a line) is for the site: every instance received, skipped with the
+reason, every exam analysed and every object delivered.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import re
+import threading
+import time
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+
+log = logging.getLogger(__name__)
+
+_UID_SALT = b"mammo-ai-plugin/uid/v1"
+
+# Fields whose values are DICOM UIDs: hashed wherever they are written.
+UID_FIELDS = frozenset({"study", "series", "sop_instance", "result"})
+
+
+def hash_uid(uid: str) -> str:
+    """A stable 16-hex-digit pseudonym for a UID, for logs and the audit trail."""
+    return hashlib.sha256(_UID_SALT + uid.encode()).hexdigest()[:16]
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object a line; `extra={"fields": {...}}` adds structured fields."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        out: dict[str, Any] = {
+            "ts": round(record.created, 3),
+            "level": record.levelname,
+            "logger": record.name,
+            "msg": scrub_uids(record.getMessage()),
+        }
+        fields = getattr(record, "fields", None)
+        if isinstance(fields, dict):
+            out.update(_pseudonymise(fields))
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
+    handler = logging.StreamHandler()
+    if fmt == "json":
+        handler.setFormatter(JsonFormatter())
+    else:
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    # pynetdicom logs full datasets and UIDs at INFO/DEBUG: keep it to warnings.
+    logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+
+
+_UID_IN_TEXT = re.compile(r"(?<![\d.])\d+(?:\.\d+){4,}(?!\.?\d)")
+_STANDARD_ROOT = "1.2.840.10008."
+
+
+def scrub_uids(text: str) -> str:
+    """Replace instance-specific UIDs inside free text (peer messages, file names) by their
+    hashes; DICOM's own UIDs (transfer syntaxes, SOP classes: 1.2.840.10008.*) stay readable."""
+    return _UID_IN_TEXT.sub(
+        lambda m: m.group(0) if m.group(0).startswith(_STANDARD_ROOT) else hash_uid(m.group(0)),
+        text,
+    )
+
+
+def _pseudonymise(fields: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in fields.items():
+        if isinstance(value, str):
+            value = hash_uid(value) if key in UID_FIELDS else scrub_uids(value)
+        out[key] = value
+    return out
+
+
+class AuditTrail:
+    """Append-only JSON lines; UID fields are hashed like the logs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._file = self.path.open("a", encoding="utf-8")
+
+    def record(self, event: str, **fields: Any) -> None:
+        line = json.dumps(
+            {"ts": round(time.time(), 3), "event": event, **_pseudonymise(fields)}, default=str
+        )
+        with self._lock:
+            self._file.write(line + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        with self._lock:
+            self._file.close()
+
+
+_LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 900, 3600)
+
+
+class Metrics:
+    """The Prometheus series of one service; each service owns its registry."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.instances = Counter(
+            "mammo_instances_total",
+            "C-STORE requests by outcome (accepted, duplicate, replaced, ignored, refused)",
+            ["outcome"],
+            registry=r,
+        )
+        self.ingest_bytes = Counter(
+            "mammo_ingest_bytes_total", "Bytes of instances written to the spool", registry=r
+        )
+        self.associations = Counter(
+            "mammo_associations_total", "Associations by outcome", ["outcome"], registry=r
+        )
+        self.exams = Counter(
+            "mammo_exams_total",
+            "Exam analyses by outcome (complete, partial, quarantined, skipped, retried)",
+            ["outcome"],
+            registry=r,
+        )
+        self.stage_seconds = Histogram(
+            "mammo_stage_seconds",
+            "Latency per stage: receive (one C-STORE), wait (last image to queued), "
+            "analyse (one job), deliver (one send), turnaround (last image to results stored)",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "mammo_queue_depth",
+            "Items waiting: collecting exams, queued jobs, pending deliveries, dead letters",
+            ["queue"],
+            registry=r,
+        )
+        self.delivery_attempts = Counter(
+            "mammo_delivery_attempts_total",
+            "Delivery attempts by destination and outcome (delivered, retry, dead)",
+            ["destination", "outcome"],
+            registry=r,
+        )
+        self.disk_free_bytes = Gauge(
+            "mammo_spool_free_bytes", "Free space on the spool filesystem", registry=r
+        )
+
+    def set_queues(self, counts: dict[str, dict[str, int]]) -> None:
+        self.queue_depth.labels("exams_collecting").set(counts["exams"].get("collecting", 0))
+        self.queue_depth.labels("jobs_queued").set(counts["jobs"].get("queued", 0))
+        self.queue_depth.labels("deliveries_pending").set(counts["deliveries"].get("pending", 0))
+        self.queue_depth.labels("dead_letters").set(counts["deliveries"].get("dead", 0))
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+class HealthServer:
+    """GET /metrics (Prometheus text) and GET /health (JSON; 200 when healthy, else 503)."""
+
+    def __init__(
+        self, host: str, port: int, metrics: Metrics, health: Callable[[], dict[str, Any]]
+    ) -> None:
+        outer = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                if self.path == "/metrics":
+                    body, ctype, code = outer.metrics.render(), CONTENT_TYPE_LATEST, 200
+                elif self.path in ("/health", "/healthz"):
+                    report = outer.health()
+                    body = json.dumps(report, default=str).encode()
+                    ctype, code = "application/json", 200 if report.get("ok") else 503
+                else:
+                    body, ctype, code = b"not found: try /health or /metrics\n", "text/plain", 404
+                self.send_response(code)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+                log.debug("http %s", format % args)
+
+        self.metrics = metrics
+        self.health = health
+        self._server = ThreadingHTTPServer((host, port), Handler)
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(target=self._server.serve_forever, name="http", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._server.shutdown()
+        self._server.server_close()

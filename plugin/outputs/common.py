@@ -1,0 +1,297 @@
+"""What every result object shares: deterministic UIDs, series numbering, equipment and
+algorithm identification, the "not for clinical use" label, coded concepts, and the one region
+per image (centre + outline) that the SRs and the heat-map all draw.
+
+Codes are spelled out here rather than taken from pydicom's dictionary: some of its meanings
+carry zero-width spaces ("Impression/\\u200bRecommendation") that end up in the objects.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.coding import Code
+from pydicom.uid import UID, generate_uid
+from scipy import ndimage
+
+from models.mammogram import Laterality, View
+from models.results import ExamPrediction, ImagePrediction, ModelInfo
+
+from .. import __version__
+
+MANUFACTURER = "mammo-ai-plugin"
+MODEL_NAME = "mammo-ai-plugin"
+NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
+
+
+class OutputKind(StrEnum):
+    CAD_SR = "cad_sr"
+    """Mammography CAD SR (TID 4000): what mammography workstations read."""
+    TID1500 = "tid1500"
+    """Comprehensive SR, TID 1500 with TID 1410 groups only: boxes + scores OHIF/Stone draw."""
+    TID1500_SCORES = "tid1500_scores"
+    """Comprehensive SR with TID 1501 groups (image, breast, exam, benign scores) for
+    machines; OHIF's SR viewport fails on such groups, hence a separate, optional object."""
+    SEG = "seg"
+    """Fractional (probability) SEG per source image: the saliency maps, lossless."""
+    SC = "sc"
+    """Secondary Capture heat-map per source image, scores burned in: any viewer shows it."""
+
+
+@dataclass(frozen=True)
+class SeriesInfo:
+    number: int
+    description: str
+
+
+_SERIES: dict[OutputKind, SeriesInfo] = {
+    OutputKind.CAD_SR: SeriesInfo(9001, "AI mammography CAD report"),
+    OutputKind.TID1500: SeriesInfo(9002, "AI regions and scores"),
+    OutputKind.TID1500_SCORES: SeriesInfo(9003, "AI scores (machine-readable)"),
+    OutputKind.SEG: SeriesInfo(9004, "AI saliency maps (segmentation)"),
+    OutputKind.SC: SeriesInfo(9005, "AI heat-map"),
+}
+
+
+def kind_for_series(number: int) -> OutputKind:
+    """Which kind an object built here is, from its SeriesNumber."""
+    for kind, info in _SERIES.items():
+        if info.number == int(number):
+            return kind
+    raise ValueError(f"series number {number} is not one of this plugin's output series")
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Site choices that change the objects; the defaults need no configuration."""
+
+    uid_prefix: str | None = None
+    """The site's UID root ("1.2.3.", with the trailing dot); None uses pydicom's root."""
+    operating_point: float | None = None
+    """Overrides the models' operating point (probability, 0–1) for rendering intents."""
+
+
+DEFAULT_OPTIONS = OutputOptions()
+
+
+# -- coded concepts ---------------------------------------------------------------------------
+
+SCT_RIGHT_BREAST = Code("73056007", "SCT", "Right breast")
+SCT_LEFT_BREAST = Code("80248007", "SCT", "Left breast")
+SCT_BREAST = Code("76752008", "SCT", "Breast")
+SCT_LEFT = Code("7771000", "SCT", "Left")
+SCT_RIGHT = Code("24028007", "SCT", "Right")
+SCT_CC = Code("399162004", "SCT", "cranio-caudal")
+SCT_MLO = Code("399368009", "SCT", "medio-lateral oblique")
+DCM_PROBABILITY_OF_CANCER = Code("111047", "DCM", "Probability of cancer")
+UCUM_PERCENT = Code("%", "UCUM", "percent")
+DCM_AI = Code("123110", "DCM", "Artificial Intelligence")
+
+BREAST_CODE = {Laterality.RIGHT: SCT_RIGHT_BREAST, Laterality.LEFT: SCT_LEFT_BREAST}
+SIDE_CODE = {Laterality.RIGHT: SCT_RIGHT, Laterality.LEFT: SCT_LEFT}
+VIEW_CODE = {View.CC: SCT_CC, View.MLO: SCT_MLO}
+BREAST_NAME = {Laterality.RIGHT: "right breast", Laterality.LEFT: "left breast"}
+
+
+# -- identity -----------------------------------------------------------------------------------
+
+
+def derive_uid(exam: ExamPrediction, *purpose: str, prefix: str | None = None) -> UID:
+    """A UID fixed by the exam's input instances, the model names and versions, and what the
+    UID is for: re-running the same exam with the same models yields the same objects."""
+    sources = sorted(img.sop_instance_uid for img in exam.images)
+    models = [f"{m.name}\x00{m.version}" for m in exam.models]
+    entropy = [MANUFACTURER, exam.study_instance_uid, *sources, *models, *purpose]
+    return generate_uid(prefix=prefix or pydicom.uid.PYDICOM_ROOT_UID, entropy_srcs=entropy)
+
+
+def series_info(kind: OutputKind, exam: ExamPrediction) -> SeriesInfo:
+    info = _SERIES[kind]
+    if exam.clinical_use:
+        return info
+    return SeriesInfo(info.number, f"{NOT_FOR_CLINICAL_USE} - {info.description}")
+
+
+def equipment(exam: ExamPrediction) -> dict[str, object]:
+    """General Equipment attributes naming this software (keyword arguments of highdicom's
+    SOP classes), plus IHE AIR contributing equipment with the models' versions."""
+    return {
+        "manufacturer": MANUFACTURER,
+        "manufacturer_model_name": MODEL_NAME,
+        "software_versions": __version__,
+        "contributing_equipment": [
+            hd.ContributingEquipment(
+                manufacturer=MANUFACTURER,
+                purpose_of_reference=Code("109102", "DCM", "Processing Equipment"),
+                manufacturer_model_name=MODEL_NAME,
+                software_versions=[__version__, *(f"{m.name} {m.version}" for m in exam.models)],
+                contribution_description=_limit(f"AI analysis by {algorithm_name(exam)}", 64),
+            )
+        ],
+    }
+
+
+def algorithm_name(exam: ExamPrediction) -> str:
+    return _limit(" + ".join(m.name for m in exam.models), 64, f"ensemble of {len(exam.models)}")
+
+
+def algorithm_version(exam: ExamPrediction) -> str:
+    return _limit(" + ".join(m.version for m in exam.models), 64, __version__)
+
+
+def algorithm_parameters(exam: ExamPrediction) -> str:
+    """Every member, and the clinical-use label where it applies (TID 4019 Algorithm
+    Parameters is the one free-text slot the non-extensible CAD SR template offers)."""
+    members = "; ".join(_describe_model(m) for m in exam.models)
+    text = f"ensemble of {len(exam.models)} model(s): {members}; {MANUFACTURER} {__version__}"
+    return text if exam.clinical_use else f"{NOT_FOR_CLINICAL_USE}. {text}"
+
+
+def _describe_model(m: ModelInfo) -> str:
+    op = "none" if m.operating_point is None else f"{m.operating_point:.4g}"
+    use = "validated for clinical use" if m.clinical_use else "not validated for clinical use"
+    return f"{m.name} {m.version} ({m.family}, operating point {op}, {use})"
+
+
+def segment_algorithm(exam: ExamPrediction) -> hd.AlgorithmIdentificationSequence:
+    return hd.AlgorithmIdentificationSequence(
+        name=algorithm_name(exam),
+        family=DCM_AI,
+        version=algorithm_version(exam),
+        source=MANUFACTURER,
+        parameters={"models": algorithm_parameters(exam)},
+    )
+
+
+def sr_algorithm(exam: ExamPrediction) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(
+        name=algorithm_name(exam),
+        version=algorithm_version(exam),
+        parameters=[algorithm_parameters(exam)],
+    )
+
+
+def _limit(text: str, n: int, fallback: str | None = None) -> str:
+    if len(text) <= n:
+        return text
+    return fallback if fallback is not None else text[: n - 1] + "…"
+
+
+# -- rendering threshold --------------------------------------------------------------------
+
+
+def operating_point(exam: ExamPrediction, options: OutputOptions) -> float | None:
+    """The malignancy threshold for "present this finding": the site's override, else the
+    members' mean operating point (the ensemble averages their probabilities), else None when
+    any member has none, since a threshold invented for an uncalibrated member means
+    nothing."""
+    if options.operating_point is not None:
+        return options.operating_point
+    points = [m.operating_point for m in exam.models]
+    if not points or any(p is None for p in points):
+        return None
+    return float(np.mean(points))
+
+
+# -- sources ------------------------------------------------------------------------------------
+
+
+def source_for(sources: Mapping[str, pydicom.Dataset], sop_instance_uid: str) -> pydicom.Dataset:
+    try:
+        return sources[sop_instance_uid]
+    except KeyError:
+        raise ValueError(
+            "the source image of a prediction is missing from `sources` (keyed by "
+            "SOPInstanceUID); pass every analysed image's dataset"
+        ) from None
+
+
+def header_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The source's header without pixel data (what SR evidence and SEG sources need)."""
+    out = pydicom.Dataset()
+    for elem in ds:
+        if elem.tag.group == 0x7FE0 or elem.keyword in ("FloatPixelData", "DoubleFloatPixelData"):
+            continue
+        out.add(elem)
+    out.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
+    return out
+
+
+def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:
+    value = ds.get("PatientOrientation")
+    if value is None or len(value) != 2 or not all(value):
+        return None
+    return (str(value[0]), str(value[1]))
+
+
+def view_key(img: ImagePrediction) -> str:
+    return f"{img.laterality}-{img.view}"
+
+
+def ordered_images(exam: ExamPrediction) -> list[ImagePrediction]:
+    """R-CC, L-CC, R-MLO, L-MLO: the hanging order readers expect."""
+    order = {"R-CC": 0, "L-CC": 1, "R-MLO": 2, "L-MLO": 3}
+    return sorted(exam.images, key=lambda i: order.get(view_key(i), 9))
+
+
+# -- the region each object marks ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Region:
+    """One image's most suspicious region on the source grid, in continuous pixel coordinates
+    (pixel i covers [i, i+1)): centre (row, col) and box (top, left, bottom, right)."""
+
+    center: tuple[float, float]
+    box: tuple[float, float, float, float]
+    origin: str
+    """"roi" (the model's top region), "saliency" (peak of the malignant map) or "image"."""
+
+    def center_xy(self) -> np.ndarray:
+        """SCOORD POINT: (column, row)."""
+        return np.array([[self.center[1], self.center[0]]], dtype=np.float32)
+
+    def outline_xy(self) -> np.ndarray:
+        """SCOORD closed POLYLINE around the box: (column, row), first point repeated."""
+        top, left, bottom, right = self.box
+        pts = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
+        return np.array(pts, dtype=np.float32)
+
+
+def region_for(img: ImagePrediction) -> Region:
+    """The top ROI when the models proposed any, else the half-maximum blob around the
+    saliency peak, else (an all-zero map) the whole image."""
+    rows, cols = img.malignant_map.shape
+    if img.rois:
+        top, left, bottom, right = _clip_box(img.rois[0].box, rows, cols)
+        return Region(((top + bottom) / 2, (left + right) / 2), (top, left, bottom, right), "roi")
+    m = img.malignant_map
+    peak = float(m.max()) if m.size else 0.0
+    if peak <= 0.0:
+        return Region((rows / 2, cols / 2), (0.0, 0.0, float(rows), float(cols)), "image")
+    r, c = np.unravel_index(int(np.argmax(m)), m.shape)
+    labels, _ = ndimage.label(m >= 0.5 * peak)
+    blob = ndimage.find_objects((labels == labels[r, c]).astype(np.int32))[0]
+    box = (float(blob[0].start), float(blob[1].start), float(blob[0].stop), float(blob[1].stop))
+    return Region((r + 0.5, c + 0.5), box, "saliency")
+
+
+def _clip_box(box: Sequence[float], rows: int, cols: int) -> tuple[float, float, float, float]:
+    top, left, bottom, right = (float(v) for v in box)
+    top, bottom = sorted((min(max(top, 0.0), rows), min(max(bottom, 0.0), rows)))
+    left, right = sorted((min(max(left, 0.0), cols), min(max(right, 0.0), cols)))
+    # A degenerate box still needs an area for a closed outline.
+    if bottom - top < 1.0:
+        top, bottom = max(0.0, top - 0.5), min(float(rows), top + 0.5)
+    if right - left < 1.0:
+        left, right = max(0.0, left - 0.5), min(float(cols), left + 0.5)
+    return (top, left, bottom, right)
+
+
+def percent(p: float) -> float:
+    return round(100.0 * float(p), 2)

@@ -1,0 +1,147 @@
+"""Fractional SEG (probability) per source image: the saliency maps, archived losslessly on the
+exact source grid (dicom-outputs.md §3.1–3.2).
+
+A 2D mammogram has no patient coordinate system, so highdicom takes one source image per SEG
+and the SEG's grid is the source's. The source's FrameOfReferenceUID is dropped (with it,
+dciodvfy demands a slice thickness a projection image does not have); PatientOrientation is set
+by hand (highdicom omits it for 2D sources); laterality goes into the segments' anatomic region
+rather than the series, where the validators disagree. JPEG-LS lossless: Orthanc's GDCM plugin
+aborts on JPEG 2000 SEGs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.sr.coding import Code
+from pydicom.uid import JPEGLSLossless
+
+from models.results import ExamPrediction, ImagePrediction
+
+from .common import (
+    BREAST_CODE,
+    DEFAULT_OPTIONS,
+    NOT_FOR_CLINICAL_USE,
+    OutputKind,
+    OutputOptions,
+    derive_uid,
+    equipment,
+    header_copy,
+    ordered_images,
+    patient_orientation,
+    segment_algorithm,
+    series_info,
+    source_for,
+    view_key,
+)
+
+MAX_FRACTIONAL_VALUE = 255
+"""Not 256: highdicom accepts 256 and stores p = 1.0 as 0 in 8 bits (§3.2 f)."""
+
+_CATEGORY = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+MALIGNANT = Code("86049000", "SCT", "Malignant neoplasm, primary")
+BENIGN = Code("3898006", "SCT", "Neoplasm, benign")
+
+
+def build_segs(
+    exam: ExamPrediction,
+    sources: Mapping[str, pydicom.Dataset],
+    options: OutputOptions = DEFAULT_OPTIONS,
+) -> list[hd.seg.Segmentation]:
+    """One SEG per image, in hanging order (R-CC, L-CC, R-MLO, L-MLO)."""
+    return [
+        build_seg(exam, img, source_for(sources, img.sop_instance_uid), n, options)
+        for n, img in enumerate(ordered_images(exam), start=1)
+    ]
+
+
+def build_seg(
+    exam: ExamPrediction,
+    img: ImagePrediction,
+    source: pydicom.Dataset,
+    instance_number: int = 1,
+    options: OutputOptions = DEFAULT_OPTIONS,
+) -> hd.seg.Segmentation:
+    """Segment 1 the malignant map; segment 2 the benign map when the models give one."""
+    assert MAX_FRACTIONAL_VALUE == 255
+    meta = header_copy(source)
+    if "FrameOfReferenceUID" in meta:
+        del meta.FrameOfReferenceUID
+    rows, cols = int(meta.Rows), int(meta.Columns)
+    maps = [img.malignant_map] + ([img.benign_map] if img.benign_map is not None else [])
+    for m in maps:
+        if m.shape != (rows, cols):
+            raise ValueError(
+                f"saliency map of {view_key(img)} is {m.shape[0]}x{m.shape[1]} but its source "
+                f"image is {rows}x{cols}; maps must be on the source grid (Geometry.map_to_source)"
+            )
+    pixels = np.clip(np.stack(maps, axis=-1)[None], 0.0, 1.0).astype(np.float32)
+
+    algorithm = segment_algorithm(exam)
+    region = BREAST_CODE[img.laterality]
+    descriptions = [
+        hd.seg.SegmentDescription(
+            segment_number=1,
+            segment_label="AI malignant saliency",
+            segmented_property_category=_CATEGORY,
+            segmented_property_type=MALIGNANT,
+            algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+            algorithm_identification=algorithm,
+            anatomic_regions=[region],
+        )
+    ]
+    if img.benign_map is not None:
+        descriptions.append(
+            hd.seg.SegmentDescription(
+                segment_number=2,
+                segment_label="AI benign saliency",
+                segmented_property_category=_CATEGORY,
+                segmented_property_type=BENIGN,
+                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
+                algorithm_identification=algorithm,
+                anatomic_regions=[region],
+            )
+        )
+
+    info = series_info(OutputKind.SEG, exam)
+    key = view_key(img)
+    description = f"AI saliency, {key}: probability of malignant (and benign) findings"
+    if not exam.clinical_use:
+        description = f"{NOT_FOR_CLINICAL_USE}. {description}"
+    seg = hd.seg.Segmentation(
+        source_images=[meta],
+        pixel_array=pixels,
+        segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
+        segment_descriptions=descriptions,
+        series_instance_uid=derive_uid(exam, "seg", "series", prefix=options.uid_prefix),
+        series_number=info.number,
+        series_description=info.description,
+        sop_instance_uid=derive_uid(exam, "seg", "instance", key, prefix=options.uid_prefix),
+        instance_number=instance_number,
+        device_serial_number="0",
+        fractional_type=hd.seg.SegmentationFractionalTypeValues.PROBABILITY,
+        max_fractional_value=MAX_FRACTIONAL_VALUE,
+        content_description=description[:64],
+        content_label="AI_SALIENCY",
+        transfer_syntax_uid=JPEGLSLossless,
+        omit_empty_frames=False,
+        **equipment(exam),
+    )
+    if seg.MaximumFractionalValue != MAX_FRACTIONAL_VALUE:
+        raise AssertionError("SEG MaximumFractionalValue must be 255")
+    orientation = patient_orientation(source)
+    seg.PatientOrientation = list(orientation) if orientation else ""
+    _fix_dimension_organization(seg, derive_uid(exam, "seg", "dimension", key))
+    return seg
+
+
+def _fix_dimension_organization(seg: hd.seg.Segmentation, uid: str) -> None:
+    """highdicom draws a random DimensionOrganizationUID; a re-run must give the same one."""
+    for item in seg.get("DimensionOrganizationSequence", []):
+        item.DimensionOrganizationUID = uid
+    for item in seg.get("DimensionIndexSequence", []):
+        if "DimensionOrganizationUID" in item:
+            item.DimensionOrganizationUID = uid

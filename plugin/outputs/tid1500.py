@@ -1,0 +1,245 @@
+"""TID 1500 Measurement Reports in Comprehensive SR (dicom-outputs.md §2).
+
+`build_tid1500` is the viewer-friendly report: per image one TID 1410 group with a closed
+outline and the probability of cancer, which OHIF draws and Orthanc Stone reads (Stone needs
+Comprehensive SR, TID 1410 only, and the region's image named "Original Source").
+
+`build_tid1500_scores` is for machines: TID 1501 groups per image, breast and exam with the
+malignant and benign probabilities and each member model's score. OHIF's SR viewport fails on
+TID 1501 groups (no region), which is why these never share a document with the viewer's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import highdicom as hd
+import pydicom
+from highdicom.coding_schemes import CodingSchemeIdentificationItem
+from pydicom.sr.coding import Code
+
+from models.mammogram import Laterality
+from models.results import ExamPrediction, ModelInfo
+
+from .. import __version__
+from .common import (
+    DCM_PROBABILITY_OF_CANCER,
+    DEFAULT_OPTIONS,
+    MANUFACTURER,
+    MODEL_NAME,
+    SCT_BREAST,
+    SIDE_CODE,
+    UCUM_PERCENT,
+    OutputKind,
+    OutputOptions,
+    algorithm_name,
+    derive_uid,
+    equipment,
+    header_copy,
+    ordered_images,
+    percent,
+    region_for,
+    series_info,
+    source_for,
+    sr_algorithm,
+    view_key,
+)
+
+_IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")  # CID 100 (PixelMed-clean)
+_ORIGINAL_SOURCE = Code("111040", "DCM", "Original Source")
+_IMAGE_REGION = "111030"
+_BOTH_SIDES = Code("51440002", "SCT", "Right and left")
+
+PRIVATE_SCHEME = "99MAMMOAI"
+PROBABILITY_OF_BENIGN = Code("BENIGNPROB", PRIVATE_SCHEME, "Probability of benign finding")
+"""No standard concept exists for a benign probability; declared in CodingSchemeIdentification."""
+
+
+def build_tid1500(
+    exam: ExamPrediction,
+    sources: Mapping[str, pydicom.Dataset],
+    options: OutputOptions = DEFAULT_OPTIONS,
+) -> hd.sr.ComprehensiveSR:
+    """Per image: closed outline + probability of cancer, breast site with laterality."""
+    headers = _headers(exam, sources)
+    groups = []
+    for img in ordered_images(exam):
+        ds = headers[img.sop_instance_uid]
+        key = view_key(img)
+        groups.append(
+            hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+                tracking_identifier=hd.sr.TrackingIdentifier(
+                    uid=derive_uid(exam, "tid1500", "tracking", key, prefix=options.uid_prefix),
+                    identifier=f"{key} AI region",
+                ),
+                referenced_region=hd.sr.ImageRegion(
+                    graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                    graphic_data=region_for(img).outline_xy(),
+                    source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+                ),
+                algorithm_id=sr_algorithm(exam),
+                finding_sites=[_site(img.laterality)],
+                measurements=[_probability(img.malignant)],
+            )
+        )
+    report = _report(exam, headers, groups, options)
+    sr = _document(exam, headers, report, OutputKind.TID1500, options)
+    _name_region_sources(sr)
+    return sr
+
+
+def build_tid1500_scores(
+    exam: ExamPrediction,
+    sources: Mapping[str, pydicom.Dataset],
+    options: OutputOptions = DEFAULT_OPTIONS,
+) -> hd.sr.ComprehensiveSR:
+    """Image, breast and exam scores (malignant, benign, per member) as TID 1501 groups."""
+    headers = _headers(exam, sources)
+    members = {m.name: m for m in exam.models}
+
+    def group(key: str, site: hd.sr.FindingSite, uids: Sequence[str], measurements):
+        return hd.sr.MeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=derive_uid(exam, "scores", "tracking", key, prefix=options.uid_prefix),
+                identifier=f"{key} AI scores",
+            ),
+            algorithm_id=sr_algorithm(exam),
+            finding_sites=[site],
+            measurements=measurements,
+            source_images=[
+                hd.sr.SourceImageForMeasurementGroup.from_source_image(headers[u]) for u in uids
+            ],
+        )
+
+    groups = []
+    for img in ordered_images(exam):
+        measurements = [_probability(img.malignant), *_benign(img.benign)]
+        measurements += [
+            _probability(p, _member_algorithm(members[name]))
+            for name, p in sorted(img.per_model.items())
+            if name in members and len(members) > 1
+        ]
+        groups.append(
+            group(view_key(img), _site(img.laterality), [img.sop_instance_uid], measurements)
+        )
+    for breast in exam.breasts:
+        groups.append(
+            group(
+                f"{breast.laterality} breast",
+                _site(breast.laterality),
+                breast.sop_instance_uids,
+                [_probability(breast.malignant), *_benign(breast.benign)],
+            )
+        )
+    groups.append(
+        group(
+            "exam",
+            hd.sr.FindingSite(SCT_BREAST, laterality=_BOTH_SIDES),
+            [i.sop_instance_uid for i in ordered_images(exam)],
+            [_probability(exam.malignant), *_benign(exam.benign)],
+        )
+    )
+    report = _report(exam, headers, groups, options)
+    return _document(
+        exam,
+        headers,
+        report,
+        OutputKind.TID1500_SCORES,
+        options,
+        coding_schemes=[
+            CodingSchemeIdentificationItem(
+                PRIVATE_SCHEME,
+                name="mammo-ai-plugin private concepts",
+                responsible_organization=MANUFACTURER,
+            )
+        ],
+    )
+
+
+def _headers(exam: ExamPrediction, sources: Mapping[str, pydicom.Dataset]):
+    return {
+        i.sop_instance_uid: header_copy(source_for(sources, i.sop_instance_uid))
+        for i in exam.images
+    }
+
+
+def _report(exam, headers, groups, options: OutputOptions) -> hd.sr.MeasurementReport:
+    observer = hd.sr.ObserverContext(
+        observer_type=Code("121007", "DCM", "Device"),
+        observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
+            uid=_device_uid(exam, options),
+            name=algorithm_name(exam),
+            manufacturer_name=MANUFACTURER,
+            model_name=MODEL_NAME,
+        ),
+    )
+    return hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(observer_device_context=observer),
+        procedure_reported=_IMAGING_PROCEDURE,
+        imaging_measurements=groups,
+        referenced_images=[headers[i.sop_instance_uid] for i in ordered_images(exam)],
+    )
+
+
+def _document(exam, headers, report, kind: OutputKind, options: OutputOptions, **extra):
+    info = series_info(kind, exam)
+    return hd.sr.ComprehensiveSR(
+        evidence=[headers[i.sop_instance_uid] for i in ordered_images(exam)],
+        content=report,
+        series_instance_uid=derive_uid(exam, kind.value, "series", prefix=options.uid_prefix),
+        series_number=info.number,
+        series_description=info.description,
+        sop_instance_uid=derive_uid(exam, kind.value, "instance", prefix=options.uid_prefix),
+        instance_number=1,
+        is_complete=not exam.partial,
+        **equipment(exam),
+        **extra,
+    )
+
+
+def _device_uid(exam: ExamPrediction, options: OutputOptions) -> str:
+    """The observer device: this software with these models, the same for every exam."""
+    entropy = [MANUFACTURER, __version__, *(f"{m.name}\x00{m.version}" for m in exam.models)]
+    return pydicom.uid.generate_uid(
+        prefix=options.uid_prefix or pydicom.uid.PYDICOM_ROOT_UID, entropy_srcs=entropy
+    )
+
+
+def _site(laterality: Laterality) -> hd.sr.FindingSite:
+    return hd.sr.FindingSite(SCT_BREAST, laterality=SIDE_CODE[laterality])
+
+
+def _probability(p: float, algorithm: hd.sr.AlgorithmIdentification | None = None):
+    return hd.sr.Measurement(
+        DCM_PROBABILITY_OF_CANCER, percent(p), UCUM_PERCENT, algorithm_id=algorithm
+    )
+
+
+def _benign(p: float | None) -> list[hd.sr.Measurement]:
+    if p is None:
+        return []
+    return [hd.sr.Measurement(PROBABILITY_OF_BENIGN, percent(p), UCUM_PERCENT)]
+
+
+def _member_algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
+    return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
+
+
+def _name_region_sources(sr: pydicom.Dataset) -> None:
+    """Orthanc Stone reads a region only when its image is named "Original Source"; highdicom
+    writes "Source". PixelMed's TID 1500 rules accept both."""
+
+    def walk(items) -> None:
+        for item in items:
+            if "ContentSequence" not in item:
+                continue
+            concept = item.get("ConceptNameCodeSequence")
+            if item.ValueType == "SCOORD" and concept and concept[0].CodeValue == _IMAGE_REGION:
+                for child in item.ContentSequence:
+                    if child.ValueType == "IMAGE":
+                        child.ConceptNameCodeSequence = [
+                            hd.sr.CodedConcept.from_code(_ORIGINAL_SOURCE)
+                        ]
+            walk(item.ContentSequence)
+
+    walk(sr.ContentSequence)

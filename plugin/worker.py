@@ -1,0 +1,241 @@
+"""The analysis worker: one exam job at a time on the configured device.
+
+A job decodes its selected images, runs the ensemble, builds the result objects each
+destination wants, writes them durably into the spool and records them with their deliveries
+in one transaction. An image that cannot be decoded is left out with its reason (the exam is
+analysed as partial); an exam with no decodable image is quarantined at once, since trying again
+cannot help. Any other failure is retried after `retry_delay_seconds`, at most `max_attempts`
+times, then the job is quarantined with the reason; the queue moves on either way.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydicom import Dataset, dcmread
+
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.mammogram import Mammogram, MammogramError
+from models.reading import read_mammogram
+from plugin.config import Config, ModelsConfig
+from plugin.listener import fsync_dir
+from plugin.observability import AuditTrail, Metrics, hash_uid
+from plugin.outputs import build_outputs, output_kind
+from plugin.outputs.common import OutputKind
+from plugin.store import Job, NewResult, Store
+
+log = logging.getLogger(__name__)
+
+
+class UnanalysableExam(Exception):
+    """Nothing in the exam can be analysed; retrying cannot help."""
+
+
+def ensemble_spec(models: ModelsConfig) -> EnsembleSpec:
+    return EnsembleSpec(
+        members=tuple(MemberSpec(Path(m.path), tuple(m.flips)) for m in models.members),
+        device=models.device,
+        precision=models.precision,
+        max_batch=models.max_batch,
+    )
+
+
+@dataclass(frozen=True)
+class Decoded:
+    mammograms: list[Mammogram]
+    datasets: dict[str, Dataset]
+    """SOPInstanceUID → full data set, the sources the output builders reference."""
+    failed: list[tuple[str, str]]
+    """(SOPInstanceUID, reason) of images that could not be decoded."""
+
+
+def decode(paths: Sequence[tuple[str, Path]]) -> Decoded:
+    mammograms, datasets, failed = [], {}, []
+    for sop_uid, path in paths:
+        try:
+            ds = dcmread(path)
+            mammograms.append(read_mammogram(ds))
+            datasets[sop_uid] = ds
+        except MammogramError as exc:
+            failed.append((sop_uid, str(exc)))
+        except (ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
+            # pydicom/codec errors for broken pixel data: deterministic, so not retried.
+            failed.append((sop_uid, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})"))
+    return Decoded(mammograms, datasets, failed)
+
+
+def write_durably(ds: Dataset, path: Path) -> int:
+    """Write via a temporary name, fsync, rename: the path holds a complete object or none."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    ds.save_as(tmp, enforce_file_format=True)
+    with tmp.open("rb+") as fp:
+        os.fsync(fp.fileno())
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+    return path.stat().st_size
+
+
+class Worker:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        ensemble: Ensemble,
+        *,
+        audit: AuditTrail,
+        metrics: Metrics,
+        on_results: Callable[[], None] | None = None,
+        poll_seconds: float = 0.25,
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.ensemble = ensemble
+        self.audit = audit
+        self.metrics = metrics
+        self.on_results = on_results
+        self.poll_seconds = poll_seconds
+        self.results_dir = store.spool / "results"
+        self.kinds: list[OutputKind] = config.output_kinds
+        self.routes: Mapping[OutputKind, tuple[str, ...]] = {
+            kind: tuple(r.name for r in config.destinations if kind in r.outputs)
+            for kind in self.kinds
+        }
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
+        self.busy = False
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    def stop(self, timeout: float = 120.0) -> None:
+        """Let the job in progress finish (it commits or is retried after a restart)."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                worked = self.run_once()
+            except Exception:  # noqa: BLE001 - the loop outlives database hiccups
+                log.exception("worker pass failed")
+                worked = False
+            if not worked:
+                self._wake.wait(self.poll_seconds)
+                self._wake.clear()
+
+    def run_once(self) -> bool:
+        """Run the next due job, if any; True when one ran."""
+        job = self.store.claim_job()
+        if job is None:
+            return False
+        self.busy = True
+        started = time.perf_counter()
+        fields = {
+            "study": job.study_instance_uid,
+            "job_id": job.id,
+            "version": job.version,
+            "attempt": job.attempts,
+        }
+        try:
+            results, summary = self._analyse(job)
+        except UnanalysableExam as exc:
+            self._fail(job, str(exc), fields, retry=False)
+            return True
+        except Exception as exc:  # noqa: BLE001 - any failure is retried, then quarantined
+            log.exception("analysis failed", extra={"fields": fields})
+            self._fail(job, f"{type(exc).__name__}: {exc}", fields, retry=True)
+            return True
+        finally:
+            self.busy = False
+        self.store.finish_job(job.id, results)
+        elapsed = time.perf_counter() - started
+        self.metrics.stage_seconds.labels("analyse").observe(elapsed)
+        last_seen = max(
+            (i.received_at for i in self.store.instances_by_id(job.instance_ids)),
+            default=job.created_at,
+        )
+        self.metrics.stage_seconds.labels("turnaround").observe(max(0.0, time.time() - last_seen))
+        outcome = "partial" if summary["missing"] else "complete"
+        self.metrics.exams.labels(outcome).inc()
+        self.audit.record(
+            "analysed",
+            outcome=outcome,
+            seconds=round(elapsed, 3),
+            objects=len(results),
+            **summary,
+            **fields,
+        )
+        log.info(
+            "exam analysed",
+            extra={"fields": {**fields, "outcome": outcome, "seconds": round(elapsed, 3)}},
+        )
+        if self.on_results is not None:
+            self.on_results()
+        return True
+
+    def _analyse(self, job: Job) -> tuple[list[NewResult], dict[str, object]]:
+        instances = self.store.instances_by_id(job.instance_ids)
+        decoded = decode([(i.sop_instance_uid, i.path) for i in instances if i.path is not None])
+        if not decoded.mammograms:
+            reasons = "; ".join(reason for _, reason in decoded.failed) or "no image files"
+            raise UnanalysableExam(f"no image of the exam could be decoded: {reasons}")
+        prediction = self.ensemble.predict_exam(decoded.mammograms)
+        objects = build_outputs(prediction, decoded.datasets, self.kinds)
+        folder = self.results_dir / job.study_instance_uid / f"v{job.version}"
+        results = []
+        for ds in objects:
+            kind = output_kind(ds)
+            path = folder / f"{kind.value}-{ds.SOPInstanceUID}.dcm"
+            size = write_durably(ds, path)
+            results.append(
+                NewResult(
+                    kind=kind.value,
+                    sop_instance_uid=str(ds.SOPInstanceUID),
+                    sop_class_uid=str(ds.SOPClassUID),
+                    path=path,
+                    size=size,
+                    destinations=self.routes.get(kind, ()),
+                )
+            )
+        summary = {
+            "views": sorted(m.view_key for m in decoded.mammograms),
+            "missing": list(prediction.missing_views),
+            "undecodable": [
+                {"sop_instance": hash_uid(uid), "reason": reason} for uid, reason in decoded.failed
+            ],
+            "exam_score": round(float(prediction.malignant), 4),
+        }
+        return results, summary
+
+    def _fail(self, job: Job, reason: str, fields: dict[str, object], *, retry: bool) -> None:
+        retry_at = None
+        if retry and job.attempts < self.config.worker.max_attempts:
+            retry_at = time.time() + self.config.worker.retry_delay_seconds
+        finished = self.store.fail_job(job.id, reason, retry_at=retry_at)
+        if retry_at is not None:
+            self.metrics.exams.labels("retried").inc()
+            log.warning("analysis will be retried", extra={"fields": {**fields, "reason": reason}})
+            return
+        self.metrics.exams.labels("quarantined").inc()
+        self.audit.record("quarantined", reason=reason, exam_state=finished.exam_state, **fields)
+        log.error(
+            "exam quarantined; `plugin retry --quarantined` requeues it",
+            extra={"fields": {**fields, "reason": reason}},
+        )

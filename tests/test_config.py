@@ -1,0 +1,116 @@
+"""The configuration: the shipped defaults parse, mistakes name their key path, relative paths
+follow the config file, and `plugin config check` says what would stop `plugin serve`."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from plugin.cli import main
+from plugin.config import ConfigError, load_config, parse_config, resolve_secret
+from plugin.outputs.common import OutputKind
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def default_data() -> dict:
+    return yaml.safe_load((REPO / "config.yml").read_text())
+
+
+def test_default_config_is_embedded_and_complete() -> None:
+    config = load_config(REPO / "config.yml")
+    assert config.listener.ae_title == "MAMMO_AI" and config.listener.port == 11112
+    assert config.storage.spool == REPO / "var" / "spool"
+    assert [m.path for m in config.models.members] == [
+        REPO / "models/weights/demo-gmic.safetensors",
+        REPO / "models/weights/demo-allconv.safetensors",
+    ]
+    assert config.models.device == "auto" and config.models.precision == "fp32"
+    assert [r.destination.type for r in config.destinations] == ["folder"]
+    assert config.output_kinds == [OutputKind.CAD_SR, OutputKind.TID1500, OutputKind.SEG,
+                                   OutputKind.SC]
+    # Compressed syntaxes come first so compressed mammograms are stored as received.
+    assert config.listener.transfer_syntaxes[0] == "1.2.840.10008.1.2.4.90"
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda d: d["listener"].update(prot=1), "listener.prot: unknown key"),
+        (lambda d: d["listener"].update(port=70000), "listener.port: Input should be less"),
+        (lambda d: d["listener"].update(ae_title="A" * 17), "listener.ae_title: an AE title"),
+        (lambda d: d["models"]["members"][1].update(flips=["none", "none"]),
+         "models.members.1.flips: list each flip once"),
+        (lambda d: d["models"].update(precision="fp8"), "models.precision: Input should be"),
+        (lambda d: d["exams"].update(settle_seconds=100), "exams: need settle_seconds <= quiet_seconds"),
+        (lambda d: d["destinations"][0].update(outputs=["pdf"]), "destinations.0.outputs.0"),
+        (lambda d: d["destinations"][0].update(pth="x"), "destinations.0.pth: unknown key"),
+        (lambda d: d["destinations"].append(dict(d["destinations"][0])),
+         "names must be unique, repeated: results-folder"),
+        (lambda d: d.update(extra_section={}), "extra_section: unknown key"),
+    ],
+)
+def test_mistakes_name_the_key(default_data: dict, edit, expected: str) -> None:
+    data = copy.deepcopy(default_data)
+    edit(data)
+    with pytest.raises(ConfigError) as info:
+        parse_config(data, REPO, "test.yml")
+    assert expected in str(info.value)
+
+
+def test_relative_paths_follow_the_config_file(tmp_path: Path, default_data: dict) -> None:
+    data = copy.deepcopy(default_data)
+    data["models"]["members"] = [{"path": "m/a.safetensors"}]
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "site.yml"
+    path.write_text(yaml.safe_dump(data))
+    config = load_config(path)
+    assert config.models.members[0].path == tmp_path / "sub" / "m" / "a.safetensors"
+    assert config.models.members[0].flips == ["none"]
+    assert config.destinations[0].destination.path == tmp_path / "sub" / "results"
+    assert config.observability.audit_log == tmp_path / "sub" / "var" / "audit.jsonl"
+
+
+def test_yaml_errors_and_missing_files_say_what_to_do(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file; pass --config"):
+        load_config(tmp_path / "absent.yml")
+    bad = tmp_path / "bad.yml"
+    bad.write_text("listener: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(bad)
+    bad.write_text("- a list\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(bad)
+
+
+def test_secrets_come_from_named_environment_variables(monkeypatch) -> None:
+    assert resolve_secret(None, "x") is None
+    monkeypatch.setenv("MAMMO_TEST_SECRET", "s3cret")
+    assert resolve_secret("MAMMO_TEST_SECRET", "x") == "s3cret"
+    monkeypatch.delenv("MAMMO_TEST_SECRET")
+    with pytest.raises(ConfigError, match="destinations.0.password_env: environment variable"):
+        resolve_secret("MAMMO_TEST_SECRET", "destinations.0.password_env")
+
+
+def test_config_check_command(tmp_path: Path, default_data: dict, capsys) -> None:
+    data = copy.deepcopy(default_data)
+    data["models"]["members"] = [{"path": "missing.safetensors"}]
+    data["destinations"].append({
+        "type": "orthanc", "name": "orthanc", "url": "http://localhost:8042",
+        "username": "ai", "password_env": "MAMMO_TEST_UNSET_PASSWORD",
+    })
+    path = tmp_path / "site.yml"
+    path.write_text(yaml.safe_dump(data))
+    assert main(["config", "check", str(path)]) == 1
+    out = capsys.readouterr().out
+    assert "models.members.0.path: no model file at" in out
+    assert "MAMMO_TEST_UNSET_PASSWORD" in out
+
+    data["listener"]["bogus"] = 1
+    path.write_text(yaml.safe_dump(data))
+    assert main(["config", "check", str(path)]) == 1
+    assert "listener.bogus: unknown key" in capsys.readouterr().out

@@ -1,0 +1,212 @@
+"""GMIC against the reference outputs of the public implementation (reference/gmic/cases),
+loaded the way users will: published-format `.p` → `import_checkpoint` → `load_model`."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from models import get_family, load_model
+from models.gmic import GMIC, PRESETS, GMICConfig
+from models.gmic.checkpoint import import_checkpoint
+from models.gmic.network import retrieve_roi, top_t_percent
+
+CASES = ("0_L-CC", "legacy_0_R-CC")
+ATOL = {"y_fusion": 1e-5, "y_global": 1e-5, "y_local": 1e-5, "attention": 1e-5, "saliency": 1e-4}
+REFERENCE_FILE = {"attention": "patch_attns", "saliency": "saliency_map"}
+
+
+@pytest.fixture(scope="module")
+def gmic_ref(shared_reference: Path) -> Path:
+    return shared_reference / "gmic"
+
+
+@pytest.fixture(scope="module")
+def model_file(gmic_ref: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("gmic")
+    checkpoint = tmp / "random_gmic.p"
+    done = subprocess.run(
+        [sys.executable, str(gmic_ref / "make_checkpoint.py"), str(checkpoint)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, f"make_checkpoint.py failed: {done.stdout}{done.stderr}"
+    out = tmp / "gmic.safetensors"
+    import_checkpoint(checkpoint, out, sample_model=1, name="random-gmic")
+    return out
+
+
+@pytest.fixture(scope="module")
+def model(model_file: Path) -> GMIC:
+    return load_model(model_file)
+
+
+@pytest.fixture(scope="module")
+def inputs(gmic_ref: Path) -> torch.Tensor:
+    arrays = [np.load(gmic_ref / "cases" / c / "input_compressed.npz")["input"] for c in CASES]
+    return torch.from_numpy(np.stack(arrays))[:, None]
+
+
+@pytest.fixture(scope="module")
+def single_outputs(model: GMIC, inputs: torch.Tensor) -> list:
+    with torch.no_grad():
+        return [model(inputs[i : i + 1]) for i in range(len(CASES))]
+
+
+@pytest.fixture(scope="module")
+def batched_output(model: GMIC, inputs: torch.Tensor):
+    with torch.no_grad():
+        return model(inputs)
+
+
+def _reference(gmic_ref: Path, case: str, field: str) -> np.ndarray:
+    return np.load(gmic_ref / "cases" / case / f"{REFERENCE_FILE.get(field, field)}.npy")
+
+
+def test_layout_matches_published_state_dict(gmic_ref: Path) -> None:
+    layout = json.loads((gmic_ref / "checkpoint_layout.json").read_text())
+    state = GMIC(PRESETS["published"]).state_dict()
+    assert [(k, list(v.shape), str(v.dtype)[6:]) for k, v in state.items()] == [
+        (t["name"], t["shape"], t["dtype"]) for t in layout["tensors"]
+    ]
+    config = GMICConfig.from_dict(PRESETS["published"])
+    assert config.cam_size == tuple(layout["parameters"]["cam_size"])
+    assert config.top_t_count == 28
+
+
+@pytest.mark.parametrize("index,case", list(enumerate(CASES)))
+def test_single_image_matches_reference(gmic_ref, single_outputs, index, case) -> None:
+    out = single_outputs[index]
+    for field, atol in ATOL.items():
+        got = getattr(out, field).numpy()
+        np.testing.assert_allclose(
+            got, _reference(gmic_ref, case, field), rtol=0, atol=atol, err_msg=f"{case}: {field}"
+        )
+    np.testing.assert_array_equal(
+        out.roi_positions.numpy(), _reference(gmic_ref, case, "patch_locations")
+    )
+
+
+def test_batch_of_two_matches_reference(gmic_ref, batched_output) -> None:
+    for i, case in enumerate(CASES):
+        for field, atol in ATOL.items():
+            got = getattr(batched_output, field)[i : i + 1].numpy()
+            np.testing.assert_allclose(
+                got,
+                _reference(gmic_ref, case, field),
+                rtol=0,
+                atol=atol,
+                err_msg=f"{case} in a batch: {field}",
+            )
+        np.testing.assert_array_equal(
+            batched_output.roi_positions[i : i + 1].numpy(),
+            _reference(gmic_ref, case, "patch_locations"),
+        )
+
+
+def test_score_maps_from_reference_output(batched_output) -> None:
+    maps = get_family("gmic").score_maps(batched_output)
+    assert torch.equal(maps.malignant, batched_output.y_fusion[:, 1])
+    assert torch.equal(maps.benign, batched_output.y_fusion[:, 0])
+    assert maps.has_benign and maps.maps.shape == (2, 2, 46, 30)
+    corners = batched_output.roi_positions.float()
+    assert torch.equal(maps.boxes, torch.cat([corners, corners + 256], dim=-1))
+    assert torch.equal(maps.box_weights, batched_output.attention)
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_roi_search_and_top_t_on_reference_map(gmic_ref: Path, case: str) -> None:
+    """The two non-learned stages alone, on GMIC's own saliency map."""
+    saliency = torch.from_numpy(_reference(gmic_ref, case, "saliency"))
+    cells = retrieve_roi(saliency, (4, 4), 6)
+    np.testing.assert_array_equal(cells.numpy(), _reference(gmic_ref, case, "small_locations"))
+    info = json.loads((gmic_ref / "cases" / case / "case.json").read_text())
+    for percent_t, expected in info.get("y_global_by_percent_t", {}).items():
+        k = GMICConfig.from_dict(dict(PRESETS["published"], percent_t=float(percent_t)))
+        got = top_t_percent(saliency, k.top_t_count)[0].numpy()
+        np.testing.assert_allclose(got, expected, rtol=0, atol=1e-6, err_msg=percent_t)
+
+
+# -- the same code on the small "demo" architecture ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo() -> GMIC:
+    torch.manual_seed(0)
+    return GMIC(PRESETS["demo"])
+
+
+def test_demo_batch_equals_single_images(demo: GMIC) -> None:
+    torch.manual_seed(1)
+    x = torch.randn(3, 1, *demo.config.input_shape)
+    demo.eval()
+    with torch.no_grad():
+        batched = demo(x)
+        singles = [demo(x[i : i + 1]) for i in range(3)]
+    for i, single in enumerate(singles):
+        for field in ("y_global", "y_local", "y_fusion", "saliency", "attention"):
+            torch.testing.assert_close(
+                getattr(batched, field)[i], getattr(single, field)[0], rtol=0, atol=1e-5
+            )
+        assert torch.equal(batched.roi_positions[i], single.roi_positions[0])
+    assert batched.roi_positions.shape == (3, 4, 2)
+    assert batched.saliency.shape == (3, 2, 12, 8)
+    assert (batched.roi_positions >= 0).all() and (batched.roi_positions[..., 0] <= 768 - 128).all()
+    torch.testing.assert_close(batched.attention.sum(1), torch.ones(3))
+
+
+def test_demo_trains_through_every_branch(demo: GMIC) -> None:
+    torch.manual_seed(2)
+    x = torch.randn(2, 1, *demo.config.input_shape)
+    demo.train()
+    demo.zero_grad()
+    out = demo(x)
+    target = torch.tensor([[0.0, 1.0], [1.0, 0.0]])
+    bce = torch.nn.functional.binary_cross_entropy
+    loss = (
+        bce(out.y_fusion, target)
+        + bce(out.y_global, target)
+        + bce(out.y_local, target)
+        + out.saliency.mean()
+    )
+    loss.backward()
+    for name in (
+        "ds_net.first_conv.weight",
+        "left_postprocess_net.gn_conv_last.weight",
+        "dn_resnet.conv1.weight",
+        "mil_attn_U.weight",
+        "mil_attn_V.weight",
+        "mil_attn_w.weight",
+        "classifier_linear.weight",
+        "fusion_dnn.weight",
+    ):
+        grad = demo.get_parameter(name).grad
+        assert grad is not None and grad.abs().sum() > 0, name
+    demo.eval()
+
+
+def test_wrong_input_size_is_refused(demo: GMIC) -> None:
+    with pytest.raises(ValueError, match=r"\(N, 1, 768, 512\)"):
+        demo(torch.zeros(1, 1, 736, 480))
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"cam_size": [23, 15]}, "cam_size"),
+        ({"post_processing_dim": 512}, "post_processing_dim"),
+        ({"percent_t": 0.0001}, "percent_t"),
+        ({"crop_shape": [4096, 256]}, "crop_shape"),
+        ({"colour": "blue"}, "unknown keys"),
+    ],
+)
+def test_bad_architecture_is_refused(change: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        GMIC(dict(PRESETS["published"], **change))

@@ -1,0 +1,160 @@
+"""`trainer evaluate`: AUC with 95% CIs per image, breast and exam, plots, operating points."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from models.family import get_family
+from models.modelfile import load_model, read_card
+
+from ..evaluate import (
+    LEVELS,
+    aggregate,
+    report,
+    reports_to_json,
+    resolve_device,
+    score_images,
+    write_outputs,
+)
+from ..metrics import at_threshold
+from ..operating import Criterion, write_operating_point
+from ..prepare import InputCache
+from ..sitedata import load_site_data
+from ..split import split_site_data
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "evaluate",
+        help="AUC per image, breast and exam with 95%% CIs; ROC/calibration plots; "
+        "operating points",
+        description="Score a site's labelled images with one model file and report AUC with "
+        "bootstrap 95%% confidence intervals per image, breast (mean of its views) and exam "
+        "(max over breasts). The split is recomputed exactly as `trainer finetune` made it.",
+    )
+    p.add_argument("--model", type=Path, required=True, help="model file (.safetensors)")
+    p.add_argument("--site-data", type=Path, required=True, help="DICOM folder with labels.csv")
+    p.add_argument(
+        "--split",
+        default="test",
+        choices=["train", "val", "test", "all"],
+        help="which split to score (default test; `all` for an external data set)",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="split seed (default: the one in the model card when it was trained on "
+        "this data, else 0)",
+    )
+    p.add_argument("--json", type=Path, help="write {level: {auc, ci95, n}} to this file")
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="folder for roc.png, calibration.png, operating_points.csv, scores.csv",
+    )
+    p.add_argument(
+        "--set-operating-point",
+        metavar="CRITERION",
+        type=Criterion.parse,
+        help="sensitivity=0.9 | specificity=0.8 | threshold=0.35: choose a threshold "
+        "on this split and write it into the model file's card as the default "
+        "operating point (the file is rewritten atomically; weights are unchanged)",
+    )
+    p.add_argument(
+        "--operating-point-level",
+        default="image",
+        choices=LEVELS,
+        help="which scores the operating point applies to (default image)",
+    )
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs")
+    p.add_argument(
+        "--cache-dir",
+        type=Path,
+        help="keep preprocessed inputs here between runs (default: memory only)",
+    )
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def _split_seed(card_provenance: dict, fingerprint: str, given: int | None) -> int:
+    if given is not None:
+        return given
+    data = card_provenance.get("training_data", {})
+    if data.get("fingerprint_sha256") == fingerprint:
+        return int(data.get("split", {}).get("seed", 0))
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    card = read_card(args.model)
+    family = get_family(card.family)
+    data = load_site_data(args.site_data)
+    seed = _split_seed(card.provenance, data.fingerprint(), args.seed)
+    split = split_site_data(data, seed=seed)
+    images = split.images(data, args.split)
+    if not images:
+        raise ValueError(f"the {args.split} split is empty; use --split all or another split")
+    device = resolve_device(args.device)
+    module = load_model(args.model, device=device)
+    cache = InputCache(family, card.preprocessing, args.cache_dir)
+    cache.prepare(images, progress=not args.no_progress)
+    scores = score_images(
+        module, family, cache, images, device, args.batch_size, progress=not args.no_progress
+    )
+    reports = report(images, scores, n_boot=args.n_boot, seed=seed)
+
+    print(
+        f"{card.name} {card.version} on {args.split} split ({split.source}): {len(images)} images"
+    )
+    for level, r in reports.items():
+        if r.auc is None:
+            print(f"  {level:6s} n={r.n:5d}  {r.note}")
+        else:
+            print(
+                f"  {level:6s} n={r.n:5d} ({r.positives} malignant)  AUC {r.auc:.3f} "
+                f"[95% CI {r.ci95[0]:.3f}-{r.ci95[1]:.3f}]"
+            )
+    if args.json:
+        args.json.write_text(json.dumps(reports_to_json(reports), indent=2) + "\n")
+    if args.out:
+        for path in write_outputs(args.out, images, scores, reports, f"{card.name} {args.split}"):
+            print(f"  wrote {path}")
+    if args.set_operating_point is not None:
+        level = args.operating_point_level
+        cases = aggregate(images, scores)[level]
+        labels = np.array([c.label for c in cases])
+        level_scores = np.array([c.score for c in cases])
+        criterion: Criterion = args.set_operating_point
+        if criterion.kind != "threshold" and reports[level].auc is None:
+            raise ValueError(
+                f"cannot choose an operating point at {level} level: {reports[level].note}"
+            )
+        threshold = criterion.threshold(labels, level_scores)
+        achieved = at_threshold(labels, level_scores, threshold)
+        write_operating_point(
+            args.model,
+            threshold,
+            {
+                "criterion": str(criterion),
+                "level": level,
+                "split": args.split,
+                "split_seed": seed,
+                "data_fingerprint_sha256": data.fingerprint(),
+                "n": len(cases),
+                "sensitivity": achieved.sensitivity,
+                "specificity": achieved.specificity,
+            },
+        )
+        print(
+            f"  operating point ({criterion}, {level} level): threshold {threshold:.4f}, "
+            f"sensitivity {achieved.sensitivity:.3f}, specificity {achieved.specificity:.3f}; "
+            f"written to {args.model}"
+        )
+    return 0

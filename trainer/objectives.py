@@ -1,0 +1,114 @@
+"""What differs between families during training: the loss, the training stages and their
+default hyper-parameters.
+
+* GMIC (Shen et al., Med Image Anal 2021): binary cross-entropy on each of `y_global`, `y_local`
+  and `y_fusion`, per class (benign, malignant), plus β times the L1 norm of the saliency maps,
+  which keeps them sparse; one stage, all layers.
+* All-conv (Shen et al., Sci Rep 2019): softmax cross-entropy on the malignancy class; two
+  stages when fine-tuning: first the new top layers (trunk frozen), then all layers at a tenth
+  of the learning rate.
+
+Defaults are starting points for a site fine-tune, not the papers' searched values; every one
+is a `trainer finetune` option.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+_EPS = 1e-6
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    """"top" (trunk frozen) or "all"."""
+    epochs: int
+    lr: float
+
+
+@dataclass(frozen=True)
+class Defaults:
+    lr_finetune: float
+    lr_scratch: float
+    weight_decay: float
+    top_epochs_fraction: float
+    """Share of the epochs spent on the top-only stage when fine-tuning."""
+
+
+DEFAULTS = {
+    "gmic": Defaults(lr_finetune=1e-5, lr_scratch=1e-3, weight_decay=1e-5, top_epochs_fraction=0.0),
+    "allconv": Defaults(
+        lr_finetune=1e-4, lr_scratch=1e-3, weight_decay=1e-4, top_epochs_fraction=0.3
+    ),
+}
+ALL_LAYERS_LR_FACTOR = 0.1
+DEFAULT_BETA = 3e-4
+
+
+def plan_stages(
+    family: str, epochs: int, lr: float, top_epochs: int | None, from_scratch: bool
+) -> list[Stage]:
+    """The staged schedule; from scratch there is no pretrained trunk to protect, so all layers
+    train from the first epoch."""
+    if family != "allconv" or from_scratch:
+        top = 0 if top_epochs is None else top_epochs
+    else:
+        top = (
+            round(epochs * DEFAULTS[family].top_epochs_fraction)
+            if top_epochs is None
+            else top_epochs
+        )
+    if family != "allconv" and top:
+        raise ValueError(f"--top-epochs applies to all-conv models only, not {family}")
+    top = min(top, epochs)
+    stages = []
+    if top:
+        stages.append(Stage("top", top, lr))
+    if epochs - top:
+        stages.append(Stage("all", epochs - top, lr * ALL_LAYERS_LR_FACTOR if top else lr))
+    return stages
+
+
+def stage_at(stages: list[Stage], epoch: int) -> Stage:
+    start = 0
+    for stage in stages:
+        if epoch < start + stage.epochs:
+            return stage
+        start += stage.epochs
+    return stages[-1]
+
+
+def frozen_part(module: nn.Module, stage: Stage) -> nn.Module | None:
+    """The submodule that stays fixed in this stage (the all-conv trunk in "top")."""
+    return module.trunk if stage.name == "top" else None
+
+
+def loss(
+    family: str, output: Any, malignant: torch.Tensor, benign: torch.Tensor | None, beta: float
+) -> torch.Tensor:
+    """Mean training loss of a batch, computed in float32 (BCE is not autocast-safe).
+
+    `benign` may hold -1 where the label is unknown; those entries do not contribute.
+    """
+    if family == "gmic":
+        target = torch.stack(
+            [benign if benign is not None else torch.full_like(malignant, -1.0), malignant], dim=1
+        ).float()
+        known = (target >= 0).float()
+        total = 0.0
+        for y in (output.y_global, output.y_local, output.y_fusion):
+            bce = F.binary_cross_entropy(
+                y.float().clamp(_EPS, 1 - _EPS), target.clamp(min=0), reduction="none"
+            )
+            total = total + (bce * known).sum(dim=1).mean()
+        sparsity = output.saliency.float().abs().sum(dim=(1, 2, 3)).mean()
+        return total + beta * sparsity
+    if family == "allconv":
+        return F.cross_entropy(output.logits.float(), malignant.long())
+    raise ValueError(f"no training objective for model family {family!r}")
