@@ -198,12 +198,12 @@ class Ensemble:
                 for box, w in zip(
                     boxes[roi_flip, v].tolist(), weights[roi_flip, v].tolist(), strict=True
                 ):
-                    box = _unflip_box(box, flips[roi_flip], prep)
-                    rois.append(
-                        RegionOfInterest(
-                            prep.geometry.box_to_source(box), float(w), member.card.name
-                        )
+                    source_box = prep.geometry.box_to_source(
+                        _unflip_box(box, flips[roi_flip], prep)
                     )
+                    if source_box[2] > source_box[0] and source_box[3] > source_box[1]:
+                        # A crop wholly in the padding shows no source pixel: nothing to mark.
+                        rois.append(RegionOfInterest(source_box, float(w), member.card.name))
                 rois.sort(key=lambda r: -r.weight)
             source_maps = prep.geometry.map_to_source(maps[v].numpy())
             results.append(

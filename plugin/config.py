@@ -222,6 +222,9 @@ class DeliveryConfig(Section):
     initial_delay_seconds: Seconds = 5
     max_delay_seconds: Seconds = 3600
     multiplier: float = Field(2.0, ge=1.0)
+    batch_size: int = Field(1, ge=1, le=256)
+    """Objects per association/request. Each batch is settled after it returns, so a crash
+    mid-batch re-sends up to this many objects (same UIDs) after the restart."""
     poll_seconds: Seconds = 0.5
 
 

@@ -31,7 +31,7 @@ class Dispatcher:
         *,
         audit: AuditTrail,
         metrics: Metrics,
-        batch: int = 16,
+        batch: int = 1,
     ) -> None:
         self.config = config
         self.store = store

@@ -50,7 +50,12 @@ class Service:
         self.ensemble = Ensemble(ensemble_spec(config.models))
         senders = {r.name: make_sender(r.destination) for r in config.destinations}
         self.dispatcher = Dispatcher(
-            config.delivery, self.store, senders, audit=self.audit, metrics=self.metrics
+            config.delivery,
+            self.store,
+            senders,
+            audit=self.audit,
+            metrics=self.metrics,
+            batch=config.delivery.batch_size,
         )
         self.worker = Worker(
             config,

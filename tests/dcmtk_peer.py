@@ -28,14 +28,17 @@ from pydicom import dcmread
 @cache
 def dcmtk_tool(name: str) -> Path | None:
     """dcmtk's executable `name`, or None. pynetdicom installs console scripts with the same
-    names as dcmtk's (storescp, storescu, ...) that may come first on PATH, so each candidate
-    is asked for its version and only dcmtk's is taken."""
+    names as dcmtk's (storescp, storescu, ...) that may come first on PATH, so only a binary
+    that calls itself dcmtk in `--version` is taken."""
     seen: set[Path] = set()
     for folder in [*os.environ.get("PATH", "").split(os.pathsep), "/usr/bin", "/usr/local/bin"]:
         candidate = Path(folder) / name
         if candidate in seen or not os.access(candidate, os.X_OK):
             continue
         seen.add(candidate)
+        with candidate.open("rb") as head:
+            if head.read(4) != b"\x7fELF":
+                continue  # a script (pyenv shim, pynetdicom entry point), not dcmtk
         try:
             result = subprocess.run(
                 [candidate, "--version"], capture_output=True, text=True, timeout=10

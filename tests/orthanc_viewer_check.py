@@ -77,6 +77,7 @@ class ViewerCapture:
 def capture(url: str, workdir: Path, name: str) -> ViewerCapture:
     """Load the page twice (DOM dump, then screenshot) in fresh headless Chromium profiles."""
     ARTIFACTS.mkdir(exist_ok=True)
+    url += f"{'&' if '?' in url else '?'}layout={WINDOW[0]}x{WINDOW[1]}"
     shot = ARTIFACTS / f"{name}.png"
     dom = _run_chromium(url, workdir / "chromium-dom", "--dump-dom")
     assert dom.returncode == 0, dom.stderr[-2000:]

@@ -105,6 +105,7 @@ def test_importer_reads_the_reference_architecture(imported, expected) -> None:
     assert imported.card.provenance["source_sha256"] == expected["h5_sha256"]
 
 
+@pytest.mark.slow
 def test_probabilities_single_image_each_flip_and_tta_mean(run, expected) -> None:
     probs = run["output"].probabilities.double().numpy()
     np.testing.assert_allclose(probs[0], expected["probs"], atol=1e-4, rtol=0)
@@ -112,6 +113,7 @@ def test_probabilities_single_image_each_flip_and_tta_mean(run, expected) -> Non
     np.testing.assert_allclose(probs.mean(axis=0), expected["tta_mean"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_logits_and_gap(run, expected, probes) -> None:
     logits = run["output"].logits[0].double().numpy()
     np.testing.assert_allclose(logits, expected["logits_float64"], atol=1e-4, rtol=0)
@@ -121,10 +123,12 @@ def test_logits_and_gap(run, expected, probes) -> None:
     np.testing.assert_allclose(cam.mean(dim=(1, 2)).numpy(), logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.slow
 def test_gap(run, probes) -> None:
     np.testing.assert_allclose(run["gap"].numpy(), probes["gap"], atol=1e-4, rtol=0)
 
 
+@pytest.mark.slow
 def test_stem_and_pool_corners(run, expected, probes) -> None:
     assert tuple(run["stem_relu"].shape) == (64, *expected["probe_shapes"]["stem_relu"][:2])
     assert tuple(run["pool1"].shape) == (64, *expected["probe_shapes"]["pool1"][:2])
@@ -132,6 +136,7 @@ def test_stem_and_pool_corners(run, expected, probes) -> None:
     np.testing.assert_allclose(_corners(run["pool1"]), probes["pool1_corners"], atol=1e-4)
 
 
+@pytest.mark.slow
 def test_trunk_and_first_block_features(run, probes) -> None:
     trunk = run["trunk_out"][:16].permute(1, 2, 0).numpy()
     block1 = run["block1_out"][:64].permute(1, 2, 0).numpy()
@@ -139,6 +144,7 @@ def test_trunk_and_first_block_features(run, probes) -> None:
     np.testing.assert_allclose(block1, probes["block1_out_ch0_63"], atol=1e-3, rtol=1e-3)
 
 
+@pytest.mark.slow
 def test_score_maps_on_the_reference(run) -> None:
     output, family = run["output"], run["family"]
     scores = family.score_maps(output)

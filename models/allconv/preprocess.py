@@ -8,8 +8,9 @@ DICOM images are rarely 16-bit: INbreast is 14-bit, many systems store 12. The 0
 assumes the full 16-bit range, so a `bits_stored`-bit image is first stretched to it
 (x · 65535 / (2^bits − 1)), rounded and clipped as a 16-bit PNG would hold it. We take the
 stretch rather than the raw value because the published means only make sense that way: a
-14-bit image left unstretched tops out at 63.7 after rescaling, below what a mean of 44.33 over
-a mostly black image needs. `scale_to_16bit: false` in the spec feeds stored values unchanged.
+14-bit INbreast image left unstretched tops out at 63.7 after rescaling, so its mean of 44.33
+would put the average pixel at 70 % of full scale, implausible for an image that is largely
+black background. `scale_to_16bit: false` in the spec feeds stored values unchanged.
 """
 
 from __future__ import annotations

@@ -12,6 +12,7 @@ import torch
 
 from ..family import Prepared, ScoreMaps, register_family
 from ..mammogram import Mammogram
+from .checkpoint import CheckpointError, import_checkpoint
 from .network import GMIC, PRESETS, GMICConfig, GMICOutput
 from .preprocess import PreprocessSpec, default_spec, extract_window, preprocess
 
@@ -51,6 +52,7 @@ FAMILY = register_family(GMICFamily())
 
 __all__ = [
     "FAMILY",
+    "CheckpointError",
     "GMIC",
     "PRESETS",
     "GMICConfig",
@@ -59,5 +61,6 @@ __all__ = [
     "PreprocessSpec",
     "default_spec",
     "extract_window",
+    "import_checkpoint",
     "preprocess",
 ]

@@ -174,7 +174,17 @@ function drawColorbar() {
   ctx.putImageData(bar, 0, 0);
 }
 
+// ?layout=WxH pins the page size in CSS pixels, for reproducible screenshots and printouts.
+function pinLayout() {
+  const match = /^(\d+)x(\d+)$/.exec(new URLSearchParams(location.search).get("layout") || "");
+  if (match) {
+    document.body.style.width = `${match[1]}px`;
+    document.body.style.height = `${match[2]}px`;
+  }
+}
+
 async function main() {
+  pinLayout();
   const status = document.getElementById("status");
   drawColorbar();
   for (const id of ["heatmap-toggle", "opacity", "outline-toggle"]) {

@@ -1,0 +1,177 @@
+"""The ensemble's arithmetic (flip TTA, member, breast and exam aggregation), geometry of its
+maps and boxes, and its refusals — on real GMIC and all-conv modules at their demo sizes."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from models import ModelCard, get_family, save_model
+from models.allconv import PRESETS as ALLCONV_PRESETS
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.gmic import PRESETS as GMIC_PRESETS
+from models.reading import read_mammogram
+
+ALL_FLIPS = ("none", "hflip", "vflip", "hvflip")
+
+
+def _model_file(folder, family: str, preset: dict, name: str, seed: int):
+    torch.manual_seed(seed)
+    fam = get_family(family)
+    card = ModelCard(
+        family=family,
+        architecture=preset,
+        preprocessing=fam.default_preprocessing(preset),
+        name=name,
+        version="test",
+        licence="Apache-2.0",
+        operating_points={"default": 0.5},
+    )
+    return save_model(fam.build(preset), card, folder / f"{name}.safetensors")
+
+
+@pytest.fixture(scope="module")
+def model_files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("models")
+    return {
+        "gmic": _model_file(folder, "gmic", GMIC_PRESETS["demo"], "gmic-test", 0),
+        "allconv": _model_file(folder, "allconv", ALLCONV_PRESETS["demo"], "allconv-test", 1),
+    }
+
+
+@pytest.fixture(scope="module")
+def exam(synth_exam_small):
+    return [read_mammogram(img.dataset) for img in synth_exam_small.images]
+
+
+def _single_pass(path, image, flip: str):
+    """One member, one flip, computed the long way: preprocess, flip, forward, un-flip."""
+    ens = Ensemble(EnsembleSpec((MemberSpec(path, (flip,)),), device="cpu"))
+    return ens.predict_exam([image]).images[0]
+
+
+def test_flip_tta_averages_probabilities_and_unflipped_maps(model_files, exam):
+    image = exam[0]
+    path = model_files["gmic"]
+    passes = [_single_pass(path, image, f) for f in ALL_FLIPS]
+    tta = Ensemble(EnsembleSpec((MemberSpec(path, ALL_FLIPS),), device="cpu"))
+    result = tta.predict_exam([image]).images[0]
+    assert result.malignant == pytest.approx(np.mean([p.malignant for p in passes]), abs=1e-6)
+    assert result.benign == pytest.approx(np.mean([p.benign for p in passes]), abs=1e-6)
+    expected_map = np.mean([p.malignant_map for p in passes], axis=0)
+    np.testing.assert_allclose(result.malignant_map, expected_map, atol=1e-5)
+    # The flips really differ, so the average is not a no-op.
+    assert np.ptp([p.malignant for p in passes]) > 0
+
+
+def test_hflip_pass_equals_flipped_input_with_maps_flipped_back(model_files, exam):
+    """Feeding the mirror image through the "none" pass and mirroring the map back must equal
+    the hflip pass: the ensemble un-flips on the input grid, before mapping to the source."""
+    family = get_family("allconv")
+    module = Ensemble(EnsembleSpec((MemberSpec(model_files["allconv"]),), device="cpu"))
+    image = exam[1]
+    card = module._members[0].card
+    prepared = family.preprocess(image, card.preprocessing)
+    with torch.inference_mode():
+        out = family.score_maps(module._members[0].module(prepared.tensor.flip(-1)[None]))
+    maps = out.maps[0].flip(-1).numpy()
+    expected = np.clip(prepared.geometry.map_to_source(maps)[1], 0, 1)
+    hflip = _single_pass(model_files["allconv"], image, "hflip")
+    assert hflip.malignant == pytest.approx(float(out.malignant[0]), abs=1e-6)
+    np.testing.assert_allclose(hflip.malignant_map, expected, atol=1e-6)
+
+
+def test_members_breasts_and_exam_aggregate_as_designed(model_files, exam):
+    members = (
+        MemberSpec(model_files["gmic"], ("none", "hflip")),
+        MemberSpec(model_files["allconv"], ALL_FLIPS),
+    )
+    ens = Ensemble(EnsembleSpec(members, device="cpu"))
+    pred = ens.predict_exam(exam)
+    assert {p.sop_instance_uid for p in pred.images} == {m.sop_instance_uid for m in exam}
+    for img in pred.images:
+        assert img.malignant == pytest.approx(np.mean(list(img.per_model.values())), abs=1e-7)
+        assert set(img.per_model) == {"gmic-test", "allconv-test"}
+        assert img.benign is not None  # from GMIC, the only member with a benign class
+        assert img.malignant_map.shape == next(
+            m.shape for m in exam if m.sop_instance_uid == img.sop_instance_uid
+        )
+        assert 0.0 <= img.malignant_map.min() and img.malignant_map.max() <= 1.0
+    for breast in pred.breasts:
+        own = [p.malignant for p in pred.images if p.laterality == breast.laterality]
+        assert len(own) == 2
+        assert breast.malignant == pytest.approx(np.mean(own), abs=1e-7)
+    assert pred.malignant == max(b.malignant for b in pred.breasts)
+    assert not pred.partial and pred.missing_views == ()
+    assert [m.name for m in pred.models] == ["gmic-test", "allconv-test"]
+    assert all(not m.clinical_use for m in pred.models)
+
+
+def test_partial_exam_reports_missing_views_and_single_image_breast(model_files, exam):
+    ens = Ensemble(EnsembleSpec((MemberSpec(model_files["allconv"]),), device="cpu"))
+    subset = [m for m in exam if m.view_key in ("L-CC", "L-MLO", "R-CC")]
+    pred = ens.predict_exam(subset)
+    assert pred.partial and pred.missing_views == ("R-MLO",)
+    right = next(b for b in pred.breasts if b.laterality == "R")
+    assert right.malignant == pytest.approx(pred.image(right.sop_instance_uids[0]).malignant)
+
+
+def test_gmic_rois_land_on_the_source_grid_of_each_side(model_files, exam):
+    ens = Ensemble(EnsembleSpec((MemberSpec(model_files["gmic"], ("hflip",)),), device="cpu"))
+    pred = ens.predict_exam(exam)
+    k = GMIC_PRESETS["demo"]["K"]
+    for img, src in zip(pred.images, exam, strict=True):
+        assert 1 <= len(img.rois) <= k  # crops wholly in the padding are dropped
+        weights = [r.weight for r in img.rois]
+        assert weights == sorted(weights, reverse=True)
+        assert sum(weights) <= 1.0 + 1e-5
+        rows, cols = src.shape
+        for roi in img.rois:
+            top, left, bottom, right = roi.box
+            assert 0 <= top < bottom <= rows and 0 <= left < right <= cols
+
+
+def test_deterministic_and_bf16_close_to_fp32(model_files, exam):
+    members = (MemberSpec(model_files["allconv"], ("none", "vflip")),)
+    fp32 = Ensemble(EnsembleSpec(members, device="cpu"))
+    a, b = fp32.predict_exam(exam), fp32.predict_exam(exam)
+    assert [p.malignant for p in a.images] == [p.malignant for p in b.images]
+    bf16 = Ensemble(EnsembleSpec(members, device="cpu", precision="bf16"))
+    c = bf16.predict_exam(exam)
+    np.testing.assert_allclose(
+        [p.malignant for p in c.images], [p.malignant for p in a.images], atol=0.05
+    )
+
+
+def test_refusals(model_files, exam):
+    with pytest.raises(ValueError, match="flips"):
+        MemberSpec(model_files["gmic"], ("rotate",))
+    with pytest.raises(ValueError, match="precision"):
+        EnsembleSpec((MemberSpec(model_files["gmic"]),), precision="int8")
+    with pytest.raises(ValueError, match="at least one member"):
+        EnsembleSpec(())
+    with pytest.raises(ValueError, match="fp16 needs a CUDA"):
+        Ensemble(EnsembleSpec((MemberSpec(model_files["gmic"]),), device="cpu", precision="fp16"))
+    ens = Ensemble(EnsembleSpec((MemberSpec(model_files["allconv"]),), device="cpu"))
+    with pytest.raises(ValueError, match="more than one image for view"):
+        ens.predict_exam([exam[0], exam[0]])
+    other = copy.copy(exam[1])
+    object.__setattr__(other, "study_instance_uid", "1.2.3.4")
+    with pytest.raises(ValueError, match="different studies"):
+        ens.predict_exam([exam[0], other])
+    with pytest.raises(ValueError, match="distinct model names"):
+        Ensemble(EnsembleSpec((MemberSpec(model_files["gmic"]), MemberSpec(model_files["gmic"]))))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu(model_files, exam):
+    members = (MemberSpec(model_files["gmic"], ("none", "hflip")),)
+    cpu = Ensemble(EnsembleSpec(members, device="cpu")).predict_exam(exam)
+    gpu = Ensemble(EnsembleSpec(members, device="cuda")).predict_exam(exam)
+    np.testing.assert_allclose(
+        [p.malignant for p in gpu.images], [p.malignant for p in cpu.images], atol=1e-4
+    )

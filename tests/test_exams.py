@@ -1,0 +1,121 @@
+"""Exam assembly: early close on four views after the settle time, partial exams after the
+quiet timeout, the hard maximum, skipped exams with reasons, and timers that survive a
+restart because they come from stored timestamps."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from plugin.config import ExamsConfig
+from plugin.exams import Assembler
+from plugin.observability import AuditTrail, Metrics
+from plugin.store import NewInstance, Store
+
+STUDY = "1.2.3"
+CONFIG = ExamsConfig(settle_seconds=2, quiet_seconds=10, max_wait_seconds=30)
+
+
+def facts(view_key: str, **extra) -> dict:
+    side, view = view_key.split("-")
+    return {"kind": "for_presentation", "laterality": side, "view": view, "view_code": view,
+            "view_modifiers": [], "number_of_frames": 1, "not_screening_reason": None, **extra}
+
+
+def add(store: Store, n: int, view_key: str, at: float, study: str = STUDY, **extra) -> None:
+    store.record_instance(
+        NewInstance(f"{study}.{n}", f"sha{n}", study, f"{study}.9", "1.2.840.10008.5.1.4.1.1.1.2",
+                    "1.2.840.10008.1.2.1", 1, Path(f"/x/{n}.dcm"), "PACS", "accepted",
+                    description=facts(view_key, **extra)),
+        now=at,
+    )
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    s = Store(tmp_path / "db.sqlite", tmp_path / "spool")
+    yield s
+    s.close()
+
+
+def assembler(store: Store, tmp_path: Path, config: ExamsConfig = CONFIG) -> Assembler:
+    return Assembler(config, store, audit=AuditTrail(tmp_path / "audit.jsonl"), metrics=Metrics())
+
+
+def test_four_views_close_after_the_settle_time(store: Store, tmp_path: Path) -> None:
+    for n, key in enumerate(("L-CC", "L-MLO", "R-CC", "R-MLO")):
+        add(store, n, key, at=100.0 + n)
+    a = assembler(store, tmp_path)
+    assert a.run_once(now=104.9) == 0  # quiet for 1.9 s < settle
+    assert a.run_once(now=105.0) == 1
+    (job,) = store.jobs()
+    assert not job.partial and job.selection["closed_by"] == "complete"
+    assert sorted(job.selection["chosen"]) == ["L-CC", "L-MLO", "R-CC", "R-MLO"]
+
+
+def test_partial_exam_waits_for_the_quiet_timeout(store: Store, tmp_path: Path) -> None:
+    add(store, 1, "L-CC", at=100.0)
+    add(store, 2, "L-MLO", at=101.0)
+    a = assembler(store, tmp_path)
+    assert a.run_once(now=110.9) == 0
+    assert a.run_once(now=111.0) == 1
+    (job,) = store.jobs()
+    assert job.partial and job.selection["missing"] == ["R-CC", "R-MLO"]
+    assert job.selection["closed_by"] == "quiet timeout"
+
+
+def test_trickling_exam_closes_at_the_maximum_wait(store: Store, tmp_path: Path) -> None:
+    a = assembler(store, tmp_path)
+    for i in range(6):  # an image every 5 s keeps the quiet timer from expiring
+        add(store, i, "L-CC", at=100.0 + 5 * i)
+        assert a.run_once(now=100.0 + 5 * i + 1) == 0
+    add(store, 99, "R-CC", at=130.0)
+    assert a.run_once(now=130.5) == 1
+    (job,) = store.jobs()
+    assert job.selection["closed_by"] == "maximum wait"
+    # Five duplicates of L-CC were skipped with their reason; the latest received won.
+    assert len(job.selection["skipped"]) == 5
+    assert all("duplicate L-CC" in s["reason"] for s in job.selection["skipped"])
+
+
+def test_nothing_analysable_is_skipped_with_the_reason(store: Store, tmp_path: Path) -> None:
+    add(store, 1, "L-CC", at=100.0, kind="for_processing")
+    assembler(store, tmp_path).run_once(now=200.0)
+    exam = store.exam(STUDY)
+    assert exam.state == "skipped"
+    assert exam.reason == "For Processing image: policy for_processing=skip"
+    assert store.jobs() == []
+
+
+def test_selection_policy_comes_from_the_config(store: Store, tmp_path: Path) -> None:
+    add(store, 1, "L-CC", at=100.0, kind="for_processing")
+    config = ExamsConfig(settle_seconds=2, quiet_seconds=10, max_wait_seconds=30,
+                         selection={"for_processing": "fallback"})
+    assembler(store, tmp_path, config).run_once(now=200.0)
+    assert [j.selection["chosen"] for j in store.jobs()] == [{"L-CC": f"{STUDY}.1"}]
+
+
+def test_timers_survive_a_restart(tmp_path: Path) -> None:
+    first = Store(tmp_path / "db.sqlite", tmp_path / "spool")
+    for n, key in enumerate(("L-CC", "L-MLO", "R-CC", "R-MLO")):
+        add(first, n, key, at=100.0)
+    first.close()  # the process stops inside the settle window
+    second = Store(tmp_path / "db.sqlite", tmp_path / "spool")
+    second.recover(max_attempts=3)
+    assert assembler(second, tmp_path).run_once(now=102.0) == 1
+    assert second.exam(STUDY).state == "queued"
+    second.close()
+
+
+def test_a_late_image_starts_a_new_version(store: Store, tmp_path: Path) -> None:
+    a = assembler(store, tmp_path)
+    add(store, 1, "L-CC", at=100.0)
+    a.run_once(now=111.0)
+    job = store.claim_job(now=111.0)
+    store.finish_job(job.id, [])
+    add(store, 2, "R-CC", at=200.0)
+    assert a.run_once(now=205.0) == 0
+    assert a.run_once(now=210.0) == 1
+    versions = [(j.version, sorted(j.selection["chosen"])) for j in store.jobs()]
+    assert versions == [(1, ["L-CC"]), (2, ["L-CC", "R-CC"])]
