@@ -3,7 +3,7 @@
 
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
-APT_PACKAGES = dcmtk dicom3tools pixelmed-apps default-jre-headless \
+APT_PACKAGES = dcmtk dicom3tools pixelmed-apps default-jre-headless openssl util-linux \
                orthanc orthanc-python orthanc-dicomweb chromium
 STAMP = .make
 

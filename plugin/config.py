@@ -83,8 +83,9 @@ def resolve_secret(env_name: str | None, key_path: str) -> str | None:
 
 # -- listener -------------------------------------------------------------------------------
 
-# Compressed first so a sender offering JPEG 2000 and uncompressed in one context keeps its
-# compressed bytes (reference: integration-anchors §2.3); decoding happens in the worker.
+# Pixel-compressed syntaxes first, so a sender offering JPEG 2000 and uncompressed in one
+# context keeps its compressed bytes (reference: integration-anchors §2.3); decoding happens in
+# the worker. Deflate comes after the uncompressed ones: it would make the sender compress.
 DEFAULT_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
     "1.2.840.10008.1.2.4.91",  # JPEG 2000
@@ -98,9 +99,9 @@ DEFAULT_TRANSFER_SYNTAXES = (
     "1.2.840.10008.1.2.5",  # RLE lossless
     "1.2.840.10008.1.2.4.50",  # JPEG baseline
     "1.2.840.10008.1.2.4.51",  # JPEG extended
-    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian
     "1.2.840.10008.1.2.1",  # explicit VR little endian
     "1.2.840.10008.1.2",  # implicit VR little endian
+    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian (makes the sender deflate)
     "1.2.840.10008.1.2.2",  # explicit VR big endian (retired)
 )
 

@@ -169,6 +169,24 @@ def test_demo_spec_resizes_before_the_window(reference) -> None:
     )
 
 
+@pytest.mark.parametrize(("rows", "cols", "resized"), [(600, 400, False), (3000, 1000, True)])
+def test_fit_scale_resizes_only_what_does_not_fit(rows: int, cols: int, resized: bool) -> None:
+    pixels = np.zeros((rows, cols), np.float32)
+    pixels[rows // 10 : rows - rows // 10, : cols * 2 // 3] = 1000.0
+    spec = dict(default_spec(PRESETS["demo"]), scale="fit", crop_iterations=5, crop_buffer=5)
+    prepared = preprocess(mammogram(pixels), spec)
+    assert prepared.tensor.shape == (1, 768, 512)
+    steps = [s for s in prepared.geometry.steps if isinstance(s, Resize)]
+    assert bool(steps) == resized
+    if resized:
+        assert steps[0].height <= 768 and steps[0].width <= 512
+    # Every tissue pixel is inside the window: the fit kept the whole breast.
+    tissue = np.argwhere(pixels > 0) + 0.5
+    assert prepared.geometry.visible(prepared.geometry.to_input(tissue)).all()
+    with pytest.raises(ValueError, match="'fit'"):
+        PreprocessSpec.from_dict(dict(spec, scale="auto"))
+
+
 def test_blank_image_is_refused() -> None:
     with pytest.raises(MammogramError, match="no breast tissue"):
         extract_window(mammogram(np.zeros((300, 200))), PUBLISHED)

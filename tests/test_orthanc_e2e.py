@@ -15,12 +15,12 @@ import time
 import numpy as np
 import pydicom
 import pytest
-from service_harness import Serve, counts, demo_models, wait_until, write_config
-
 from dcmtk_peer import free_port
 from orthanc_peer import OrthancPeer
 from orthanc_viewer_check import capture, saturation
+from service_harness import Serve, counts, demo_models, wait_until, write_config
 from test_orthanc_routing import SCRIPT, plugin_config, upload
+
 from trainer.synth import synth_exam
 
 STABLE_AGE = 2
@@ -68,7 +68,8 @@ def stack(tmp_path_factory):
 
 
 def study_id(orthanc: OrthancPeer, study_uid: str) -> str:
-    found = orthanc.post("/tools/find", {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}})
+    query = {"Level": "Study", "Query": {"StudyInstanceUID": study_uid}}
+    found = orthanc.post("/tools/find", query)
     assert len(found) == 1
     return found[0]
 
@@ -76,7 +77,7 @@ def study_id(orthanc: OrthancPeer, study_uid: str) -> str:
 def result_classes(orthanc: OrthancPeer, study: str) -> dict[str, int]:
     out: dict[str, int] = {}
     for instance in orthanc.get(f"/studies/{study}/instances"):
-        sop_class = orthanc.get(f"/instances/{instance['ID']}/metadata/SopClassUid")
+        sop_class = orthanc.get(f"/instances/{instance['ID']}/metadata", expand="")["SopClassUid"]
         out[sop_class] = out.get(sop_class, 0) + 1
     return out
 

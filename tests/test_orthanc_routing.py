@@ -14,10 +14,9 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from pydicom.uid import generate_uid
-
 from dcmtk_peer import StoreSCP
 from orthanc_peer import OrthancPeer
+from pydicom.uid import generate_uid
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "orthanc" / "mammo_ai_orthanc.py"

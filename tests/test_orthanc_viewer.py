@@ -8,19 +8,18 @@ stored in Debian's Orthanc, decoded by Orthanc, drawn by headless Chromium.
 from __future__ import annotations
 
 import io
-from pathlib import Path
 
 import numpy as np
 import pytest
+from orthanc_peer import OrthancPeer
+from orthanc_viewer_check import capture, saturation
 from PIL import Image
 from scipy import ndimage
+from test_orthanc_routing import SCRIPT, dicom_bytes, plugin_config
 
 from models.mammogram import Laterality
 from models.results import BreastPrediction, ExamPrediction, ImagePrediction, ModelInfo
-from orthanc_peer import OrthancPeer
-from orthanc_viewer_check import capture, saturation
 from plugin.outputs import OutputKind, build_outputs
-from test_orthanc_routing import SCRIPT, dicom_bytes, plugin_config
 
 MODEL = ModelInfo(
     name="demo-gmic", version="0.1-test", family="gmic", clinical_use=False,

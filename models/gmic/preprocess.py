@@ -49,8 +49,10 @@ ORIENTATIONS = ("auto", "laterality")
 class PreprocessSpec:
     window: tuple[int, int] = PUBLISHED_INPUT_SHAPE
     """Model input size (rows, cols)."""
-    scale: float = 1.0
-    """Resize factor applied after the crop stage; the window is cut from the resized image."""
+    scale: float | str = 1.0
+    """Resize factor applied after the crop stage; the window is cut from the resized image.
+    "fit" picks, per image, the largest factor ≤ 1 at which the tissue box fits the window:
+    for models trained on images of varying size (the demo models)."""
     crop_iterations: int = 100
     """Erosion/dilation iterations of the crop stage, in source pixels."""
     crop_buffer: int = 50
@@ -73,8 +75,12 @@ class PreprocessSpec:
     def __post_init__(self) -> None:
         if len(self.window) != 2 or min(self.window) < 1:
             raise ValueError(f"GMIC preprocessing: window must be (rows, cols), got {self.window}")
-        if not 0.0 < self.scale <= 1.0:
-            raise ValueError(f"GMIC preprocessing: scale must be in (0, 1], got {self.scale}")
+        if self.scale != "fit" and not (
+            isinstance(self.scale, int | float) and 0.0 < self.scale <= 1.0
+        ):
+            raise ValueError(
+                f"GMIC preprocessing: scale must be in (0, 1] or 'fit', got {self.scale!r}"
+            )
         if self.crop_iterations < 0 or self.crop_buffer < 0:
             raise ValueError("GMIC preprocessing: crop_iterations and crop_buffer must be >= 0")
         if not 0.0 <= self.rightmost_search_from < 1.0:
@@ -142,9 +148,10 @@ def extract_window(
     geometry, pixels = _step(geometry, pixels, crop)
     rightmost_x, bottommost_y = box.rightmost_x, box.bottommost_y
 
-    if spec.scale != 1.0:
-        h, w = pixels.shape
-        resize = Resize(max(1, round(h * spec.scale)), max(1, round(w * spec.scale)))
+    h, w = pixels.shape
+    scale = min(1.0, spec.window[0] / h, spec.window[1] / w) if spec.scale == "fit" else spec.scale
+    if scale != 1.0:
+        resize = Resize(max(1, round(h * scale)), max(1, round(w * scale)))
         geometry, pixels = _step(geometry, pixels, resize)
         rightmost_x = int(np.floor((rightmost_x + 0.5) * resize.width / w))
         bottommost_y = int(np.floor((bottommost_y + 0.5) * resize.height / h))

@@ -38,6 +38,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         metavar="N",
         help="GMIC only: which published sample model (1-5) this is; sets top-t%% pooling",
     )
+    p.add_argument(
+        "--featurewise-mean",
+        type=float,
+        help="all-conv only: the training set's pixel mean after rescaling (DDSM 52.18, "
+        "INbreast 44.33); default from the file name",
+    )
     p.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     p.set_defaults(func=_import)
 
@@ -85,6 +91,10 @@ def _describe(path: Path, card: ModelCard) -> str:
 def _import(args: argparse.Namespace) -> int:
     if args.out.exists() and not args.force:
         raise ValueError(f"{args.out} exists; pass --force to overwrite it")
+    if args.family == "allconv" and args.sample_model != 1:
+        raise ValueError("--sample-model applies to GMIC checkpoints only")
+    if args.family == "gmic" and args.featurewise_mean is not None:
+        raise ValueError("--featurewise-mean applies to all-conv models only")
     if args.family == "gmic":
         from models.gmic.checkpoint import import_checkpoint
 
@@ -98,7 +108,13 @@ def _import(args: argparse.Namespace) -> int:
     else:
         from models.allconv.keras_h5 import import_h5
 
-        card = import_h5(args.source, args.out, name=args.name, version=args.version)
+        card = import_h5(
+            args.source,
+            args.out,
+            name=args.name,
+            version=args.version,
+            featurewise_mean=args.featurewise_mean,
+        )
     print(_describe(args.out, card))
     print(f"\nwrote {args.out}. Licence of the imported weights: {card.licence}")
     return 0

@@ -44,6 +44,8 @@ class StowSender:
         self._client = DICOMwebClient(
             destination.url, session=session, timeout=destination.timeout_seconds
         )
+        # Retries belong to the outbox (backoff, dead letter), not to hidden loops in here.
+        self._client.set_http_retry_params(retry=False)
 
     def send(self, paths: Sequence[Path]) -> list[SendOutcome]:
         outcomes: dict[int, SendOutcome] = {}

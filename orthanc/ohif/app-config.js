@@ -1,0 +1,47 @@
+/** OHIF (@ohif/app 3.13 prebuilt dist) reading one Orthanc through the same origin.
+ *
+ * serve_ohif.py serves this dist and proxies /dicom-web to Orthanc's DICOMweb plugin, so the
+ * browser never needs CORS (Orthanc 1.10 has none) and never talks to another host.
+ * What shows (dicom-outputs.md §6.3): the mammograms, our TID 1500 SR ("AI regions and
+ * scores": a box per view labelled "Probability of cancer") and the SC heat-maps ("AI
+ * heat-map"). The CAD SR and the fractional SEG are listed as unsupported by OHIF; the
+ * mammo-ai overlay viewer in Orthanc (/mammo-ai/studies/{id}) draws the SEG heat-map.
+ */
+window.config = {
+  routerBasename: '/',
+  showStudyList: true,
+  extensions: [],
+  modes: [],
+  // No telemetry, no external services.
+  investigationalUseDialog: { option: 'never' },
+  showWarningMessageForCrossOrigin: false,
+  showCPUFallbackMessage: true,
+  showLoadingIndicator: true,
+  strictZSpacingForVolumeViewport: false,
+  maxNumberOfWebWorkers: 3,
+  defaultDataSourceName: 'orthanc',
+  dataSources: [
+    {
+      namespace: '@ohif/extension-default.dataSourcesModule.dicomweb',
+      sourceName: 'orthanc',
+      configuration: {
+        friendlyName: 'Orthanc (mammo-ai)',
+        name: 'orthanc',
+        wadoUriRoot: window.location.origin + '/dicom-web',
+        qidoRoot: window.location.origin + '/dicom-web',
+        wadoRoot: window.location.origin + '/dicom-web',
+        qidoSupportsIncludeField: false,
+        supportsReject: false,
+        imageRendering: 'wadors',
+        thumbnailRendering: 'wadors',
+        enableStudyLazyLoad: true,
+        supportsFuzzyMatching: false,
+        supportsWildcard: true,
+        staticWado: false,
+        singlepart: 'bulkdata,video',
+        omitQuotationForMultipartRequest: true,
+        bulkDataURI: { enabled: true },
+      },
+    },
+  ],
+};

@@ -1,0 +1,122 @@
+"""Fractional SEG: read back with highdicom, values within 1/255, the 255 maximum (and the 256
+wrap it avoids), the source grid, and dciodvfy."""
+
+from __future__ import annotations
+
+import copy
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from outputs_samples import dciodvfy_errors, model_info, prediction_for
+
+from plugin.outputs import MAX_FRACTIONAL_VALUE, NOT_FOR_CLINICAL_USE, build_seg, build_segs
+from plugin.outputs.common import OutputOptions
+
+
+@pytest.fixture(scope="module")
+def segs(synth_exam_small, tmp_path_factory):
+    prediction, sources = prediction_for(synth_exam_small)
+    folder = tmp_path_factory.mktemp("seg")
+    paths = []
+    for n, seg in enumerate(build_segs(prediction, sources)):
+        path = folder / f"seg{n}.dcm"
+        seg.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return prediction, sources, paths
+
+
+def _source_uid(seg: pydicom.Dataset) -> str:
+    return str(
+        seg.ReferencedSeriesSequence[0].ReferencedInstanceSequence[0].ReferencedSOPInstanceUID
+    )
+
+
+def test_read_back_matches_maps(segs):
+    prediction, sources, paths = segs
+    assert len(paths) == 4
+    for path in paths:
+        seg = hd.seg.segread(path)
+        uid = _source_uid(seg)
+        img, src = prediction.image(uid), sources[uid]
+        assert seg.MaximumFractionalValue == MAX_FRACTIONAL_VALUE == 255
+        assert seg.SegmentationFractionalType == "PROBABILITY"
+        assert (seg.Rows, seg.Columns) == (src.Rows, src.Columns)
+        assert list(seg.PatientOrientation) == list(src.PatientOrientation)
+        assert "FrameOfReferenceUID" not in seg
+        assert seg.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
+        assert seg.StudyInstanceUID == src.StudyInstanceUID
+        pixels = seg.get_pixels_by_source_instance([uid], rescale_fractional=True)[0]
+        assert np.abs(pixels[..., 0] - img.malignant_map).max() <= 1 / 255
+        assert np.abs(pixels[..., 1] - img.benign_map).max() <= 1 / 255
+        # The peak stays where it was (8-bit plateaus can move it by a few pixels).
+        decoded = np.unravel_index(np.argmax(pixels[..., 0]), pixels.shape[:2])
+        truth = np.unravel_index(np.argmax(img.malignant_map), img.malignant_map.shape)
+        assert np.hypot(*np.subtract(decoded, truth)) <= 5
+
+
+def test_segments_are_coded_and_name_the_algorithm(segs):
+    prediction, sources, paths = segs
+    seg = pydicom.dcmread(paths[0])
+    malignant, benign = seg.SegmentSequence
+    assert malignant.SegmentedPropertyTypeCodeSequence[0].CodeValue == "86049000"
+    assert benign.SegmentedPropertyTypeCodeSequence[0].CodeValue == "3898006"
+    assert malignant.SegmentedPropertyCategoryCodeSequence[0].CodeValue == "49755003"
+    assert malignant.SegmentAlgorithmType == "AUTOMATIC"
+    algorithm = malignant.SegmentationAlgorithmIdentificationSequence[0]
+    assert (algorithm.AlgorithmName, algorithm.AlgorithmVersion) == ("test-gmic", "1.0")
+    assert NOT_FOR_CLINICAL_USE in algorithm.AlgorithmParameters
+    region = malignant.AnatomicRegionSequence[0].CodeValue
+    lat = prediction.image(_source_uid(seg)).laterality
+    assert region == {"R": "73056007", "L": "80248007"}[lat]
+    assert "Laterality" not in seg  # in the segment's anatomic region instead (validators)
+    assert seg.SeriesDescription.startswith(NOT_FOR_CLINICAL_USE)
+    assert seg.Manufacturer == "mammo-ai-plugin"
+
+
+def test_no_benign_segment_without_benign_map(synth_exam_small):
+    prediction, sources = prediction_for(synth_exam_small, benign=False)
+    seg = build_segs(prediction, sources)[0]
+    assert len(seg.SegmentSequence) == 1
+
+
+def test_probability_one_is_stored_as_255_not_wrapped(synth_exam_small, tmp_path):
+    """Regression: highdicom accepts max_fractional_value=256 and then stores p=1.0 as 0."""
+    prediction, sources = prediction_for(synth_exam_small, models=[model_info(clinical_use=True)])
+    img = prediction.images[0]
+    ones = np.ones_like(img.malignant_map)
+    ones[0, 0] = 0.5
+    img = type(img)(**{**img.__dict__, "malignant_map": ones})
+    path = tmp_path / "seg.dcm"
+    build_seg(prediction, img, sources[img.sop_instance_uid]).save_as(path)
+    raw = pydicom.dcmread(path).pixel_array
+    frame = raw[0] if raw.ndim == 3 else raw
+    assert frame[1, 1] == 255 and frame[0, 0] == 128
+    read = hd.seg.segread(path).get_pixels_by_source_instance(
+        [img.sop_instance_uid], rescale_fractional=True
+    )[0]
+    assert read[1, 1, 0] == 1.0
+
+
+def test_map_off_the_source_grid_is_refused(synth_exam_small):
+    prediction, sources = prediction_for(synth_exam_small)
+    img = prediction.images[0]
+    small = type(img)(**{**img.__dict__, "malignant_map": img.malignant_map[::2, ::2]})
+    with pytest.raises(ValueError, match="source grid"):
+        build_seg(prediction, small, sources[img.sop_instance_uid])
+
+
+def test_source_without_frame_of_reference_or_orientation(synth_exam_small):
+    prediction, sources = prediction_for(synth_exam_small)
+    img = prediction.images[0]
+    src = copy.deepcopy(sources[img.sop_instance_uid])
+    del src.PatientOrientation
+    seg = build_seg(prediction, img, src, options=OutputOptions())
+    assert seg.PatientOrientation == ""
+
+
+def test_dciodvfy_accepts(segs):
+    _, _, paths = segs
+    for path in paths[:2]:
+        assert dciodvfy_errors(path) == []
