@@ -38,9 +38,9 @@ lint: install
 	ruff format --check .
 
 bench: install
-	$(PYTHON) bench/models.py
-	$(PYTHON) bench/service.py
-	$(PYTHON) bench/trainer.py
+	$(PYTHON) -m bench.models
+	$(PYTHON) -m bench.service
+	$(PYTHON) -m bench.trainer
 
 clean:
 	rm -rf $(STAMP) var results .pytest_cache

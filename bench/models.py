@@ -4,7 +4,7 @@ model and for the full flip-TTA ensemble, on CPU and on CUDA when present.
 Weights are random (the published architectures at full size): speed does not depend on them.
 Ratios are against the first row (GMIC, one pass per view, fp32) measured in the same run.
 
-    python bench/models.py [--device cpu|cuda|auto] [--precision fp32 bf16] [--repeats 2]
+    python -m bench.models [--device cpu|cuda|auto] [--precision fp32 bf16] [--repeats 2]
 """
 
 from __future__ import annotations
@@ -21,8 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import Laterality, Mammogram, ModelCard, View, get_family, save_model
+from models import Mammogram, ModelCard, get_family, save_model
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.reading import read_mammogram
+from trainer.synth import synth_exam
 
 ALL_FLIPS = ("none", "hflip", "vflip", "hvflip")
 
@@ -38,28 +40,9 @@ class Row:
 
 
 def synthetic_exam(rows: int, cols: int, seed: int = 0) -> list[Mammogram]:
-    """Four mammogram-like images (a bright half-ellipse on black) of one study."""
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[0:rows, 0:cols]
-    images = []
-    for lat in (Laterality.RIGHT, Laterality.LEFT):
-        for view in (View.CC, View.MLO):
-            x = xx if lat == Laterality.LEFT else cols - 1 - xx
-            breast = ((yy - rows / 2) / (rows * 0.45)) ** 2 + (x / (cols * 0.7)) ** 2 < 1
-            pixels = (breast * (1500 + 400 * rng.standard_normal((rows, cols)))).clip(0, 4095)
-            images.append(
-                Mammogram(
-                    pixels=pixels.astype(np.float32),
-                    laterality=lat,
-                    view=view,
-                    bits_stored=12,
-                    sop_instance_uid=f"1.2.3.{len(images)}",
-                    series_instance_uid="1.2.3",
-                    study_instance_uid="1.2",
-                    sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
-                )
-            )
-    return images
+    """A positive synthetic four-view exam (trainer.synth), decoded as the service decodes it."""
+    exam = synth_exam(seed, rows=rows, cols=cols, malignant=True)
+    return [read_mammogram(image.dataset) for image in exam.images]
 
 
 def write_model(folder: Path, family: str, preset: str) -> Path:
@@ -127,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
         "--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16", "fp16"]
     )
     parser.add_argument("--repeats", type=int, default=2)
-    parser.add_argument("--image-size", default="3328x2560", help="source image rows x cols")
+    parser.add_argument("--image-size", default="2048x1664", help="source image rows x cols")
     parser.add_argument("--gmic-preset", default="published")
     parser.add_argument("--allconv-preset", default="resnet50")
     args = parser.parse_args(argv)

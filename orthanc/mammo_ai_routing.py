@@ -155,6 +155,8 @@ class Router:
                 continue
             if self._settle(study_id, pending):
                 del self._pending[study_id]
+        if not self._pending:
+            self._ours.clear()  # a cache for pending studies only
         self._save_checkpoint()
 
     def _scan_changes(self) -> None:
