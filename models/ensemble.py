@@ -8,7 +8,6 @@ and MLO images (or the one present); the exam scores the max over breasts.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .family import ModelFamily, Prepared, get_family
+from .family import ModelFamily, Prepared, ScoreMaps, get_family
 from .mammogram import Laterality, Mammogram, View
 from .modelfile import ModelCard, load_model
 from .results import (
@@ -27,8 +26,6 @@ from .results import (
     ModelInfo,
     RegionOfInterest,
 )
-
-log = logging.getLogger(__name__)
 
 FLIPS: dict[str, tuple[int, ...]] = {
     "none": (),
@@ -46,6 +43,9 @@ SCREENING_VIEWS = ("R-CC", "L-CC", "R-MLO", "L-MLO")
 
 @dataclass(frozen=True)
 class MemberSpec:
+    """One member: its model file and the flips it sees each image under (test-time
+    augmentation); "none" is the image as preprocessed."""
+
     path: Path
     flips: tuple[str, ...] = ("none",)
 
@@ -64,7 +64,9 @@ class MemberSpec:
 class EnsembleSpec:
     members: tuple[MemberSpec, ...]
     device: str = "auto"
+    """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"."""
     precision: str = "fp32"
+    """"fp32", or autocast to "bf16" (CPU or GPU) or "fp16" (GPU only)."""
     max_batch: int = 8
     """Images (views × flips) per forward pass; lower it when memory is short."""
 
@@ -82,13 +84,21 @@ class EnsembleSpec:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device for an `EnsembleSpec.device`; a GPU that is not there is an error."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "device 'cuda' was configured but no CUDA GPU is available; use 'auto' or 'cpu'"
-        )
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(
+                f"device {name!r} was configured but no CUDA GPU is available; use 'auto' or 'cpu'"
+            )
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(
+                f"device {name!r} was configured but this machine has {count} CUDA GPU(s), "
+                f"cuda:0 to cuda:{count - 1}"
+            )
     return device
 
 
@@ -112,6 +122,12 @@ class _MemberImage:
 
 
 class Ensemble:
+    """Loads every member's model file once; `predict_exam` then scores exams.
+
+    Deterministic for a given device and precision: on CUDA it turns cuDNN autotuning off and
+    deterministic kernels on, for the whole process.
+    """
+
     def __init__(self, spec: EnsembleSpec) -> None:
         self.spec = spec
         self.device = resolve_device(spec.device)
@@ -119,16 +135,22 @@ class Ensemble:
         if self.autocast_dtype is torch.float16 and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
         if self.device.type == "cuda":
+            if self.autocast_dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+                gpu = torch.cuda.get_device_name(self.device)
+                raise ValueError(f"precision bf16 is not supported by {gpu}; use fp16 or fp32")
             torch.backends.cudnn.benchmark = False
             torch.backends.cudnn.deterministic = True
-        self._members = []
+        self._members: list[_Member] = []
         for m in spec.members:
             module = load_model(m.path, device=self.device)
             card: ModelCard = module.card
             self._members.append(_Member(module, card, get_family(card.family), m.flips))
         names = [m.card.name for m in self._members]
         if len(set(names)) != len(names):
-            raise ValueError(f"ensemble members must have distinct model names, got {names}")
+            raise ValueError(
+                f"ensemble members must have distinct model names, got {names}; give each "
+                "model file its own name (`trainer finetune --name`) or drop the duplicate"
+            )
 
     @property
     def models(self) -> tuple[ModelInfo, ...]:
@@ -165,30 +187,35 @@ class Ensemble:
 
     @torch.inference_mode()
     def _run_member(self, member: _Member, images: Sequence[Mammogram]) -> list[_MemberImage]:
+        """All views × flips of one member in batches of at most `max_batch`.
+
+        Probabilities and maps are averaged over flips, each map flipped back first. ROI boxes
+        come from one pass, the unflipped one when the member runs it, else its first flip:
+        each pass picks its own crops, so boxes do not average.
+        """
         prepared = [member.family.preprocess(img, member.card.preprocessing) for img in images]
         x = torch.stack([p.tensor for p in prepared]).to(self.device)
         flips = member.flips
-        batch = torch.cat([torch.flip(x, FLIPS[f]) if FLIPS[f] else x for f in flips])
+        batch = torch.cat([_flip(x, f) for f in flips])
         outputs = [
             member.family.score_maps(self._forward(member.module, chunk))
             for chunk in torch.split(batch, self.spec.max_batch)
         ]
-        n_views, n_flips = len(images), len(flips)
-
-        def gather(name: str) -> torch.Tensor | None:
-            parts = [getattr(o, name) for o in outputs]
-            if parts[0] is None:
-                return None
-            t = torch.cat(parts).float().cpu()
-            return t.reshape(n_flips, n_views, *t.shape[1:])
-
-        malignant, benign = gather("malignant"), gather("benign")
-        maps, boxes, weights = gather("maps"), gather("boxes"), gather("box_weights")
-        has_benign = outputs[0].has_benign
-        # Flip each map back onto the unflipped input grid before averaging over flips.
-        maps = torch.stack(
-            [torch.flip(maps[i], FLIPS[f]) if FLIPS[f] else maps[i] for i, f in enumerate(flips)]
-        ).mean(0)
+        n_flips, n_views = len(flips), len(images)
+        malignant = _gather(outputs, "malignant", n_flips, n_views)
+        benign = _gather(outputs, "benign", n_flips, n_views)
+        maps = _gather(outputs, "maps", n_flips, n_views)
+        boxes = _gather(outputs, "boxes", n_flips, n_views)
+        weights = _gather(outputs, "box_weights", n_flips, n_views)
+        scores = (malignant, maps) if benign is None else (malignant, benign, maps)
+        if not all(torch.isfinite(t).all() for t in scores):
+            raise RuntimeError(
+                f"model {member.card.name!r} gave NaN or infinite scores at precision "
+                f"{self.spec.precision}; use fp32, and if that fails too the model file is faulty"
+            )
+        maps = torch.stack([_flip(maps[i], f) for i, f in enumerate(flips)]).mean(0)
+        if benign is None:
+            maps = maps[:, 1:]  # channel 0 repeats channel 1: map one channel back, not two
         roi_flip = flips.index("none") if "none" in flips else 0
 
         results = []
@@ -202,18 +229,16 @@ class Ensemble:
                         _unflip_box(box, flips[roi_flip], prep)
                     )
                     if source_box[2] > source_box[0] and source_box[3] > source_box[1]:
-                        # A crop wholly in the padding shows no source pixel: nothing to mark.
+                        # A box wholly in the padding shows no source pixel: nothing to mark.
                         rois.append(RegionOfInterest(source_box, float(w), member.card.name))
                 rois.sort(key=lambda r: -r.weight)
-            source_maps = prep.geometry.map_to_source(maps[v].numpy())
+            source_maps = np.clip(prep.geometry.map_to_source(maps[v].numpy()), 0.0, 1.0)
             results.append(
                 _MemberImage(
                     malignant=float(malignant[:, v].mean()),
-                    benign=float(benign[:, v].mean())
-                    if benign is not None and has_benign
-                    else None,
-                    malignant_map=np.clip(source_maps[1], 0.0, 1.0),
-                    benign_map=np.clip(source_maps[0], 0.0, 1.0) if has_benign else None,
+                    benign=None if benign is None else float(benign[:, v].mean()),
+                    malignant_map=source_maps[-1],
+                    benign_map=None if benign is None else source_maps[0],
                     rois=rois,
                 )
             )
@@ -226,12 +251,28 @@ class Ensemble:
             return module(x)
 
 
+def _flip(x: torch.Tensor, flip: str) -> torch.Tensor:
+    return torch.flip(x, FLIPS[flip]) if FLIPS[flip] else x
+
+
+def _gather(outputs: list[ScoreMaps], name: str, n_flips: int, n_views: int) -> torch.Tensor | None:
+    """One `ScoreMaps` field of all batches as a float32 CPU tensor (flips, views, …)."""
+    parts = [getattr(o, name) for o in outputs]
+    if parts[0] is None:
+        return None
+    t = torch.cat(parts).float().cpu()
+    return t.reshape(n_flips, n_views, *t.shape[1:])
+
+
 def _check_exam(images: Sequence[Mammogram]) -> None:
     if not images:
         raise ValueError("an exam needs at least one image")
     studies = {img.study_instance_uid for img in images}
     if len(studies) > 1:
-        raise ValueError(f"images of {len(studies)} different studies given as one exam")
+        raise ValueError(
+            f"images of {len(studies)} different studies given as one exam; group images by "
+            "StudyInstanceUID first"
+        )
     keys = [img.view_key for img in images]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:

@@ -25,21 +25,43 @@ class Prepared:
 class ScoreMaps:
     """A family's output in the shape the ensemble needs; everything on the input grid.
 
-    `malignant`/`benign` are (N,) probabilities. `maps` is (N, 2, h, w) covering the whole
-    input: channel 0 benign, channel 1 malignant (families without a benign map repeat the
-    malignant one and set `has_benign` False). `boxes` is (N, K, 4) as (top, left, bottom,
-    right) input pixels with `box_weights` (N, K), or None.
+    `malignant`/`benign` are (N,) probabilities; `benign` is None for families without a
+    benign class. `maps` is (N, 2, h, w) covering the whole input: channel 0 benign, channel 1
+    malignant (without a benign class, channel 0 repeats channel 1). `boxes` is (N, K, 4) as
+    (top, left, bottom, right) input pixels with `box_weights` (N, K), or both are None.
     """
 
     malignant: torch.Tensor
     benign: torch.Tensor | None
     maps: torch.Tensor
-    has_benign: bool
     boxes: torch.Tensor | None = None
     box_weights: torch.Tensor | None = None
 
+    def __post_init__(self) -> None:
+        n = self.malignant.shape[0]
+        if self.maps.dim() != 4 or self.maps.shape[:2] != (n, 2):
+            raise ValueError(f"ScoreMaps.maps must be ({n}, 2, h, w), got {tuple(self.maps.shape)}")
+        if (self.boxes is None) != (self.box_weights is None):
+            raise ValueError("ScoreMaps.boxes and box_weights come together or not at all")
+        if self.boxes is not None and (
+            self.boxes.shape[0] != n
+            or self.boxes.shape[2:] != (4,)
+            or self.box_weights.shape != self.boxes.shape[:2]
+        ):
+            raise ValueError(
+                f"ScoreMaps.boxes must be ({n}, K, 4) with box_weights ({n}, K), got "
+                f"{tuple(self.boxes.shape)} and {tuple(self.box_weights.shape)}"
+            )
+
+    @property
+    def has_benign(self) -> bool:
+        return self.benign is not None
+
 
 class ModelFamily(Protocol):
+    """One kind of network: how to build it from a card's architecture, prepare an image for it
+    and read its output. Families register themselves with `register_family`."""
+
     name: str
 
     def build(self, architecture: dict[str, Any]) -> nn.Module:

@@ -20,6 +20,10 @@ class Flip:
 
     axis: int
 
+    def __post_init__(self) -> None:
+        if self.axis not in (0, 1):
+            raise ValueError(f"Flip axis must be 0 (rows) or 1 (columns), got {self.axis}")
+
 
 @dataclass(frozen=True)
 class Crop:
@@ -31,19 +35,35 @@ class Crop:
     height: int
     width: int
 
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"Crop must keep at least one pixel, got {self}")
+
 
 @dataclass(frozen=True)
 class Pad:
+    """Add zero rows/columns on each side."""
+
     top: int = 0
     bottom: int = 0
     left: int = 0
     right: int = 0
 
+    def __post_init__(self) -> None:
+        if min(self.top, self.bottom, self.left, self.right) < 0:
+            raise ValueError(f"Pad amounts must be >= 0 (use Crop to remove pixels), got {self}")
+
 
 @dataclass(frozen=True)
 class Resize:
+    """Resample the whole current image to (height, width)."""
+
     height: int
     width: int
+
+    def __post_init__(self) -> None:
+        if self.height < 1 or self.width < 1:
+            raise ValueError(f"Resize needs a size of at least 1x1, got {self}")
 
 
 Step = Flip | Crop | Pad | Resize
@@ -141,16 +161,24 @@ class Geometry:
     def box_to_source(self, box: Sequence[float], clip: bool = True) -> tuple[float, ...]:
         """(top, left, bottom, right) in input pixels → the same box on the source grid.
 
-        Flips swap the edges, so the corners are re-sorted; `clip` keeps it inside the image.
+        Flips swap the edges, so the corners are re-sorted. `clip` first trims the box to the
+        part of the input that shows source pixels (not padding, not source cropped away before
+        a pad), so a box wholly outside it comes back empty (bottom <= top or right <= left).
         """
-        corners = self.to_source([[box[0], box[1]], [box[2], box[3]]])
+        top, left, bottom, right = (float(v) for v in box)
+        if clip:
+            (r0, r1), (c0, c1) = self._visible
+            top, bottom = min(max(top, r0), r1), min(max(bottom, r0), r1)
+            left, right = min(max(left, c0), c1), min(max(right, c0), c1)
+        corners = self.to_source([[top, left], [bottom, right]])
         top, bottom = sorted(corners[:, 0])
         left, right = sorted(corners[:, 1])
         if clip:
             rows, cols = self.source_shape
             top, bottom = np.clip([top, bottom], 0, rows)
             left, right = np.clip([left, right], 0, cols)
-        return (float(top), float(left), float(bottom), float(right))
+        # `+ 0.0` turns a -0.0 from the flip arithmetic into 0.0.
+        return (float(top) + 0.0, float(left) + 0.0, float(bottom) + 0.0, float(right) + 0.0)
 
     # -- maps -----------------------------------------------------------------------------
 

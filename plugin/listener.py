@@ -203,9 +203,17 @@ class Listener:
         server.shutdown()
         deadline = time.monotonic() + timeout
         for assoc in active:
-            assoc.join(max(0.0, deadline - time.monotonic()))
+            # Wait for associations that may be transferring; rejected ones that linger until
+            # the peer closes (or the ARTIM timer fires) hold nothing of ours.
+            if assoc.is_established:
+                assoc.join(max(0.0, deadline - time.monotonic()))
         for assoc in active:
             if assoc.is_alive():
+                if assoc.is_established:
+                    log.warning(
+                        "aborting an association that did not finish in time",
+                        extra={"fields": {"calling_ae": assoc.requestor.ae_title}},
+                    )
                 assoc.abort()
 
     # -- association events -------------------------------------------------------------------

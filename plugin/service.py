@@ -130,13 +130,19 @@ class Service:
             return
         self._stopped.set()
         log.info("draining")
-        if self.listener is not None:
-            self.listener.stop()
-        self.assembler.stop()
-        self.worker.stop()
-        self.dispatcher.stop()
-        if self.http is not None:
-            self.http.stop()
+        steps: dict[str, float] = {}
+        for name, part in (
+            ("listener", self.listener),
+            ("assembler", self.assembler),
+            ("worker", self.worker),
+            ("dispatcher", self.dispatcher),
+            ("http", self.http),
+        ):
+            if part is not None:
+                started = time.monotonic()
+                part.stop()
+                steps[name] = round(time.monotonic() - started, 3)
+        log.info("drained", extra={"fields": {"seconds": steps}})
         self.audit.record("stopped")
         self.audit.close()
         self.store.close()

@@ -4,13 +4,16 @@ maps and boxes, and its refusals — on real GMIC and all-conv modules at their 
 from __future__ import annotations
 
 import copy
+import dataclasses
 
 import numpy as np
 import pytest
 import torch
 
-from models import ModelCard, get_family, save_model
+from models import ModelCard, get_family, load_model, read_card, save_model
+from models import family as family_registry
 from models.allconv import PRESETS as ALLCONV_PRESETS
+from models.allconv import AllConvFamily
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.gmic import PRESETS as GMIC_PRESETS
 from models.reading import read_mammogram
@@ -164,6 +167,53 @@ def test_refusals(model_files, exam):
         ens.predict_exam([exam[0], other])
     with pytest.raises(ValueError, match="distinct model names"):
         Ensemble(EnsembleSpec((MemberSpec(model_files["gmic"]), MemberSpec(model_files["gmic"]))))
+
+
+class _AllConvWithoutBoxes(AllConvFamily):
+    """The all-conv network read through a family that proposes no ROI boxes."""
+
+    name = "allconv-noboxes"
+
+    def score_maps(self, output):
+        return dataclasses.replace(super().score_maps(output), boxes=None, box_weights=None)
+
+
+def test_member_without_boxes_scores_the_same_and_marks_nothing(
+    model_files, exam, tmp_path, monkeypatch
+):
+    monkeypatch.setitem(family_registry._FAMILIES, "allconv-noboxes", _AllConvWithoutBoxes())
+    card = dataclasses.replace(
+        read_card(model_files["allconv"]), family="allconv-noboxes", name="allconv-noboxes"
+    )
+    path = save_model(load_model(model_files["allconv"]), card, tmp_path / "noboxes.safetensors")
+    flips = ("none", "hflip")
+    images = exam[:1]
+    boxed = Ensemble(EnsembleSpec((MemberSpec(model_files["allconv"], flips),), device="cpu"))
+    unboxed = Ensemble(EnsembleSpec((MemberSpec(path, flips),), device="cpu"))
+    with_gmic = Ensemble(
+        EnsembleSpec(
+            (MemberSpec(path, flips), MemberSpec(model_files["gmic"], ("hflip",))), device="cpu"
+        )
+    )
+    a = boxed.predict_exam(images).images[0]
+    b = unboxed.predict_exam(images).images[0]
+    c = with_gmic.predict_exam(images).images[0]
+    assert a.rois and b.rois == ()
+    assert b.malignant == a.malignant and b.benign is None
+    np.testing.assert_array_equal(b.malignant_map, a.malignant_map)
+    assert c.rois and {r.model for r in c.rois} == {"gmic-test"}
+    assert c.per_model["allconv-noboxes"] == b.malignant
+
+
+def test_non_finite_scores_are_refused(model_files, exam, tmp_path):
+    module = load_model(model_files["allconv"])
+    with torch.no_grad():
+        module.fc.weight.fill_(3e38)  # finite weights whose logits overflow to inf
+    card = dataclasses.replace(module.card, name="overflowing")
+    path = save_model(module, card, tmp_path / "overflowing.safetensors")
+    ens = Ensemble(EnsembleSpec((MemberSpec(path),), device="cpu"))
+    with pytest.raises(RuntimeError, match="'overflowing' gave NaN or infinite scores"):
+        ens.predict_exam(exam[:1])
 
 
 @pytest.mark.gpu

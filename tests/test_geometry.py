@@ -97,9 +97,20 @@ def test_coarse_map_is_upsampled_bilinearly_on_pixel_centres():
 def test_boxes_follow_flips_and_crops():
     g = Geometry((100, 80), (Flip(1), Crop(10, 0, 60, 80), Pad(0, 4, 0, 16), Resize(128, 96)))
     assert g.box_to_source((0, 0, 64, 48)) == (10.0, 32.0, 42.0, 80.0)
-    # A box reaching into the padding is clipped to the image.
-    assert g.box_to_source((100, 0, 128, 96)) == (60.0, 0.0, 74.0, 80.0)
-    assert g.box_to_source((0, 0, 400, 96)) == (10.0, 0.0, 100.0, 80.0)
+    # A box reaching into the padding is clipped to what the input shows: source rows 70..74
+    # lie under the bottom padding, but the crop removed them, so the box stops at row 70.
+    assert g.box_to_source((100, 0, 128, 96)) == (60.0, 0.0, 70.0, 80.0)
+    assert g.box_to_source((0, 0, 400, 96)) == (10.0, 0.0, 70.0, 80.0)
+    assert g.box_to_source((100, 0, 128, 96), clip=False) == (60.0, -16.0, 74.0, 80.0)
+
+
+def test_box_wholly_in_padding_after_a_crop_comes_back_empty():
+    """The padding above a cropped image sits where cropped-away source rows were; a box there
+    shows the model nothing of the source and must not turn into a box on those rows."""
+    g = Geometry((100, 80), (Crop(30, 0, 40, 80), Pad(top=20, bottom=20)))
+    top, left, bottom, right = g.box_to_source((2, 10, 18, 30))
+    assert bottom <= top and (left, right) == (10.0, 30.0)
+    assert g.box_to_source((10, 10, 30, 30)) == (30.0, 10.0, 40.0, 30.0)
 
 
 def test_visible_excludes_padding_and_cropped_away_source():
@@ -113,3 +124,11 @@ def test_leading_map_axes_are_kept():
     g = Geometry((40, 30), (Flip(1), Resize(20, 15)))
     maps = np.random.default_rng(2).uniform(size=(2, 5, 4)).astype(np.float32)
     assert g.map_to_source(maps).shape == (2, 40, 30)
+
+
+@pytest.mark.parametrize(
+    "make", [lambda: Flip(2), lambda: Crop(0, 0, 0, 5), lambda: Pad(top=-1), lambda: Resize(0, 3)]
+)
+def test_impossible_steps_are_refused(make):
+    with pytest.raises(ValueError):
+        make()

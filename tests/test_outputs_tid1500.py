@@ -62,6 +62,7 @@ def test_viewer_report_structure(synth_exam_small):
         assert (units.CodeValue, units.CodingSchemeDesignator) == ("%", "UCUM")
         assert _site_laterality(group) == SIDE[str(img.laterality)]
         assert only(children(group, "111001")).TextValue == "test-gmic"
+        assert only(children(group, "111002")).TextValue.startswith(NOT_FOR_CLINICAL_USE)
         # Breast/exam groups without a region break OHIF: none here.
     assert seen == {i.sop_instance_uid for i in prediction.images}
     assert sr.SeriesDescription.startswith(NOT_FOR_CLINICAL_USE)

@@ -27,6 +27,7 @@ SOP_CLASSES = {
     "sc": "1.2.840.10008.5.1.4.1.1.7",
 }
 VIEWS = ("R-CC", "L-CC", "R-MLO", "L-MLO")
+ALL_OUTPUTS = ["--outputs", "cad_sr,tid1500,tid1500_scores,seg,sc", "--device", "cpu"]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +62,7 @@ def _uids(out: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def first_run(synth_dir, model_args, tmp_path_factory):
     out = tmp_path_factory.mktemp("run1")
-    code = main(["run", str(synth_dir), "--out", str(out), "--outputs",
-                 "cad_sr,tid1500,tid1500_scores,seg,sc", "--device", "cpu", *model_args])  # fmt: skip
+    code = main(["run", str(synth_dir), "--out", str(out), *ALL_OUTPUTS, *model_args])
     return code, out
 
 
@@ -94,7 +94,7 @@ def test_writes_the_full_set_per_study(first_run, synth_dir):
         assert set(summary["images"]) == set(VIEWS)
         for path in folder.glob("*.dcm"):
             ds = pydicom.dcmread(path, stop_before_pixels=True)
-            kind = path.stem if path.stem.startswith("tid1500") else path.stem.split("_")[0]
+            kind = path.stem if path.stem in SOP_CLASSES else path.stem.rsplit("_", 1)[0]
             assert ds.SOPClassUID == SOP_CLASSES[kind]
             assert ds.StudyInstanceUID == summary["study_instance_uid"]
         seg = pydicom.dcmread(folder / "seg_L-MLO.dcm", stop_before_pixels=True)
@@ -105,8 +105,7 @@ def test_writes_the_full_set_per_study(first_run, synth_dir):
 
 def test_rerun_writes_identical_uids(first_run, synth_dir, model_args, tmp_path):
     _, out = first_run
-    assert main(["run", str(synth_dir), "--out", str(tmp_path), "--outputs",
-                 "cad_sr,tid1500,tid1500_scores,seg,sc", "--device", "cpu", *model_args]) == 0  # fmt: skip
+    assert main(["run", str(synth_dir), "--out", str(tmp_path), *ALL_OUTPUTS, *model_args]) == 0
     assert _uids(tmp_path) == _uids(out)
 
 
@@ -145,3 +144,32 @@ def test_bad_outputs_option_is_rejected(capsys):
     with pytest.raises(SystemExit):
         main(["run", "x", "--out", "y", "--outputs", "cad_sr,gsps"])
     assert "unknown output" in capsys.readouterr().err
+
+
+def test_config_file_supplies_models_policy_and_outputs(synth_dir, model_args, tmp_path, capsys):
+    labels = read_labels(synth_dir / "labels.csv")
+    study = labels[0]["study_instance_uid"]
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for row in labels:
+        if row["study_instance_uid"] == study:
+            shutil.copy(row["path"], inputs / Path(row["path"]).name)
+    model_path = model_args[1].rsplit(":", 1)[0]
+    config = tmp_path / "config.yml"
+    config.write_text(
+        "models:\n"
+        f"  members: [{{path: {model_path}, flips: [none]}}]\n"
+        "  device: cpu\n"
+        "exams:\n"
+        "  selection: {tie_break: highest_instance_number}\n"
+        "destinations:\n"
+        "  - {name: here, type: folder, path: results, outputs: [cad_sr]}\n"
+    )
+    out = tmp_path / "out"
+    assert main(["run", str(inputs), "--out", str(out), "--config", str(config)]) == 0
+    (folder,) = [p for p in out.iterdir() if p.is_dir()]
+    assert {p.name for p in folder.glob("*.dcm")} == {"cad_sr.dcm"}
+
+    config.write_text(config.read_text().replace("tie_break", "tie_brake"))
+    assert main(["run", str(inputs), "--out", str(out), "--config", str(config)]) == 2
+    assert "tie_brake" in capsys.readouterr().err

@@ -152,7 +152,7 @@ def test_sigkill_during_analysis(tmp_path: Path, models: list[Path]) -> None:
 
 def test_sigkill_during_delivery(tmp_path: Path, models: list[Path]) -> None:
     # The PACS takes a second per object, so the kill lands mid-delivery.
-    pacs = start_pacs(tmp_path / "pacs", extra_args=["--sleep-during", "1"])
+    pacs = start_pacs(tmp_path / "pacs", extra_args=["--sleep-after", "1"])
     config = config_for(tmp_path / "svc", models, pacs.port)
     service = Serve.start(config)
     storescu(exam_files(tmp_path / "a", 43), service.port)

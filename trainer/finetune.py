@@ -381,12 +381,12 @@ def finetune(
             "seconds": round(time.monotonic() - epoch_started, 2),
         }
         history.append(row)
-        if o.progress:
-            tqdm.write(
-                f"epoch {epoch + 1}: loss {row['train_loss']:.4f}  val AUC {val_auc:.3f}"
-                + ("  (best)" if best_epoch == epoch else "")
-                + ("  early stop" if stopped else "")
-            )
+        tqdm.write(
+            f"epoch {epoch + 1}/{o.epochs} ({stage.name}): loss {row['train_loss']:.4f}  "
+            f"val AUC {val_auc:.3f}  {row['seconds']:.0f} s"
+            + ("  (best)" if best_epoch == epoch else "")
+            + ("  early stop" if stopped else "")
+        )
         checkpoint.save(
             {
                 "epoch": epoch,

@@ -28,6 +28,7 @@ from .preprocess import DDSM_MEAN, INBREAST_MEAN, PreprocessSpec, default_spec, 
 
 __all__ = [
     "DDSM_MEAN",
+    "FAMILY",
     "INBREAST_MEAN",
     "PRESETS",
     "AllConvFamily",
@@ -47,8 +48,9 @@ __all__ = [
 
 
 def cancer_map(output: AllConvOutput) -> torch.Tensor:
-    """(N, h, w) cancer probability per location of the last feature map, in [0, 1]."""
-    return output.cam.softmax(dim=1)[:, 1]
+    """(N, h, w) cancer probability per location of the last feature map, in [0, 1]; float32
+    whatever the autocast precision."""
+    return output.cam.float().softmax(dim=1)[:, 1]
 
 
 def peak_box(
@@ -58,11 +60,9 @@ def peak_box(
     pixels, and its (N, 1) probability."""
     n, h, w = prob_map.shape
     value, index = prob_map.reshape(n, -1).max(dim=1)
-    row, col = (index // w).to(prob_map.dtype), (index % w).to(prob_map.dtype)
+    row, col = (index // w).float(), (index % w).float()
     cell_h, cell_w = input_shape[0] / h, input_shape[1] / w
-    boxes = torch.stack(
-        [row * cell_h, col * cell_w, (row + 1) * cell_h, (col + 1) * cell_w], dim=1
-    )
+    boxes = torch.stack([row * cell_h, col * cell_w, (row + 1) * cell_h, (col + 1) * cell_w], dim=1)
     return boxes[:, None, :], value[:, None]
 
 
@@ -84,11 +84,10 @@ class AllConvFamily:
         return ScoreMaps(
             malignant=output.probabilities[:, 1],
             benign=None,
-            maps=maps[:, None].repeat(1, 2, 1, 1),
-            has_benign=False,
+            maps=maps[:, None].expand(-1, 2, -1, -1),
             boxes=boxes,
             box_weights=weights,
         )
 
 
-register_family(AllConvFamily())
+FAMILY = register_family(AllConvFamily())

@@ -11,7 +11,6 @@ Dropout is skipped: it is the identity at inference.
 
 from __future__ import annotations
 
-import hashlib
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,17 +22,21 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..modelfile import ModelCard, save_model
+from ..modelfile import ModelCard, file_sha256, save_model
 from .network import AllConvNet, ArchitectureConfig, TopConfig, TrunkConfig
 from .preprocess import DDSM_MEAN, INBREAST_MEAN, PreprocessSpec
 
-LICENCE = (
-    "CC BY-NC-SA 4.0 (published weights, lishen/end2end-all-conv); non-commercial use only"
-)
+LICENCE = "CC BY-NC-SA 4.0 (published weights, lishen/end2end-all-conv); non-commercial use only"
 _MODEL_CLASSES = ("Model", "Functional")
 _TRUNK_CLASSES = {
-    "InputLayer", "ZeroPadding2D", "Conv2D", "BatchNormalization", "Activation",
-    "MaxPooling2D", "Add", "Dropout",
+    "InputLayer",
+    "ZeroPadding2D",
+    "Conv2D",
+    "BatchNormalization",
+    "Activation",
+    "MaxPooling2D",
+    "Add",
+    "Dropout",
 }
 _TOP_CLASSES = _TRUNK_CLASSES | {"GlobalAveragePooling2D", "Dense"} | set(_MODEL_CLASSES)
 
@@ -219,7 +222,8 @@ def _residual_unit(g: _Graph, x: str) -> tuple[_Unit, str]:
         )
     residual, shortcut = (chain_a, chain_b) if len(chain_a) > len(chain_b) else (chain_b, chain_a)
     if [la.cls for la in residual] != ["Conv2D", "BatchNormalization", "Activation"] * 2 + [
-        "Conv2D", "BatchNormalization"
+        "Conv2D",
+        "BatchNormalization",
     ]:
         raise KerasImportError(
             f"{g.where}: the residual branch after '{x}' is "
@@ -235,7 +239,9 @@ def _residual_unit(g: _Graph, x: str) -> tuple[_Unit, str]:
         )
     out = _relu(g, g.next(add.name, "Activation"))
     unit = _Unit(
-        *residual[0:2], *residual[3:5], *residual[6:8],
+        *residual[0:2],
+        *residual[3:5],
+        *residual[6:8],
         shortcut=(shortcut[0], shortcut[1]) if shortcut else None,
     )
     return unit, out.name
@@ -259,7 +265,9 @@ def _vgg_block(g: _Graph, x: str, with_bn: bool) -> tuple[_Convs, str]:
 def _check_pool(g: _Graph, pool: _Layer, size: int) -> None:
     cfg = pool.config
     if (_pair(cfg.get("pool_size")), _pair(cfg.get("strides")), cfg.get("padding")) != (
-        (size, size), (2, 2), "valid"
+        (size, size),
+        (2, 2),
+        "valid",
     ):
         raise KerasImportError(
             f"{g.where}: max pool '{pool.name}' is {cfg.get('pool_size')} / stride "
@@ -507,8 +515,10 @@ def _names(value: Any) -> list[str]:
 def _weight_index(f: h5py.File, src: Path) -> dict[tuple[str, str, str], h5py.Dataset]:
     """(group, layer, variable) → dataset, from each group's `weight_names` attribute."""
     if "model_weights" not in f or "layer_names" not in f["model_weights"].attrs:
-        raise KerasImportError(f"{src}: no model_weights/layer_names; the file is not a full "
-                               "Keras model saved with model.save()")
+        raise KerasImportError(
+            f"{src}: no model_weights/layer_names; the file is not a full "
+            "Keras model saved with model.save()"
+        )
     root = f["model_weights"]
     index = {}
     for group in _names(root.attrs["layer_names"]):
@@ -530,9 +540,7 @@ def _to_torch(layer: _Layer, variable: str, value: np.ndarray) -> np.ndarray:
     return value
 
 
-def _load_weights(
-    f: h5py.File, src: Path, weights: list[_Weights], model: AllConvNet
-) -> None:
+def _load_weights(f: h5py.File, src: Path, weights: list[_Weights], model: AllConvNet) -> None:
     index = _weight_index(f, src)
     modules = dict(model.named_modules())
     state = model.state_dict()
@@ -585,7 +593,7 @@ def import_h5(
     src, out = Path(src), Path(out)
     if not src.is_file():
         raise KerasImportError(f"{src}: no such file")
-    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    digest = file_sha256(src)
     try:
         f = h5py.File(src, "r")
     except OSError as exc:
@@ -598,8 +606,10 @@ def import_h5(
             )
         keras_version = _names(f.attrs.get("keras_version", "unknown"))[0]
         if keras_version.startswith("1."):
-            raise KerasImportError(f"{src}: Keras {keras_version} files are not supported; "
-                                   "the published models were written by Keras 2.0.x")
+            raise KerasImportError(
+                f"{src}: Keras {keras_version} files are not supported; "
+                "the published models were written by Keras 2.0.x"
+            )
         try:
             model_config = json.loads(_names(f.attrs["model_config"])[0])
         except json.JSONDecodeError as exc:

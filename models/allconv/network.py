@@ -92,6 +92,9 @@ class ArchitectureConfig:
 
     def validate(self) -> None:
         t, p = self.trunk, self.top
+        for where, kind in (("trunk", t.kind), ("top", p.kind)):
+            if kind not in KINDS:
+                raise ArchitectureError(f"{where}.kind must be one of {KINDS}, got {kind!r}")
         if len(t.widths) != len(t.blocks) or not t.widths:
             raise ArchitectureError("trunk.widths and trunk.blocks need the same, non-zero length")
         if len(p.depths) != len(p.repetitions) or not p.depths:
@@ -103,8 +106,14 @@ class ArchitectureConfig:
         if len(self.input_shape) != 2:
             raise ArchitectureError("input_shape must be [rows, cols]")
         numbers = (
-            *t.widths, *t.blocks, t.expansion, t.stem_width,
-            *p.depths, *p.repetitions, p.enlarge, *self.input_shape,
+            *t.widths,
+            *t.blocks,
+            t.expansion,
+            t.stem_width,
+            *p.depths,
+            *p.repetitions,
+            p.enlarge,
+            *self.input_shape,
         )
         if min(numbers) < 1:
             raise ArchitectureError("architecture sizes and counts must be positive integers")
@@ -205,6 +214,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class AllConvOutput:
+    """One forward pass of `AllConvNet`."""
+
     probabilities: torch.Tensor
     """(N, 2) softmax; index 1 is cancer."""
     logits: torch.Tensor
@@ -217,6 +228,8 @@ class AllConvOutput:
 
 
 class AllConvNet(nn.Module):
+    """Trunk → top blocks → global average pool → dense(2); see the module docstring."""
+
     def __init__(self, config: ArchitectureConfig) -> None:
         super().__init__()
         config.validate()

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from ..family import Prepared
 from ..geometry import Geometry, Resize
-from ..mammogram import Mammogram
+from ..mammogram import Mammogram, MammogramError
 from .network import ArchitectureConfig
 
 RESCALE_16BIT = 0.003891
@@ -50,9 +50,16 @@ class PreprocessSpec:
             raise ValueError(
                 f"unknown all-conv preprocessing keys {unknown}; allowed: {sorted(allowed)}"
             )
-        if "target_size" not in spec or len(spec["target_size"]) != 2:
-            raise ValueError("all-conv preprocessing needs target_size: [rows, cols]")
-        rows, cols = (int(v) for v in spec["target_size"])
+        size = spec.get("target_size")
+        try:
+            rows, cols = (int(v) for v in size)
+        except (TypeError, ValueError):
+            rows = cols = 0
+        if rows < 1 or cols < 1:
+            raise ValueError(
+                f"all-conv preprocessing needs target_size: [rows, cols], each at least 1; "
+                f"got {size!r}"
+            )
         return cls(
             target_size=(rows, cols),
             featurewise_mean=float(spec.get("featurewise_mean", DDSM_MEAN)),
@@ -80,9 +87,9 @@ def preprocess(image: Mammogram, spec: dict[str, Any]) -> Prepared:
     s = PreprocessSpec.from_dict(spec)
     pixels = np.asarray(image.pixels)
     if pixels.ndim != 2:
-        raise ValueError(f"expected one 2-D image plane, got pixels of shape {pixels.shape}")
+        raise MammogramError(f"expected one 2-D image plane, got pixels of shape {pixels.shape}")
     if not 1 <= image.bits_stored <= 16:
-        raise ValueError(
+        raise MammogramError(
             f"bits_stored {image.bits_stored} is outside 1..16; the all-conv models take "
             "images of at most 16 bits"
         )

@@ -42,7 +42,6 @@ class GMICFamily:
             malignant=output.y_fusion[:, 1],
             benign=output.y_fusion[:, 0],
             maps=output.saliency,
-            has_benign=True,
             boxes=boxes,
             box_weights=output.attention,
         )

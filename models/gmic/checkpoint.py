@@ -9,7 +9,6 @@ public class, so they may carry such extras).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import pickle
 import re
@@ -18,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from ..modelfile import ModelCard, save_model
+from ..modelfile import ModelCard, file_sha256, save_model
 from .network import GMIC, PRESETS
 from .preprocess import default_spec
 
@@ -61,7 +60,7 @@ def import_checkpoint(
         )
     if not src.is_file():
         raise CheckpointError(f"{src}: no such file")
-    digest = _sha256(src)
+    digest = file_sha256(src)
     state = _load_state_dict(src)
 
     architecture = dict(PRESETS["published"], percent_t=PERCENT_T[sample_model])
@@ -107,17 +106,8 @@ def import_checkpoint(
             "importer": "models.gmic.checkpoint",
         },
     )
-    out.parent.mkdir(parents=True, exist_ok=True)
     save_model(model, card, out)
     return card
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _load_state_dict(src: Path) -> Mapping[str, torch.Tensor]:

@@ -229,7 +229,7 @@ def _conv1x1(in_ch: int, out_ch: int, stride: int = 1) -> nn.Conv2d:
 class BasicBlockV2(nn.Module):
     """Pre-activation block; the projection shortcut sees the pre-activated input."""
 
-    def __init__(self, in_ch: int, out_ch: int, stride: int, downsample: nn.Module | None):
+    def __init__(self, in_ch: int, out_ch: int, stride: int, downsample: nn.Module | None) -> None:
         super().__init__()
         self.bn1 = nn.BatchNorm2d(in_ch)
         self.conv1 = _conv3x3(in_ch, out_ch, stride)
@@ -249,7 +249,7 @@ class GlobalNetwork(nn.Module):
     """ResNet-22 v2: 7x7 conv, max-pool (no BN/ReLU between), pre-activation layers whose
     first block always has a 1x1 projection (no BN), then BN + ReLU."""
 
-    def __init__(self, width: int, blocks: Sequence[int]):
+    def __init__(self, width: int, blocks: Sequence[int]) -> None:
         super().__init__()
         self.first_conv = nn.Conv2d(1, width, 7, stride=2, padding=3, bias=False)
         self.first_pool = nn.MaxPool2d(3, stride=2, padding=0)
@@ -277,7 +277,7 @@ class GlobalNetwork(nn.Module):
 class SaliencyHead(nn.Module):
     """1x1 conv to one map per class, no bias, then sigmoid."""
 
-    def __init__(self, in_ch: int, num_classes: int):
+    def __init__(self, in_ch: int, num_classes: int) -> None:
         super().__init__()
         self.gn_conv_last = nn.Conv2d(in_ch, num_classes, 1, bias=False)
 
@@ -289,7 +289,10 @@ class SaliencyHead(nn.Module):
 
 
 class BasicBlockV1(nn.Module):
-    def __init__(self, in_ch: int, out_ch: int, stride: int):
+    """torchvision's BasicBlock: conv-BN-ReLU-conv-BN, plus a 1x1 conv + BN projection when the
+    shape changes."""
+
+    def __init__(self, in_ch: int, out_ch: int, stride: int) -> None:
         super().__init__()
         self.conv1 = _conv3x3(in_ch, out_ch, stride)
         self.bn1 = nn.BatchNorm2d(out_ch)
@@ -309,7 +312,7 @@ class BasicBlockV1(nn.Module):
 class LocalNetwork(nn.Module):
     """torchvision-style ResNet-18 without avgpool/fc, on 3 identical channels."""
 
-    def __init__(self, width: int, blocks: Sequence[int]):
+    def __init__(self, width: int, blocks: Sequence[int]) -> None:
         super().__init__()
         self.conv1 = nn.Conv2d(3, width, 7, stride=2, padding=3, bias=False)
         self.bn1 = nn.BatchNorm2d(width)
@@ -337,7 +340,10 @@ class LocalNetwork(nn.Module):
 
 
 class GMIC(nn.Module):
-    def __init__(self, architecture: dict[str, Any] | GMICConfig):
+    """The whole model; see the module docstring. Takes (N, 1, H, W) standardised images at
+    exactly `config.input_shape` and returns a `GMICOutput`."""
+
+    def __init__(self, architecture: dict[str, Any] | GMICConfig) -> None:
         super().__init__()
         config = (
             architecture

@@ -182,10 +182,10 @@ def needs_flip(image: Mammogram, orientation: str) -> bool:
         towards = image.patient_orientation[0].strip().upper()[:1]
         if towards in ("A", "P"):
             return towards == "P"
-    pixels = np.asarray(image.pixels, dtype=np.float64)
+    pixels = image.pixels
     half = pixels.shape[1] // 2
-    left = pixels[:, :half].sum()
-    right = pixels[:, pixels.shape[1] - half :].sum()
+    left = pixels[:, :half].sum(dtype=np.float64)
+    right = pixels[:, pixels.shape[1] - half :].sum(dtype=np.float64)
     if left != right:
         flip = bool(right > left)
     else:

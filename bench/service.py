@@ -1,0 +1,252 @@
+"""Service benchmark: listener ingest throughput against dcmtk's storescp on the same files in
+the same run, and exam turnaround (last image acknowledged → every result delivered) of
+`plugin serve`.
+
+    python bench/service.py [--images 16] [--size 2048x1664] [--exams 8]
+
+Prints a table; the ingest ratio (ours / storescp) is the figure to compare across machines.
+Needs dcmtk (storescu, storescp).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import platform
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from plugin.config import ListenerConfig  # noqa: E402
+from plugin.listener import Listener  # noqa: E402
+from plugin.observability import AuditTrail, Metrics  # noqa: E402
+from plugin.store import Store  # noqa: E402
+from trainer.synth import synth_exam  # noqa: E402
+
+
+def dcmtk(name: str) -> str:
+    for folder in ["/usr/bin", "/usr/local/bin", *os.environ.get("PATH", "").split(os.pathsep)]:
+        path = Path(folder) / name
+        if path.is_file() and os.access(path, os.X_OK):
+            out = subprocess.run([path, "--version"], capture_output=True, text=True)
+            if "dcmtk" in (out.stdout + out.stderr).lower():
+                return str(path)
+    sys.exit(f"dcmtk's {name} not found; install it with `apt-get install dcmtk`")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    import socket
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
+
+
+def make_images(folder: Path, count: int, rows: int, cols: int) -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    paths: list[Path] = []
+    seed = 0
+    while len(paths) < count:
+        for image in synth_exam(seed, rows=rows, cols=cols).images[: count - len(paths)]:
+            path = folder / f"{seed}-{image.view_key}.dcm"
+            image.dataset.save_as(path, enforce_file_format=True)
+            paths.append(path)
+        seed += 1
+    return paths
+
+
+def send(files: list[Path], port: int, called: str) -> float:
+    started = time.perf_counter()
+    subprocess.run(
+        [dcmtk("storescu"), "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
+         *map(str, files)],
+        check=True, capture_output=True,
+    )
+    return time.perf_counter() - started
+
+
+def ingest_storescp(files: list[Path], work: Path) -> float:
+    out = work / "storescp"
+    out.mkdir()
+    port = free_port()
+    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "SCP", "-od", str(out), "+xa",
+                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_port(port)
+        return send(files, port, "SCP")
+    finally:
+        proc.terminate()
+        proc.wait()
+
+
+def ingest_listener(files: list[Path], work: Path) -> float:
+    store = Store(work / "listener" / "db.sqlite", work / "listener" / "spool")
+    listener = Listener(ListenerConfig(port=free_port()), store, min_free_bytes=0,
+                        audit=AuditTrail(work / "listener" / "audit.jsonl"), metrics=Metrics())
+    port = listener.start()
+    try:
+        return send(files, port, "MAMMO_AI")
+    finally:
+        listener.stop()
+        store.close()
+
+
+def model_files(work: Path) -> list[Path]:
+    shipped = [REPO / "models/weights/demo-gmic.safetensors",
+               REPO / "models/weights/demo-allconv.safetensors"]
+    if all(p.is_file() for p in shipped):
+        return shipped
+    from models.allconv import PRESETS as ALLCONV
+    from models.family import get_family
+    from models.gmic import PRESETS as GMIC
+    from models.modelfile import ModelCard, save_model
+
+    out = []
+    for family, presets in (("gmic", GMIC), ("allconv", ALLCONV)):
+        arch = presets["demo"]
+        arch = dataclasses.asdict(arch) if dataclasses.is_dataclass(arch) else dict(arch)
+        fam = get_family(family)
+        card = ModelCard(family=family, architecture=arch,
+                         preprocessing=fam.default_preprocessing(arch),
+                         name=f"bench-{family}", version="0", licence="Apache-2.0")
+        out.append(save_model(fam.build(arch), card, work / f"bench-{family}.safetensors"))
+    return out
+
+
+def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dict[str, list]:
+    folder = work / "service"
+    port = free_port()
+    config = {
+        "listener": {"port": port},
+        "storage": {"spool": "var/spool", "database": "var/db.sqlite", "min_free_mb": 1},
+        "exams": {"settle_seconds": 1, "quiet_seconds": 30, "max_wait_seconds": 120},
+        "models": {"members": [{"path": str(p), "flips": ["none", "hflip"]}
+                               for p in model_files(work)], "device": device},
+        "destinations": [{"type": "folder", "name": "folder", "path": "results"}],
+        "delivery": {"poll_seconds": 0.1},
+        "observability": {"http_port": None, "audit_log": "var/audit.jsonl"},
+    }
+    folder.mkdir()
+    (folder / "config.yml").write_text(yaml.safe_dump(config))
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "plugin.cli", "serve", "--config", str(folder / "config.yml")],
+        cwd=REPO, stdout=subprocess.DEVNULL, stderr=(folder / "serve.log").open("wb"),
+    )
+    try:
+        wait_port(port, 120)
+        for seed in range(exams):
+            files = []
+            for image in synth_exam(1000 + seed, rows=rows, cols=cols).images:
+                path = folder / "in" / f"{seed}-{image.view_key}.dcm"
+                path.parent.mkdir(exist_ok=True)
+                image.dataset.save_as(path, enforce_file_format=True)
+                files.append(path)
+            send(files, port, "MAMMO_AI")
+            # One exam at a time: the figure is the latency of one exam, not queueing.
+            store = Store(folder / "var/db.sqlite", folder / "var/spool")
+            try:
+                deadline = time.monotonic() + 600
+                while time.monotonic() < deadline:
+                    c = store.counts()
+                    if c["jobs"].get("done", 0) == seed + 1 and not c["deliveries"].get(
+                        "pending"
+                    ) and not c["deliveries"].get("sending"):
+                        break
+                    time.sleep(0.05)
+            finally:
+                store.close()
+        store = Store(folder / "var/db.sqlite", folder / "var/spool")
+        rows_ = store._db.execute(  # read-only reporting query
+            "SELECT e.id, MAX(i.received_at) AS last_in, j.started_at, j.finished_at,"
+            " (SELECT MAX(d.delivered_at) FROM deliveries d JOIN results r ON r.id=d.result_id"
+            "  WHERE r.job_id=j.id) AS delivered"
+            " FROM exams e JOIN jobs j ON j.exam_id=e.id"
+            " JOIN instances i ON i.study_instance_uid=e.study_instance_uid GROUP BY j.id"
+        ).fetchall()
+        store.close()
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+    return {
+        "turnaround": [r["delivered"] - r["last_in"] for r in rows_],
+        "analysis": [r["finished_at"] - r["started_at"] for r in rows_],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=16, help="files for the ingest test")
+    parser.add_argument("--size", default="2048x1664", help="ingest image size ROWSxCOLS")
+    parser.add_argument("--exams", type=int, default=8, help="exams for the turnaround test")
+    parser.add_argument("--exam-size", default="1024x832", help="turnaround image size")
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+    rows, cols = map(int, args.size.lower().split("x"))
+    erows, ecols = map(int, args.exam_size.lower().split("x"))
+
+    with tempfile.TemporaryDirectory(prefix="bench-service-") as tmp:
+        work = Path(tmp)
+        files = make_images(work / "files", args.images, rows, cols)
+        megabytes = sum(p.stat().st_size for p in files) / 1e6
+        # Alternate and repeat so page cache and warm-up favour neither.
+        ours, theirs = [], []
+        for run in range(2):
+            for name, fn, out in (("storescp", ingest_storescp, theirs),
+                                  ("listener", ingest_listener, ours)):
+                sub = work / f"{name}-{run}"
+                sub.mkdir()
+                out.append(megabytes / fn(files, sub))
+                shutil.rmtree(sub)
+        times = turnaround(work, args.exams, erows, ecols, args.device)
+
+    import torch
+
+    device = args.device if args.device != "auto" else (
+        "cuda" if torch.cuda.is_available() else "cpu")
+    ta, an = sorted(times["turnaround"]), sorted(times["analysis"])
+
+    def p95(values: list[float]) -> float:
+        return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
+
+    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"Python {platform.python_version()}, device {device}")
+    print(f"{'figure':52} {'value':>12}")
+    print(f"{'ingest files':52} {f'{args.images} x {rows}x{cols}':>12}")
+    print(f"{'ingest data (MB)':52} {megabytes:12.1f}")
+    print(f"{'dcmtk storescp MB/s (best of 2)':52} {max(theirs):12.1f}")
+    print(f"{'plugin listener MB/s (fsync + SQLite commit, best of 2)':52} {max(ours):12.1f}")
+    print(f"{'ratio listener / storescp':52} {max(ours) / max(theirs):12.2f}")
+    print(f"{'exams (four views, ' + f'{erows}x{ecols}, 2 models x 2 flips)':52} "
+          f"{len(ta):12d}")
+    print(f"{'turnaround median s (last image -> all delivered)':52} {statistics.median(ta):12.2f}")
+    print(f"{'turnaround p95 s':52} {p95(ta):12.2f}")
+    print(f"{'  of which analysis median s':52} {statistics.median(an):12.2f}")
+    print(f"{'  (settle time, included above, s)':52} {1.0:12.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

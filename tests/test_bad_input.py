@@ -1,0 +1,116 @@
+"""Bad input against a running `plugin serve`: each gets its specific status or recorded
+reason, the service keeps running, and a good exam sent in between is analysed and delivered.
+(The disk watermark's 0xA700 is in test_listener.py, with the watermark set above free space.)
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+import pytest
+from pydicom.dataset import FileMetaDataset
+from pydicom.filewriter import write_file_meta_info
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pynetdicom import AE, _config
+from pynetdicom.presentation import build_context
+from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
+from service_harness import Serve, counts, demo_models, free_port, wait_until, write_config
+
+from trainer.synth import synth_exam
+
+
+def variant(ds, **changes):
+    out = copy.deepcopy(ds)
+    out.SOPInstanceUID = out.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    for keyword, value in changes.items():
+        if value is None:
+            delattr(out, keyword)
+        else:
+            setattr(out, keyword, value)
+    return out
+
+
+def garbage_file(folder: Path) -> Path:
+    """A valid file meta followed by bytes that are not a data set."""
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = MG
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    path = folder / "garbage.dcm"
+    with path.open("wb") as fp:
+        fp.write(b"\0" * 128 + b"DICM")
+        write_file_meta_info(fp, meta, enforce_standard=True)
+        fp.write(b"\xff\xfe not DICOM at all " + os.urandom(4000))
+    return path
+
+
+@pytest.fixture(scope="module")
+def service(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("bad")
+    config = write_config(
+        tmp / "svc", port=free_port(), models=demo_models(tmp / "models"),
+        destinations=[{"type": "folder", "name": "folder", "path": "results",
+                       "outputs": ["cad_sr"]}],
+        listener={"allowed_callers": [{"ae_title": "PACS"}]},
+    )
+    with Serve.start(config) as running:
+        yield running
+
+
+def test_bad_input_gets_specific_answers_and_loses_nothing(service: Serve, tmp_path, monkeypatch):
+    exam = synth_exam(60, rows=512, cols=416)
+    good = exam.datasets
+    template = good[0]
+    no_view = variant(template, ViewPosition=None, ViewCodeSequence=None)
+    cases = [
+        ("truncated pixel data", variant(template, PixelData=template.PixelData[:1000]), 0xC102),
+        ("65535x65535 header", variant(template, Rows=65535, Columns=65535), 0xC103),
+        ("missing laterality", variant(template, ImageLaterality=None), 0x0000),
+        ("missing view", no_view, 0x0000),
+        ("CT image", variant(template, SOPClassUID=CTImageStorage), 0x0000),
+    ]
+    cases[-1][1].file_meta.MediaStorageSOPClassUID = CTImageStorage
+
+    ae = AE(ae_title="STRANGER")
+    ae.requested_contexts = [build_context(MG, [ExplicitVRLittleEndian]),
+                             build_context(CTImageStorage, [ExplicitVRLittleEndian])]
+    stranger = ae.associate("127.0.0.1", service.port, ae_title="MAMMO_AI")
+    assert stranger.is_rejected and int(stranger.acceptor.primitive.diagnostic) == 0x03
+
+    ae.ae_title = "PACS"
+    assoc = ae.associate("127.0.0.1", service.port, ae_title="MAMMO_AI")
+    assert assoc.is_established
+    statuses = {}
+    try:
+        for i, (name, ds, _) in enumerate(cases):
+            statuses[name] = assoc.send_c_store(ds).Status
+            assert assoc.send_c_store(good[i % 4]).Status == 0x0000  # good ones in between
+        monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
+        statuses["non-DICOM bytes"] = assoc.send_c_store(garbage_file(tmp_path)).Status
+    finally:
+        assoc.release()
+    expected = {name: status for name, _, status in cases} | {"non-DICOM bytes": 0xC100}
+    assert statuses == expected
+
+    wait_until(lambda: counts(service)["deliveries"].get("delivered") == 1, 120,
+               "the good exam's CAD SR", service)
+    assert service.running()
+    store = service.store()
+    try:
+        (job,) = store.jobs()
+        assert job.state == "done" and not job.partial and len(job.instance_ids) == 4
+        assert store.counts()["instances"] == {"accepted": 4, "ignored": 3}
+    finally:
+        store.close()
+
+    audit = service.audit()
+    skipped = sorted(e["reason"] for e in audit if e["event"] == "skipped")
+    assert skipped[0] == "not a mammography image (CT Image Storage)"
+    assert "laterality" in skipped[1].lower() or "laterality" in skipped[2].lower()
+    assert any("view" in r.lower() for r in skipped[1:])
+    refused = sorted(e["status"] for e in audit if e["event"] == "refused")
+    assert refused == ["0xC100", "0xC102", "0xC103"]
+    assert [e["calling_ae"] for e in audit if e["event"] == "association_rejected"] == [
+        "STRANGER"]
