@@ -81,9 +81,18 @@ def make_images(folder: Path, count: int, rows: int, cols: int) -> list[Path]:
 def send(files: list[Path], port: int, called: str) -> float:
     started = time.perf_counter()
     subprocess.run(
-        [dcmtk("storescu"), "-aet", "BENCH", "-aec", called, "127.0.0.1", str(port),
-         *map(str, files)],
-        check=True, capture_output=True,
+        [
+            dcmtk("storescu"),
+            "-aet",
+            "BENCH",
+            "-aec",
+            called,
+            "127.0.0.1",
+            str(port),
+            *map(str, files),
+        ],
+        check=True,
+        capture_output=True,
     )
     return time.perf_counter() - started
 
@@ -92,8 +101,11 @@ def ingest_storescp(files: list[Path], work: Path) -> float:
     out = work / "storescp"
     out.mkdir()
     port = free_port()
-    proc = subprocess.Popen([dcmtk("storescp"), "-aet", "SCP", "-od", str(out), "+xa",
-                             str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [dcmtk("storescp"), "-aet", "SCP", "-od", str(out), "+xa", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         wait_port(port)
         return send(files, port, "SCP")
@@ -104,8 +116,13 @@ def ingest_storescp(files: list[Path], work: Path) -> float:
 
 def ingest_listener(files: list[Path], work: Path) -> float:
     store = Store(work / "listener" / "db.sqlite", work / "listener" / "spool")
-    listener = Listener(ListenerConfig(port=free_port()), store, min_free_bytes=0,
-                        audit=AuditTrail(work / "listener" / "audit.jsonl"), metrics=Metrics())
+    listener = Listener(
+        ListenerConfig(port=free_port()),
+        store,
+        min_free_bytes=0,
+        audit=AuditTrail(work / "listener" / "audit.jsonl"),
+        metrics=Metrics(),
+    )
     port = listener.start()
     try:
         return send(files, port, "MAMMO_AI")
@@ -115,8 +132,10 @@ def ingest_listener(files: list[Path], work: Path) -> float:
 
 
 def model_files(work: Path) -> list[Path]:
-    shipped = [REPO / "models/weights/demo-gmic.safetensors",
-               REPO / "models/weights/demo-allconv.safetensors"]
+    shipped = [
+        REPO / "models/weights/demo-gmic.safetensors",
+        REPO / "models/weights/demo-allconv.safetensors",
+    ]
     if all(p.is_file() for p in shipped):
         return shipped
     from models.allconv import PRESETS as ALLCONV
@@ -129,9 +148,14 @@ def model_files(work: Path) -> list[Path]:
         arch = presets["demo"]
         arch = dataclasses.asdict(arch) if dataclasses.is_dataclass(arch) else dict(arch)
         fam = get_family(family)
-        card = ModelCard(family=family, architecture=arch,
-                         preprocessing=fam.default_preprocessing(arch),
-                         name=f"bench-{family}", version="0", licence="Apache-2.0")
+        card = ModelCard(
+            family=family,
+            architecture=arch,
+            preprocessing=fam.default_preprocessing(arch),
+            name=f"bench-{family}",
+            version="0",
+            licence="Apache-2.0",
+        )
         out.append(save_model(fam.build(arch), card, work / f"bench-{family}.safetensors"))
     return out
 
@@ -143,8 +167,10 @@ def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dic
         "listener": {"port": port},
         "storage": {"spool": "var/spool", "database": "var/db.sqlite", "min_free_mb": 1},
         "exams": {"settle_seconds": 1, "quiet_seconds": 30, "max_wait_seconds": 120},
-        "models": {"members": [{"path": str(p), "flips": ["none", "hflip"]}
-                               for p in model_files(work)], "device": device},
+        "models": {
+            "members": [{"path": str(p), "flips": ["none", "hflip"]} for p in model_files(work)],
+            "device": device,
+        },
         "destinations": [{"type": "folder", "name": "folder", "path": "results"}],
         "delivery": {"poll_seconds": 0.1},
         "observability": {"http_port": None, "audit_log": "var/audit.jsonl"},
@@ -153,7 +179,9 @@ def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dic
     (folder / "config.yml").write_text(yaml.safe_dump(config))
     proc = subprocess.Popen(
         [sys.executable, "-m", "plugin.cli", "serve", "--config", str(folder / "config.yml")],
-        cwd=REPO, stdout=subprocess.DEVNULL, stderr=(folder / "serve.log").open("wb"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=(folder / "serve.log").open("wb"),
     )
     try:
         wait_port(port, 120)
@@ -171,9 +199,11 @@ def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dic
                 deadline = time.monotonic() + 600
                 while time.monotonic() < deadline:
                     c = store.counts()
-                    if c["jobs"].get("done", 0) == seed + 1 and not c["deliveries"].get(
-                        "pending"
-                    ) and not c["deliveries"].get("sending"):
+                    if (
+                        c["jobs"].get("done", 0) == seed + 1
+                        and not c["deliveries"].get("pending")
+                        and not c["deliveries"].get("sending")
+                    ):
                         break
                     time.sleep(0.05)
             finally:
@@ -214,8 +244,10 @@ def main() -> int:
         # Alternate and repeat so page cache and warm-up favour neither.
         ours, theirs = [], []
         for run in range(2):
-            for name, fn, out in (("storescp", ingest_storescp, theirs),
-                                  ("listener", ingest_listener, ours)):
+            for name, fn, out in (
+                ("storescp", ingest_storescp, theirs),
+                ("listener", ingest_listener, ours),
+            ):
                 sub = work / f"{name}-{run}"
                 sub.mkdir()
                 out.append(megabytes / fn(files, sub))
@@ -224,23 +256,25 @@ def main() -> int:
 
     import torch
 
-    device = args.device if args.device != "auto" else (
-        "cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    )
     ta, an = sorted(times["turnaround"]), sorted(times["analysis"])
 
     def p95(values: list[float]) -> float:
         return values[min(len(values) - 1, round(0.95 * (len(values) - 1)))]
 
-    print(f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"Python {platform.python_version()}, device {device}")
+    print(
+        f"machine: {platform.node()} {platform.machine()}, {os.cpu_count()} CPUs, "
+        f"Python {platform.python_version()}, device {device}"
+    )
     print(f"{'figure':52} {'value':>12}")
     print(f"{'ingest files':52} {f'{args.images} x {rows}x{cols}':>12}")
     print(f"{'ingest data (MB)':52} {megabytes:12.1f}")
     print(f"{'dcmtk storescp MB/s (best of 2)':52} {max(theirs):12.1f}")
     print(f"{'plugin listener MB/s (fsync + SQLite commit, best of 2)':52} {max(ours):12.1f}")
     print(f"{'ratio listener / storescp':52} {max(ours) / max(theirs):12.2f}")
-    print(f"{'exams (four views, ' + f'{erows}x{ecols}, 2 models x 2 flips)':52} "
-          f"{len(ta):12d}")
+    print(f"{'exams (four views, ' + f'{erows}x{ecols}, 2 models x 2 flips)':52} {len(ta):12d}")
     print(f"{'turnaround median s (last image -> all delivered)':52} {statistics.median(ta):12.2f}")
     print(f"{'turnaround p95 s':52} {p95(ta):12.2f}")
     print(f"{'  of which analysis median s':52} {statistics.median(an):12.2f}")

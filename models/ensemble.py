@@ -8,6 +8,7 @@ and MLO images (or the one present); the exam scores the max over breasts.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,8 +149,9 @@ class Ensemble:
         names = [m.card.name for m in self._members]
         if len(set(names)) != len(names):
             raise ValueError(
-                f"ensemble members must have distinct model names, got {names}; give each "
-                "model file its own name (`trainer finetune --name`) or drop the duplicate"
+                f"ensemble members must have distinct model names, got {names}; drop the "
+                "duplicate or give each model its own name (`--name` of `plugin models import` "
+                "or `trainer finetune`)"
             )
 
     @property
@@ -159,7 +161,8 @@ class Ensemble:
     def predict_exam(self, images: Sequence[Mammogram]) -> ExamPrediction:
         """Score 1–4 images of one study: at most one per (laterality, view)."""
         _check_exam(images)
-        per_member = [self._run_member(m, images) for m in self._members]
+        prepared: dict[str, list[Prepared]] = {}
+        per_member = [self._run_member(m, images, prepared) for m in self._members]
         image_preds = tuple(
             _combine_members(
                 img, [pm[i] for pm in per_member], [m.card.name for m in self._members]
@@ -186,14 +189,22 @@ class Ensemble:
     # -- one member ------------------------------------------------------------------------
 
     @torch.inference_mode()
-    def _run_member(self, member: _Member, images: Sequence[Mammogram]) -> list[_MemberImage]:
+    def _run_member(
+        self, member: _Member, images: Sequence[Mammogram], cache: dict[str, list[Prepared]]
+    ) -> list[_MemberImage]:
         """All views × flips of one member in batches of at most `max_batch`.
 
         Probabilities and maps are averaged over flips, each map flipped back first. ROI boxes
         come from one pass, the unflipped one when the member runs it, else its first flip:
-        each pass picks its own crops, so boxes do not average.
+        each pass picks its own crops, so boxes do not average. Members with the same family
+        and preprocessing (e.g. the five published GMIC models) share one preprocessing run
+        through `cache`.
         """
-        prepared = [member.family.preprocess(img, member.card.preprocessing) for img in images]
+        key = json.dumps([member.card.family, member.card.preprocessing], sort_keys=True)
+        if key not in cache:
+            spec = member.card.preprocessing
+            cache[key] = [member.family.preprocess(img, spec) for img in images]
+        prepared = cache[key]
         x = torch.stack([p.tensor for p in prepared]).to(self.device)
         flips = member.flips
         batch = torch.cat([_flip(x, f) for f in flips])

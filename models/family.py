@@ -81,11 +81,13 @@ _FAMILIES: dict[str, ModelFamily] = {}
 
 
 def register_family(family: ModelFamily) -> ModelFamily:
+    """Make `family` available to `get_family` (and so to model files) under its name."""
     _FAMILIES[family.name] = family
     return family
 
 
 def get_family(name: str) -> ModelFamily:
+    """The registered family `name`; a `ValueError` lists the known ones."""
     _load_builtin_families()
     try:
         return _FAMILIES[name]

@@ -42,6 +42,8 @@ class ModelInfo:
 
 @dataclass(frozen=True)
 class ImagePrediction:
+    """The ensemble's result for one source image."""
+
     sop_instance_uid: str
     laterality: Laterality
     view: View
@@ -53,12 +55,16 @@ class ImagePrediction:
     malignant_map: np.ndarray = field(repr=False)
     """(rows, cols) float32 in [0, 1] on the source grid."""
     benign_map: np.ndarray | None = field(repr=False)
+    """Like `malignant_map`; None when no member has a benign class."""
     rois: tuple[RegionOfInterest, ...] = ()
-    """Most important first."""
+    """All members' boxes, highest weight first (weights of different families are not on
+    one scale: GMIC's attention sums to 1 per image, all-conv's is a probability)."""
 
 
 @dataclass(frozen=True)
 class BreastPrediction:
+    """One breast's scores, from its images."""
+
     laterality: Laterality
     malignant: float
     """Mean over the breast's CC and MLO images (or the one present)."""
@@ -68,6 +74,9 @@ class BreastPrediction:
 
 @dataclass(frozen=True)
 class ExamPrediction:
+    """One exam's result: its images, breasts and exam-level scores, and the models behind
+    them."""
+
     study_instance_uid: str
     images: tuple[ImagePrediction, ...]
     breasts: tuple[BreastPrediction, ...]
@@ -84,6 +93,7 @@ class ExamPrediction:
 
     @property
     def clinical_use(self) -> bool:
+        """True only when every member model is validated for clinical use."""
         return all(m.clinical_use for m in self.models)
 
     def image(self, sop_instance_uid: str) -> ImagePrediction:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from plugin.config import ExamsConfig
@@ -86,7 +87,7 @@ class Assembler:
         *,
         audit: AuditTrail,
         metrics: Metrics,
-        on_queued: object = None,
+        on_queued: Callable[[], None] | None = None,
         poll_seconds: float = 0.25,
     ) -> None:
         self.config = config
@@ -166,6 +167,6 @@ class Assembler:
             "exam queued",
             extra={"fields": {**fields, "version": job.version, "missing": list(plan.missing)}},
         )
-        if callable(self.on_queued):
+        if self.on_queued is not None:
             self.on_queued()
         return 1

@@ -60,7 +60,9 @@ def decode(paths: Sequence[tuple[str, Path]]) -> Decoded:
     for sop_uid, path in paths:
         try:
             ds = dcmread(path)
-            mammograms.append(read_mammogram(ds))
+            # The selection policy already chose these images, fallbacks included (synthetic
+            # 2D, implant-displaced): decode what it chose rather than re-judging it.
+            mammograms.append(read_mammogram(ds, require_screening=False))
             datasets[sop_uid] = ds
         except MammogramError as exc:
             failed.append((sop_uid, str(exc)))
@@ -110,7 +112,6 @@ class Worker:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
-        self.busy = False
 
     def start(self) -> None:
         self._thread.start()
@@ -145,7 +146,6 @@ class Worker:
         job = self.store.claim_job()
         if job is None:
             return False
-        self.busy = True
         started = time.perf_counter()
         fields = {
             "study": job.study_instance_uid,
@@ -162,8 +162,6 @@ class Worker:
             log.exception("analysis failed", extra={"fields": fields})
             self._fail(job, f"{type(exc).__name__}: {exc}", fields, retry=True)
             return True
-        finally:
-            self.busy = False
         self.store.finish_job(job.id, results)
         elapsed = time.perf_counter() - started
         self.metrics.stage_seconds.labels("analyse").observe(elapsed)

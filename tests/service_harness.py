@@ -22,14 +22,16 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from dcmtk_peer import free_port, require_dcmtk, wait_for_port
 
 from plugin.store import Store
-from dcmtk_peer import free_port, require_dcmtk, wait_for_port
 from trainer.synth import encode, synth_exam
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = [REPO / "models/weights/demo-gmic.safetensors",
-           REPO / "models/weights/demo-allconv.safetensors"]
+SHIPPED = [
+    REPO / "models/weights/demo-gmic.safetensors",
+    REPO / "models/weights/demo-allconv.safetensors",
+]
 ROWS, COLS = 512, 416
 
 
@@ -51,9 +53,14 @@ def demo_models(folder: Path) -> list[Path]:
         fam = get_family(family)
         path = folder / f"test-{family}.safetensors"
         if not path.exists():
-            card = ModelCard(family=family, architecture=arch,
-                             preprocessing=fam.default_preprocessing(arch),
-                             name=f"test-{family}", version="0", licence="Apache-2.0")
+            card = ModelCard(
+                family=family,
+                architecture=arch,
+                preprocessing=fam.default_preprocessing(arch),
+                name=f"test-{family}",
+                version="0",
+                licence="Apache-2.0",
+            )
             save_model(fam.build(arch), card, path)
         out.append(path)
     return out
@@ -76,11 +83,18 @@ def write_config(
         "exams": {"settle_seconds": 1, "quiet_seconds": 4, "max_wait_seconds": 60},
         "models": {"members": [{"path": str(p)} for p in models], "device": "cpu"},
         "worker": {"max_attempts": 3, "retry_delay_seconds": 1},
-        "delivery": {"max_attempts": 5, "initial_delay_seconds": 0.5, "max_delay_seconds": 2,
-                     "poll_seconds": 0.2},
+        "delivery": {
+            "max_attempts": 5,
+            "initial_delay_seconds": 0.5,
+            "max_delay_seconds": 2,
+            "poll_seconds": 0.2,
+        },
         "destinations": list(destinations),
-        "observability": {"http_port": http_port, "log_format": "json",
-                          "audit_log": "var/audit.jsonl"},
+        "observability": {
+            "http_port": http_port,
+            "log_format": "json",
+            "audit_log": "var/audit.jsonl",
+        },
     }
     for name, values in sections.items():
         data.setdefault(name, {}).update(values)
@@ -107,7 +121,10 @@ class Serve:
         with log_path.open("wb") as log:
             process = subprocess.Popen(
                 [sys.executable, "-m", "plugin.cli", "serve", "--config", str(config)],
-                stdout=log, stderr=subprocess.STDOUT, cwd=REPO, env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env=env,
             )
         service = cls(config, port, log_path, process)
         try:
@@ -171,23 +188,32 @@ def exam_files(folder: Path, seed: int, syntax: str = "explicit") -> list[Path]:
 
 
 def storescu(
-    files: Sequence[Path], port: int, *, calling: str = "PACS", called: str = "MAMMO_AI",
-    extra: Sequence[str] = (), check: bool = True,
+    files: Sequence[Path],
+    port: int,
+    *,
+    calling: str = "PACS",
+    called: str = "MAMMO_AI",
+    extra: Sequence[str] = (),
+    check: bool = True,
 ) -> subprocess.CompletedProcess:
     """dcmtk's storescu: one association sending `files`. Output is in the result."""
     tool = require_dcmtk("storescu")
     result = subprocess.run(
         [tool, "-aet", calling, "-aec", called, *extra, "127.0.0.1", str(port), *map(str, files)],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     if check and result.returncode != 0:
-        raise AssertionError(f"storescu failed ({result.returncode}):\n{result.stdout}\n"
-                             f"{result.stderr}")
+        raise AssertionError(
+            f"storescu failed ({result.returncode}):\n{result.stdout}\n{result.stderr}"
+        )
     return result
 
 
-def wait_until(predicate: Callable[[], Any], timeout: float, what: str,
-               service: Serve | None = None) -> Any:
+def wait_until(
+    predicate: Callable[[], Any], timeout: float, what: str, service: Serve | None = None
+) -> Any:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         value = predicate()
@@ -208,5 +234,13 @@ def counts(service: Serve) -> dict[str, dict[str, int]]:
         store.close()
 
 
-__all__ = ["Serve", "counts", "demo_models", "exam_files", "free_port", "storescu",
-           "wait_until", "write_config"]
+__all__ = [
+    "Serve",
+    "counts",
+    "demo_models",
+    "exam_files",
+    "free_port",
+    "storescu",
+    "wait_until",
+    "write_config",
+]

@@ -50,9 +50,12 @@ def garbage_file(folder: Path) -> Path:
 def service(tmp_path_factory: pytest.TempPathFactory):
     tmp = tmp_path_factory.mktemp("bad")
     config = write_config(
-        tmp / "svc", port=free_port(), models=demo_models(tmp / "models"),
-        destinations=[{"type": "folder", "name": "folder", "path": "results",
-                       "outputs": ["cad_sr"]}],
+        tmp / "svc",
+        port=free_port(),
+        models=demo_models(tmp / "models"),
+        destinations=[
+            {"type": "folder", "name": "folder", "path": "results", "outputs": ["cad_sr"]}
+        ],
         listener={"allowed_callers": [{"ae_title": "PACS"}]},
     )
     with Serve.start(config) as running:
@@ -74,8 +77,10 @@ def test_bad_input_gets_specific_answers_and_loses_nothing(service: Serve, tmp_p
     cases[-1][1].file_meta.MediaStorageSOPClassUID = CTImageStorage
 
     ae = AE(ae_title="STRANGER")
-    ae.requested_contexts = [build_context(MG, [ExplicitVRLittleEndian]),
-                             build_context(CTImageStorage, [ExplicitVRLittleEndian])]
+    ae.requested_contexts = [
+        build_context(MG, [ExplicitVRLittleEndian]),
+        build_context(CTImageStorage, [ExplicitVRLittleEndian]),
+    ]
     stranger = ae.associate("127.0.0.1", service.port, ae_title="MAMMO_AI")
     assert stranger.is_rejected and int(stranger.acceptor.primitive.diagnostic) == 0x03
 
@@ -94,8 +99,12 @@ def test_bad_input_gets_specific_answers_and_loses_nothing(service: Serve, tmp_p
     expected = {name: status for name, _, status in cases} | {"non-DICOM bytes": 0xC100}
     assert statuses == expected
 
-    wait_until(lambda: counts(service)["deliveries"].get("delivered") == 1, 120,
-               "the good exam's CAD SR", service)
+    wait_until(
+        lambda: counts(service)["deliveries"].get("delivered") == 1,
+        120,
+        "the good exam's CAD SR",
+        service,
+    )
     assert service.running()
     store = service.store()
     try:
@@ -112,5 +121,4 @@ def test_bad_input_gets_specific_answers_and_loses_nothing(service: Serve, tmp_p
     assert any("view" in r.lower() for r in skipped[1:])
     refused = sorted(e["status"] for e in audit if e["event"] == "refused")
     assert refused == ["0xC100", "0xC102", "0xC103"]
-    assert [e["calling_ae"] for e in audit if e["event"] == "association_rejected"] == [
-        "STRANGER"]
+    assert [e["calling_ae"] for e in audit if e["event"] == "association_rejected"] == ["STRANGER"]

@@ -31,8 +31,12 @@ def test_default_config_is_embedded_and_complete() -> None:
     ]
     assert config.models.device == "auto" and config.models.precision == "fp32"
     assert [r.destination.type for r in config.destinations] == ["folder"]
-    assert config.output_kinds == [OutputKind.CAD_SR, OutputKind.TID1500, OutputKind.SEG,
-                                   OutputKind.SC]
+    assert config.output_kinds == [
+        OutputKind.CAD_SR,
+        OutputKind.TID1500,
+        OutputKind.SEG,
+        OutputKind.SC,
+    ]
     # Compressed syntaxes come first so compressed mammograms are stored as received.
     assert config.listener.transfer_syntaxes[0] == "1.2.840.10008.1.2.4.90"
 
@@ -43,14 +47,21 @@ def test_default_config_is_embedded_and_complete() -> None:
         (lambda d: d["listener"].update(prot=1), "listener.prot: unknown key"),
         (lambda d: d["listener"].update(port=70000), "listener.port: Input should be less"),
         (lambda d: d["listener"].update(ae_title="A" * 17), "listener.ae_title: an AE title"),
-        (lambda d: d["models"]["members"][1].update(flips=["none", "none"]),
-         "models.members.1.flips: list each flip once"),
+        (
+            lambda d: d["models"]["members"][1].update(flips=["none", "none"]),
+            "models.members.1.flips: list each flip once",
+        ),
         (lambda d: d["models"].update(precision="fp8"), "models.precision: Input should be"),
-        (lambda d: d["exams"].update(settle_seconds=100), "exams: need settle_seconds <= quiet_seconds"),
+        (
+            lambda d: d["exams"].update(settle_seconds=100),
+            "exams: need settle_seconds <= quiet_seconds",
+        ),
         (lambda d: d["destinations"][0].update(outputs=["pdf"]), "destinations.0.outputs.0"),
         (lambda d: d["destinations"][0].update(pth="x"), "destinations.0.pth: unknown key"),
-        (lambda d: d["destinations"].append(dict(d["destinations"][0])),
-         "names must be unique, repeated: results-folder"),
+        (
+            lambda d: d["destinations"].append(dict(d["destinations"][0])),
+            "names must be unique, repeated: results-folder",
+        ),
         (lambda d: d.update(extra_section={}), "extra_section: unknown key"),
     ],
 )
@@ -99,10 +110,15 @@ def test_secrets_come_from_named_environment_variables(monkeypatch) -> None:
 def test_config_check_command(tmp_path: Path, default_data: dict, capsys) -> None:
     data = copy.deepcopy(default_data)
     data["models"]["members"] = [{"path": "missing.safetensors"}]
-    data["destinations"].append({
-        "type": "orthanc", "name": "orthanc", "url": "http://localhost:8042",
-        "username": "ai", "password_env": "MAMMO_TEST_UNSET_PASSWORD",
-    })
+    data["destinations"].append(
+        {
+            "type": "orthanc",
+            "name": "orthanc",
+            "url": "http://localhost:8042",
+            "username": "ai",
+            "password_env": "MAMMO_TEST_UNSET_PASSWORD",
+        }
+    )
     path = tmp_path / "site.yml"
     path.write_text(yaml.safe_dump(data))
     assert main(["config", "check", str(path)]) == 1

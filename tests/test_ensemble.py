@@ -205,6 +205,15 @@ def test_member_without_boxes_scores_the_same_and_marks_nothing(
     assert c.per_model["allconv-noboxes"] == b.malignant
 
 
+def test_members_sharing_preprocessing_score_alike(model_files, exam, tmp_path):
+    card = dataclasses.replace(read_card(model_files["gmic"]), name="gmic-twin")
+    twin = save_model(load_model(model_files["gmic"]), card, tmp_path / "twin.safetensors")
+    members = (MemberSpec(model_files["gmic"], ("hflip",)), MemberSpec(twin, ("hflip",)))
+    img = Ensemble(EnsembleSpec(members, device="cpu")).predict_exam(exam[:1]).images[0]
+    assert img.per_model["gmic-test"] == img.per_model["gmic-twin"] == img.malignant
+    assert len(img.rois) % 2 == 0 and {r.model for r in img.rois} == {"gmic-test", "gmic-twin"}
+
+
 def test_non_finite_scores_are_refused(model_files, exam, tmp_path):
     module = load_model(model_files["allconv"])
     with torch.no_grad():

@@ -19,15 +19,33 @@ CONFIG = ExamsConfig(settle_seconds=2, quiet_seconds=10, max_wait_seconds=30)
 
 def facts(view_key: str, **extra) -> dict:
     side, view = view_key.split("-")
-    return {"kind": "for_presentation", "laterality": side, "view": view, "view_code": view,
-            "view_modifiers": [], "number_of_frames": 1, "not_screening_reason": None, **extra}
+    return {
+        "kind": "for_presentation",
+        "laterality": side,
+        "view": view,
+        "view_code": view,
+        "view_modifiers": [],
+        "number_of_frames": 1,
+        "not_screening_reason": None,
+        **extra,
+    }
 
 
 def add(store: Store, n: int, view_key: str, at: float, study: str = STUDY, **extra) -> None:
     store.record_instance(
-        NewInstance(f"{study}.{n}", f"sha{n}", study, f"{study}.9", "1.2.840.10008.5.1.4.1.1.1.2",
-                    "1.2.840.10008.1.2.1", 1, Path(f"/x/{n}.dcm"), "PACS", "accepted",
-                    description=facts(view_key, **extra)),
+        NewInstance(
+            f"{study}.{n}",
+            f"sha{n}",
+            study,
+            f"{study}.9",
+            "1.2.840.10008.5.1.4.1.1.1.2",
+            "1.2.840.10008.1.2.1",
+            1,
+            Path(f"/x/{n}.dcm"),
+            "PACS",
+            "accepted",
+            description=facts(view_key, **extra),
+        ),
         now=at,
     )
 
@@ -90,8 +108,12 @@ def test_nothing_analysable_is_skipped_with_the_reason(store: Store, tmp_path: P
 
 def test_selection_policy_comes_from_the_config(store: Store, tmp_path: Path) -> None:
     add(store, 1, "L-CC", at=100.0, kind="for_processing")
-    config = ExamsConfig(settle_seconds=2, quiet_seconds=10, max_wait_seconds=30,
-                         selection={"for_processing": "fallback"})
+    config = ExamsConfig(
+        settle_seconds=2,
+        quiet_seconds=10,
+        max_wait_seconds=30,
+        selection={"for_processing": "fallback"},
+    )
     assembler(store, tmp_path, config).run_once(now=200.0)
     assert [j.selection["chosen"] for j in store.jobs()] == [{"L-CC": f"{STUDY}.1"}]
 

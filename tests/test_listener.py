@@ -10,11 +10,13 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from dcmtk_peer import free_port, make_test_pki
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
 from pydicom.uid import (
     CTImageStorage,
+    DeflatedExplicitVRLittleEndian,
     ExplicitVRLittleEndian,
     JPEG2000Lossless,
     generate_uid,
@@ -24,7 +26,6 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
 from pynetdicom.sop_class import Verification
 
-from dcmtk_peer import free_port, make_test_pki
 from plugin.config import ListenerConfig
 from plugin.listener import Listener
 from plugin.observability import AuditTrail, Metrics
@@ -58,8 +59,9 @@ def make_listener(tmp_path: Path, monkeypatch):
         listener.store.close()
 
 
-def associate(listener: Listener, *, calling: str = "PACS", called: str = "MAMMO_AI",
-              contexts=None, tls=None):
+def associate(
+    listener: Listener, *, calling: str = "PACS", called: str = "MAMMO_AI", contexts=None, tls=None
+):
     ae = AE(ae_title=calling)
     ae.requested_contexts = contexts or [
         build_context(MG, [ExplicitVRLittleEndian]),
@@ -105,8 +107,9 @@ def test_compressed_syntax_is_preferred_and_kept(make_listener, synth_exam_small
     ds = encode(synth_exam_small.image("R-CC").dataset, "jpeg2000")
     # One context offering both: the pitfall of reference §2.3 (a sender that must then
     # decompress J2K). The listener picks the compressed syntax.
-    assoc = associate(listener, contexts=[
-        build_context(MG, [ExplicitVRLittleEndian, JPEG2000Lossless])])
+    assoc = associate(
+        listener, contexts=[build_context(MG, [ExplicitVRLittleEndian, JPEG2000Lossless])]
+    )
     try:
         (cx,) = assoc.accepted_contexts
         assert cx.transfer_syntax[0] == JPEG2000Lossless
@@ -117,15 +120,37 @@ def test_compressed_syntax_is_preferred_and_kept(make_listener, synth_exam_small
     assert dcmread(inst.path).file_meta.TransferSyntaxUID == JPEG2000Lossless
     assert inst.transfer_syntax_uid == JPEG2000Lossless
 
+    # Offered the default uncompressed list in one context, a sender is not asked to deflate.
+    plain = synth_exam_small.image("L-MLO").dataset
+    assoc = associate(listener, contexts=[build_context(MG)])
+    try:
+        assert assoc.accepted_contexts[0].transfer_syntax[0] == ExplicitVRLittleEndian
+        assert assoc.send_c_store(plain).Status == 0x0000
+    finally:
+        assoc.release()
+    # A deflated data set, when it is the only offer, is stored too.
+    deflated = copy.deepcopy(synth_exam_small.image("L-CC").dataset)
+    deflated.file_meta.TransferSyntaxUID = DeflatedExplicitVRLittleEndian
+    assoc = associate(listener, contexts=[build_context(MG, [DeflatedExplicitVRLittleEndian])])
+    try:
+        assert assoc.send_c_store(deflated).Status == 0x0000
+    finally:
+        assoc.release()
+    assert len(listener.store.instances(ds.StudyInstanceUID)) == 3
+
 
 def test_association_checks(make_listener) -> None:
-    listener = make_listener(allowed_callers=[{"ae_title": "PACS"},
-                                              {"ae_title": "MODALITY", "address": "10.9.9.9"}])
+    listener = make_listener(
+        allowed_callers=[{"ae_title": "PACS"}, {"ae_title": "MODALITY", "address": "10.9.9.9"}]
+    )
     ok = associate(listener)
     assert ok.is_established and ok.send_c_echo().Status == 0x0000
     ok.release()
-    for kwargs, diagnostic in (({"calling": "STRANGER"}, 0x03), ({"called": "OTHER"}, 0x07),
-                               ({"calling": "MODALITY"}, 0x03)):
+    for kwargs, diagnostic in (
+        ({"calling": "STRANGER"}, 0x03),
+        ({"called": "OTHER"}, 0x07),
+        ({"calling": "MODALITY"}, 0x03),
+    ):
         assoc = associate(listener, **kwargs)
         assert assoc.is_rejected, kwargs
         rj = assoc.acceptor.primitive
@@ -193,8 +218,9 @@ def test_statuses_for_bad_input(make_listener, synth_exam_small, tmp_path, monke
     monkeypatch.setattr(_config, "STORE_SEND_CHUNKED_DATASET", True)
     assert send(listener, garbage).Status == 0xC100
 
-    ignored = {e["sop_instance"]: e["reason"] for e in audit_events(listener)
-               if e["event"] == "skipped"}
+    ignored = {
+        e["sop_instance"]: e["reason"] for e in audit_events(listener) if e["event"] == "skipped"
+    }
     assert len(ignored) == 2
     reasons = sorted(ignored.values())
     assert "laterality" in reasons[1].lower() and reasons[1].startswith("unusable")
@@ -209,9 +235,13 @@ def test_statuses_for_bad_input(make_listener, synth_exam_small, tmp_path, monke
 
 def test_tls_with_client_certificates(make_listener, tmp_path) -> None:
     pki = make_test_pki(tmp_path / "pki")
-    listener = make_listener(tls={"certificate": pki["server_cert"],
-                                  "private_key": pki["server_key"],
-                                  "ca_certificates": pki["ca"]})
+    listener = make_listener(
+        tls={
+            "certificate": pki["server_cert"],
+            "private_key": pki["server_key"],
+            "ca_certificates": pki["ca"],
+        }
+    )
     ctx = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=pki["ca"])
     ctx.load_cert_chain(pki["client_cert"], pki["client_key"])
     assoc = associate(listener, tls=(ctx, "localhost"))

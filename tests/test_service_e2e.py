@@ -8,9 +8,9 @@ import json
 import shutil
 import subprocess
 import urllib.request
-from pathlib import Path
 
 import pytest
+from dcmtk_peer import StoreSCP
 from pydicom import dcmread
 from service_harness import (
     Serve,
@@ -23,7 +23,6 @@ from service_harness import (
     write_config,
 )
 
-from dcmtk_peer import StoreSCP
 from plugin.cli import main
 
 SYNTAXES = {
@@ -46,22 +45,33 @@ def pipeline(tmp_path_factory: pytest.TempPathFactory):
         http_port=http_port,
         models=demo_models(tmp / "models"),
         destinations=[
-            {"type": "dicom", "name": "pacs", "host": "127.0.0.1", "port": pacs.port,
-             "called_ae": "PACS", "outputs": OUTPUTS},
+            {
+                "type": "dicom",
+                "name": "pacs",
+                "host": "127.0.0.1",
+                "port": pacs.port,
+                "called_ae": "PACS",
+                "outputs": OUTPUTS,
+            },
             {"type": "folder", "name": "folder", "path": "results", "outputs": ["cad_sr"]},
         ],
     )
     service = Serve.start(config)
-    exams = {syntax: exam_files(tmp / "in" / syntax, seed, syntax)
-             for seed, syntax in enumerate(SYNTAXES, start=20)}
+    exams = {
+        syntax: exam_files(tmp / "in" / syntax, seed, syntax)
+        for seed, syntax in enumerate(SYNTAXES, start=20)
+    }
     for syntax, files in exams.items():
         # -xv / -xt propose the compressed syntax the files are in (plus uncompressed).
         flag = {"jpeg2000": ["-xv"], "jpegls": ["-xt"]}.get(syntax, [])
         storescu(files, service.port, extra=flag)
     wait_until(
-        lambda: counts(service)["deliveries"].get("delivered", 0)
-        == len(exams) * (OBJECTS_PER_EXAM + 1),
-        240, "every result delivered", service,
+        lambda: (
+            counts(service)["deliveries"].get("delivered", 0) == len(exams) * (OBJECTS_PER_EXAM + 1)
+        ),
+        240,
+        "every result delivered",
+        service,
     )
     yield {"service": service, "pacs": pacs, "exams": exams, "tmp": tmp, "http": http_port}
     service.stop()
@@ -80,8 +90,10 @@ def test_every_exam_is_analysed_once_and_inputs_are_stored_as_received(pipeline)
             assert len(stored) == 4
             assert {i.transfer_syntax_uid for i in stored} == {SYNTAXES[syntax]}
             for inst in stored:
-                assert dcmread(inst.path, stop_before_pixels=True).file_meta.TransferSyntaxUID \
+                assert (
+                    dcmread(inst.path, stop_before_pixels=True).file_meta.TransferSyntaxUID
                     == SYNTAXES[syntax]
+                )
             assert [j.partial for j in store.jobs() if j.study_instance_uid == study] == [False]
     finally:
         store.close()
@@ -131,8 +143,7 @@ def test_status_health_metrics_and_audit(pipeline, capsys) -> None:
     assert events.count("received") == 12 and events.count("analysed") == 3
     assert events.count("delivered") == 33
     # No patient identifiers or UIDs in the logs or the audit trail.
-    study = str(dcmread(pipeline["exams"]["explicit"][0], stop_before_pixels=True)
-                .StudyInstanceUID)
+    study = str(dcmread(pipeline["exams"]["explicit"][0], stop_before_pixels=True).StudyInstanceUID)
     patient = str(dcmread(pipeline["exams"]["explicit"][0], stop_before_pixels=True).PatientID)
     audit_text = (service.config.parent / "var" / "audit.jsonl").read_text()
     for text in (service.log, audit_text):
@@ -149,6 +160,15 @@ def test_resent_exam_is_a_duplicate_not_a_new_analysis(pipeline) -> None:
     finally:
         store.close()
     assert [e["event"] for e in service.audit()].count("duplicate") == 4
+
+
+def test_plugin_demo_shows_what_came_back_and_where(pipeline, capsys) -> None:
+    service: Serve = pipeline["service"]
+    assert main(["demo", "--config", str(service.config), "--seed", "5", "--timeout", "120"]) == 0
+    out = capsys.readouterr().out
+    assert "C-STORE R-MLO: 0x0000" in out and "exam malignancy score" in out
+    assert out.count("delivered") == OBJECTS_PER_EXAM + 1
+    assert f"folder → {service.config.parent / 'results'}" in out
 
 
 def test_sigterm_drains_and_exits_cleanly(pipeline) -> None:

@@ -38,8 +38,9 @@ def store(tmp_path: Path) -> Store:
 
 
 def result(n: int, destinations: tuple[str, ...] = ("pacs",)) -> NewResult:
-    return NewResult("cad_sr", f"9.9.{n}", "1.2.840.10008.5.1.4.1.1.88.50", Path(f"/r/{n}.dcm"),
-                     5, destinations)
+    return NewResult(
+        "cad_sr", f"9.9.{n}", "1.2.840.10008.5.1.4.1.1.88.50", Path(f"/r/{n}.dcm"), 5, destinations
+    )
 
 
 def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> None:
@@ -71,7 +72,11 @@ def test_exam_rounds_jobs_and_versions(store: Store) -> None:
     store.record_instance(instance(2), now=101.0)
     exam = store.exam(STUDY)
     assert (exam.state, exam.first_seen, exam.last_seen, exam.version) == (
-        "collecting", 100.0, 101.0, 0)
+        "collecting",
+        100.0,
+        101.0,
+        0,
+    )
     job = store.queue_job(exam.id, [1, 2], {"closed_by": "complete"}, partial=False, now=105.0)
     assert (job.version, store.exam(STUDY).state) == (1, "queued")
     with pytest.raises(StoreError, match="not collecting"):
