@@ -113,6 +113,7 @@ def main() -> None:
     )
     args = parser.parse_args()
 
+    torch.set_flush_denormal(True)  # as `trainer finetune` does
     devices = []
     if args.device in ("all", "cpu"):
         devices.append(torch.device("cpu"))

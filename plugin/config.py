@@ -8,24 +8,21 @@ so a config and its model files move together. Secrets are never in the file: a 
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import (
-    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
 from pydicom.uid import UID
 
+from plugin.config_types import AETitle, ConfigPath, Seconds, environment_secret
 from plugin.delivery import Destination
 from plugin.outputs.common import OutputKind
 from plugin.selection import SelectionPolicy
@@ -41,44 +38,9 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base")
-    value = value.expanduser()
-    if base is not None and not value.is_absolute():
-        value = Path(base) / value
-    return value
-
-
-ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
-"""A path in the config; relative paths are taken from the config file's folder."""
-
-_AE_TITLE = re.compile(r"^[\x20-\x5b\x5d-\x7e]{1,16}$")
-
-
-def _ae_title(value: str) -> str:
-    if not _AE_TITLE.match(value) or not value.strip():
-        raise ValueError(
-            "an AE title is 1 to 16 printable ASCII characters, not blank and without backslash"
-        )
-    return value.strip()
-
-
-AETitle = Annotated[str, AfterValidator(_ae_title)]
-Seconds = Annotated[float, Field(gt=0)]
-
-
 def resolve_secret(env_name: str | None, key_path: str) -> str | None:
-    """The secret held by the environment variable a config key names; None when no variable
-    is named. A named but unset variable is an error, since the operator asked for a secret."""
-    if env_name is None:
-        return None
-    value = os.environ.get(env_name)
-    if value is None:
-        raise ConfigError(
-            f"{key_path}: environment variable {env_name} is not set; export it before starting "
-            "the service (secrets are never read from the config file)"
-        )
-    return value
+    """The secret the environment variable named at `key_path` holds (None when none is named)."""
+    return environment_secret(env_name, key_path, ConfigError)
 
 
 # -- listener -------------------------------------------------------------------------------

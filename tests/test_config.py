@@ -103,7 +103,10 @@ def test_secrets_come_from_named_environment_variables(monkeypatch) -> None:
     monkeypatch.setenv("MAMMO_TEST_SECRET", "s3cret")
     assert resolve_secret("MAMMO_TEST_SECRET", "x") == "s3cret"
     monkeypatch.delenv("MAMMO_TEST_SECRET")
-    with pytest.raises(ConfigError, match="destinations.0.password_env: environment variable"):
+    with pytest.raises(
+        ConfigError,
+        match="destinations.0.password_env names environment variable MAMMO_TEST_SECRET, which is not set",
+    ):
         resolve_secret("MAMMO_TEST_SECRET", "destinations.0.password_env")
 
 

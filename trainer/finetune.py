@@ -221,7 +221,20 @@ def finetune(
 
     `on_epoch_end` is called after each epoch's checkpoint is on disk with that epoch's
     history row; an exception raised there interrupts the run as a crash would.
+
+    Denormal floats are flushed to zero for the run: on x86 CPUs, backward passes produce
+    them and run several times slower without this (measured 4-5x on the demo models).
     """
+    torch.set_flush_denormal(True)
+    try:
+        return _finetune(options, on_epoch_end)
+    finally:
+        torch.set_flush_denormal(False)
+
+
+def _finetune(
+    options: FinetuneOptions, on_epoch_end: Callable[[dict[str, Any]], None] | None
+) -> FinetuneResult:
     started = time.monotonic()
     o = options
     if (o.base is None) == (o.arch is None):

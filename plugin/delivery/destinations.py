@@ -7,9 +7,7 @@ folder when the config loader passes `context={"base": folder}`.
 
 from __future__ import annotations
 
-import os
 import re
-from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import (
@@ -17,29 +15,14 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    ValidationInfo,
     model_validator,
 )
+
+from plugin.config_types import AETitle, ConfigPath, EnvName, Seconds, environment_secret
 
 
 class DestinationError(ValueError):
     """A destination that cannot be used as configured; the message names the key and fix."""
-
-
-def _relative_to_config(value: Path, info: ValidationInfo) -> Path:
-    base = (info.context or {}).get("base")
-    value = value.expanduser()
-    if base is not None and not value.is_absolute():
-        value = Path(base) / value
-    return value
-
-
-def _ae_title(value: str) -> str:
-    if not re.fullmatch(r"[\x20-\x5b\x5d-\x7e]{1,16}", value) or not value.strip():
-        raise ValueError(
-            "an AE title is 1 to 16 printable ASCII characters, not blank and without backslash"
-        )
-    return value.strip()
 
 
 def _http_url(value: str) -> str:
@@ -48,11 +31,7 @@ def _http_url(value: str) -> str:
     return value.rstrip("/")
 
 
-LocalPath = Annotated[Path, AfterValidator(_relative_to_config)]
-AETitle = Annotated[str, AfterValidator(_ae_title)]
 HttpUrl = Annotated[str, AfterValidator(_http_url)]
-EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
-Seconds = Annotated[float, Field(gt=0)]
 Name = Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]
 
 
@@ -61,11 +40,11 @@ class _Model(BaseModel):
 
 
 class DicomTls(_Model):
-    ca: LocalPath | None = None
+    ca: ConfigPath | None = None
     """PEM bundle of CAs trusted for the peer's certificate; none: the system's CAs."""
-    cert: LocalPath | None = None
+    cert: ConfigPath | None = None
     """Our client certificate (PEM), for peers that require one; needs `key`."""
-    key: LocalPath | None = None
+    key: ConfigPath | None = None
     server_name: str | None = None
     """Name checked against the peer's certificate; default: the destination's host."""
     verify_hostname: bool = True
@@ -107,7 +86,7 @@ class DicomwebDestination(_Model):
     password_env: EnvName | None = None
     token_env: EnvName | None = None
     """Environment variable holding a bearer token (instead of username and password)."""
-    ca: LocalPath | None = None
+    ca: ConfigPath | None = None
     """PEM bundle of CAs trusted for https; none: the system's CAs."""
     timeout_seconds: Seconds = 60
 
@@ -128,7 +107,7 @@ class OrthancDestination(_Model):
     """Orthanc's HTTP base URL, e.g. http://localhost:8042."""
     username: str | None = None
     password_env: EnvName | None = None
-    ca: LocalPath | None = None
+    ca: ConfigPath | None = None
     timeout_seconds: Seconds = 60
 
     @model_validator(mode="after")
@@ -142,7 +121,7 @@ class FolderDestination(_Model):
 
     type: Literal["folder"]
     name: Name
-    path: LocalPath
+    path: ConfigPath
 
 
 Destination = Annotated[
@@ -161,14 +140,6 @@ def _check_basic_auth(username: str | None, password_env: str | None) -> None:
 
 def secret(destination: DicomwebDestination | OrthancDestination, key: str) -> str | None:
     """The value of the environment variable that `destination.<key>` names; None when the key
-    is unset. A named variable that is not set is an error: the operator asked for a secret."""
-    env_name = getattr(destination, key)
-    if env_name is None:
-        return None
-    value = os.environ.get(env_name)
-    if value is None:
-        raise DestinationError(
-            f"destination {destination.name}: {key} names environment variable {env_name}, "
-            "which is not set; export it before starting the service"
-        )
-    return value
+    is unset."""
+    what = f"destination {destination.name}: {key}"
+    return environment_secret(getattr(destination, key), what, DestinationError)
