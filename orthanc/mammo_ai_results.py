@@ -250,10 +250,7 @@ def _level(group: dict, laterality: dict[str, str]) -> str:
 
 def _member_score(num: dict) -> bool:
     """A NUM carrying its own algorithm identification is one ensemble member's score."""
-    return any(
-        _concept(c) == _ALGORITHM_NAME
-        for c in num.get("ContentSequence", []) or []
-    )
+    return any(_concept(c) == _ALGORITHM_NAME for c in num.get("ContentSequence", []) or [])
 
 
 def _concept(item: dict) -> str:

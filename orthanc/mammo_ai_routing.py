@@ -230,7 +230,8 @@ class Router:
             uri = f"/instances/{instance_id}/content/0018,a001"
             items = self.rest.get(uri) or []
             makers = {
-                (self.rest.get_bytes(f"{uri}/{i}/0008,0070") or b"").decode(errors="replace")
+                (self.rest.get_bytes(f"{uri}/{i}/0008,0070") or b"")
+                .decode(errors="replace")
                 .strip(" \x00")
                 for i in range(len(items))
             }
@@ -255,8 +256,9 @@ class Router:
     def _mark_routed(self, instance_ids: list[str]) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime()) + " " + self.settings.modality
         for instance_id in instance_ids:
-            self.rest.put(f"/instances/{instance_id}/metadata/{self.settings.routed_metadata}",
-                          stamp)
+            self.rest.put(
+                f"/instances/{instance_id}/metadata/{self.settings.routed_metadata}", stamp
+            )
 
     def _save_checkpoint(self) -> None:
         firsts = [p.first_seq for p in self._pending.values()]

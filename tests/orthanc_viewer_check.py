@@ -31,10 +31,20 @@ def chromium() -> str:
 
 def _run_chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess:
     args = [
-        chromium(), "--headless", "--no-sandbox", "--disable-gpu",
-        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-        "--no-first-run", f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-        "--hide-scrollbars", "--virtual-time-budget=20000", *mode, url,
+        chromium(),
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--no-first-run",
+        f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        "--hide-scrollbars",
+        "--virtual-time-budget=20000",
+        *mode,
+        url,
     ]
     return subprocess.run(args, capture_output=True, text=True, timeout=120)
 

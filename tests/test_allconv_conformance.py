@@ -60,9 +60,14 @@ def run(imported) -> dict:
     """Preprocess the raw image, run the 4 flips as one batch, capture the probes."""
     raw = np.load(CASE / "input.npz")["raw_uint16"]
     image = Mammogram(
-        pixels=raw.astype(np.float32), laterality=Laterality.LEFT, view=View.CC,
-        bits_stored=16, sop_instance_uid="1.2.3", series_instance_uid="1.2",
-        study_instance_uid="1", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+        pixels=raw.astype(np.float32),
+        laterality=Laterality.LEFT,
+        view=View.CC,
+        bits_stored=16,
+        sop_instance_uid="1.2.3",
+        series_instance_uid="1.2",
+        study_instance_uid="1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
     )
     family = get_family("allconv")
     x = family.preprocess(image, imported.card.preprocessing).tensor[None]
@@ -74,6 +79,7 @@ def run(imported) -> dict:
             if name_in:
                 captured[name_in] = inputs[0][0].clone()
             captured[name_out] = output[0].clone()
+
         return hook
 
     hooks = [
@@ -189,8 +195,14 @@ def test_published_parameter_counts() -> None:
     """Keras' counts (BN moving statistics included) from the reference notes."""
     for preset, total in (("resnet50", 40_942_466), ("vgg16", 19_439_426)):
         model = build(PRESETS[preset])
-        assert sum(t.numel() for k, t in model.state_dict().items()
-                   if not k.endswith("num_batches_tracked")) == total
+        assert (
+            sum(
+                t.numel()
+                for k, t in model.state_dict().items()
+                if not k.endswith("num_batches_tracked")
+            )
+            == total
+        )
 
 
 def test_family_round_trips_its_presets() -> None:

@@ -60,27 +60,53 @@ class _Model:
         )
         return name
 
-    def conv(self, x: str, m: nn.Conv2d, name: str | None = None, padding: str = "same",
-             activation: str = "linear") -> str:
+    def conv(
+        self,
+        x: str,
+        m: nn.Conv2d,
+        name: str | None = None,
+        padding: str = "same",
+        activation: str = "linear",
+    ) -> str:
         name = name or self.auto("conv2d")
         self.weights[name] = [
             ("kernel", m.weight.detach().permute(2, 3, 1, 0).numpy()),
             ("bias", m.bias.detach().numpy()),
         ]
-        return self.add("Conv2D", name, [x], filters=m.out_channels,
-                        kernel_size=list(m.kernel_size), strides=list(m.stride), padding=padding,
-                        data_format="channels_last", dilation_rate=[1, 1], activation=activation,
-                        use_bias=True)
+        return self.add(
+            "Conv2D",
+            name,
+            [x],
+            filters=m.out_channels,
+            kernel_size=list(m.kernel_size),
+            strides=list(m.stride),
+            padding=padding,
+            data_format="channels_last",
+            dilation_rate=[1, 1],
+            activation=activation,
+            use_bias=True,
+        )
 
     def bn(self, x: str, m: nn.BatchNorm2d, name: str | None = None) -> str:
         name = name or self.auto("batch_normalization")
         self.weights[name] = [
             (v, t.detach().numpy())
-            for v, t in zip(("gamma", "beta", "moving_mean", "moving_variance"),
-                            (m.weight, m.bias, m.running_mean, m.running_var), strict=True)
+            for v, t in zip(
+                ("gamma", "beta", "moving_mean", "moving_variance"),
+                (m.weight, m.bias, m.running_mean, m.running_var),
+                strict=True,
+            )
         ]
-        return self.add("BatchNormalization", name, [x], axis=-1, momentum=0.99, epsilon=0.001,
-                        center=True, scale=True)
+        return self.add(
+            "BatchNormalization",
+            name,
+            [x],
+            axis=-1,
+            momentum=0.99,
+            epsilon=0.001,
+            center=True,
+            scale=True,
+        )
 
     def relu(self, x: str) -> str:
         return self.add("Activation", self.auto("activation"), [x], activation="relu")
@@ -89,12 +115,19 @@ class _Model:
         return self.add("Dropout", self.auto("dropout"), [x], rate=0.0)
 
     def pool(self, x: str, size: int, name: str | None = None) -> str:
-        return self.add("MaxPooling2D", name or self.auto("max_pooling2d"), [x],
-                        pool_size=[size, size], strides=[2, 2], padding="valid",
-                        data_format="channels_last")
+        return self.add(
+            "MaxPooling2D",
+            name or self.auto("max_pooling2d"),
+            [x],
+            pool_size=[size, size],
+            strides=[2, 2],
+            padding="valid",
+            data_format="channels_last",
+        )
 
-    def bottleneck(self, x: str, unit: nn.Module, names: dict[str, str] | None = None,
-                   dropout: bool = False) -> str:
+    def bottleneck(
+        self, x: str, unit: nn.Module, names: dict[str, str] | None = None, dropout: bool = False
+    ) -> str:
         """names: role → layer name (trunk); None: Keras auto names (top blocks)."""
         n = names or {}
         y = x
@@ -112,9 +145,15 @@ class _Model:
         return self.dropout(out) if dropout else out
 
     def config(self, name: str, inputs: str, output: str, cls: str = "Model") -> dict[str, Any]:
-        return {"class_name": cls, "config": {"name": name, "layers": self.layers,
-                                              "input_layers": [[inputs, 0, 0]],
-                                              "output_layers": [[output, 0, 0]]}}
+        return {
+            "class_name": cls,
+            "config": {
+                "name": name,
+                "layers": self.layers,
+                "input_layers": [[inputs, 0, 0]],
+                "output_layers": [[output, 0, 0]],
+            },
+        }
 
 
 def _trunk(model: AllConvNet) -> tuple[_Model, str]:
@@ -159,8 +198,10 @@ def write_keras_h5(model: AllConvNet, path: Path) -> Path:
                 x = top.dropout(top.relu(top.bn(x, getattr(block, f"bn{c}"))))
             x = top.pool(x, 2)
     x = top.dropout(top.add("GlobalAveragePooling2D", "global_average_pooling2d_1", [x]))
-    top.weights["dense_1"] = [("kernel", model.fc.weight.detach().T.numpy()),
-                              ("bias", model.fc.bias.detach().numpy())]
+    top.weights["dense_1"] = [
+        ("kernel", model.fc.weight.detach().T.numpy()),
+        ("bias", model.fc.bias.detach().numpy()),
+    ]
     x = top.add("Dense", "dense_1", [x], units=2, activation="softmax", use_bias=True)
     with h5py.File(path, "w") as f:
         f.attrs["keras_version"] = "2.0.8"
@@ -298,27 +339,36 @@ def test_refuses_an_hdf5_file_that_is_not_a_keras_model(tmp_path: Path) -> None:
 
 
 def test_refuses_an_unsupported_layer_class(demo_h5: Path, tmp_path: Path) -> None:
-    _edit_config(demo_h5, lambda c: _top_layer(c, "global_average_pooling2d_1").update(
-        class_name="GlobalMaxPooling2D"))
-    _import_fails(demo_h5, tmp_path, "'global_average_pooling2d_1'", "GlobalMaxPooling2D",
-                  "not supported")
+    _edit_config(
+        demo_h5,
+        lambda c: _top_layer(c, "global_average_pooling2d_1").update(
+            class_name="GlobalMaxPooling2D"
+        ),
+    )
+    _import_fails(
+        demo_h5, tmp_path, "'global_average_pooling2d_1'", "GlobalMaxPooling2D", "not supported"
+    )
 
 
 def test_refuses_an_unsupported_activation(demo_h5: Path, tmp_path: Path) -> None:
-    _edit_config(demo_h5, lambda c: _top_layer(c, "activation_1")["config"].update(
-        activation="sigmoid"))
+    _edit_config(
+        demo_h5, lambda c: _top_layer(c, "activation_1")["config"].update(activation="sigmoid")
+    )
     _import_fails(demo_h5, tmp_path, "activation_1", "'sigmoid'")
 
 
 def test_refuses_a_single_channel_model(demo_h5: Path, tmp_path: Path) -> None:
-    _edit_config(demo_h5, lambda c: _top_layer(c, "input_1")["config"].update(
-        batch_input_shape=[None, 160, 128, 1]))
+    _edit_config(
+        demo_h5,
+        lambda c: _top_layer(c, "input_1")["config"].update(batch_input_shape=[None, 160, 128, 1]),
+    )
     _import_fails(demo_h5, tmp_path, "1 channels", "YaroslavNet")
 
 
 def test_refuses_a_different_batchnorm_epsilon(demo_h5: Path, tmp_path: Path) -> None:
-    _edit_config(demo_h5, lambda c: _top_layer(c, "batch_normalization_2")["config"].update(
-        epsilon=1e-5))
+    _edit_config(
+        demo_h5, lambda c: _top_layer(c, "batch_normalization_2")["config"].update(epsilon=1e-5)
+    )
     _import_fails(demo_h5, tmp_path, "batch_normalization_2", "epsilon")
 
 
@@ -357,6 +407,8 @@ def test_refuses_a_model_without_a_nested_trunk(demo_h5: Path, tmp_path: Path) -
 
 
 def test_refuses_keras3_inbound_nodes(demo_h5: Path, tmp_path: Path) -> None:
-    _edit_config(demo_h5, lambda c: _top_layer(c, "dense_1").update(
-        inbound_nodes=[{"args": [], "kwargs": {}}]))
+    _edit_config(
+        demo_h5,
+        lambda c: _top_layer(c, "dense_1").update(inbound_nodes=[{"args": [], "kwargs": {}}]),
+    )
     _import_fails(demo_h5, tmp_path, "dense_1", "Keras 3")

@@ -11,17 +11,32 @@ from models.allconv import DDSM_MEAN, INBREAST_MEAN, PRESETS, default_spec, prep
 from models.geometry import Resize
 from models.mammogram import Laterality, Mammogram, View
 
-CASE = (Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "allconv" / "cases"
-        / "resnet50_zeropad_seed1")
-SMALL = {"target_size": [64, 48], "featurewise_mean": DDSM_MEAN, "rescale": 0.003891,
-         "scale_to_16bit": True}
+CASE = (
+    Path(__file__).resolve().parents[1].parent
+    / "shared"
+    / "reference"
+    / "allconv"
+    / "cases"
+    / "resnet50_zeropad_seed1"
+)
+SMALL = {
+    "target_size": [64, 48],
+    "featurewise_mean": DDSM_MEAN,
+    "rescale": 0.003891,
+    "scale_to_16bit": True,
+}
 
 
 def _image(pixels: np.ndarray, bits: int = 16) -> Mammogram:
     return Mammogram(
-        pixels=pixels.astype(np.float32), laterality=Laterality.RIGHT, view=View.MLO,
-        bits_stored=bits, sop_instance_uid="1.2.3", series_instance_uid="1.2",
-        study_instance_uid="1", sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
+        pixels=pixels.astype(np.float32),
+        laterality=Laterality.RIGHT,
+        view=View.MLO,
+        bits_stored=bits,
+        sop_instance_uid="1.2.3",
+        series_instance_uid="1.2",
+        study_instance_uid="1",
+        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
     )
 
 

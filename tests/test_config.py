@@ -105,7 +105,7 @@ def test_secrets_come_from_named_environment_variables(monkeypatch) -> None:
     monkeypatch.delenv("MAMMO_TEST_SECRET")
     with pytest.raises(
         ConfigError,
-        match="destinations.0.password_env names environment variable MAMMO_TEST_SECRET, which is not set",
+        match="password_env names environment variable MAMMO_TEST_SECRET, which is not set",
     ):
         resolve_secret("MAMMO_TEST_SECRET", "destinations.0.password_env")
 

@@ -62,9 +62,18 @@ def test_ohif_proxy_serves_dist_and_dicomweb_on_one_origin(example_orthanc, tmp_
     log = tmp_path / "proxy.log"
     with log.open("wb") as out:
         proxy = subprocess.Popen(
-            [sys.executable, SERVE_OHIF, "--dist", dist, "--orthanc", orthanc.url,
-             "--port", str(port)],
-            stdout=out, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                SERVE_OHIF,
+                "--dist",
+                dist,
+                "--orthanc",
+                orthanc.url,
+                "--port",
+                str(port),
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env={"MAMMO_AI_ORTHANC_USER": "radiologist", "MAMMO_AI_ORTHANC_PASSWORD": "s3cret"},
         )
     try:

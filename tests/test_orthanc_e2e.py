@@ -51,11 +51,20 @@ def stack(tmp_path_factory):
         port=listener_port,
         models=demo_models(tmp / "models"),
         destinations=[
-            {"type": "dicom", "name": "orthanc-dimse", "host": "127.0.0.1",
-             "port": orthanc.dicom_port, "called_ae": orthanc.ae_title,
-             "outputs": ["cad_sr", "sc"]},
-            {"type": "dicomweb", "name": "orthanc-stow", "url": orthanc.dicomweb_url,
-             "outputs": ["tid1500", "tid1500_scores"]},
+            {
+                "type": "dicom",
+                "name": "orthanc-dimse",
+                "host": "127.0.0.1",
+                "port": orthanc.dicom_port,
+                "called_ae": orthanc.ae_title,
+                "outputs": ["cad_sr", "sc"],
+            },
+            {
+                "type": "dicomweb",
+                "name": "orthanc-stow",
+                "url": orthanc.dicomweb_url,
+                "outputs": ["tid1500", "tid1500_scores"],
+            },
             {"type": "orthanc", "name": "orthanc-rest", "url": orthanc.url, "outputs": ["seg"]},
         ],
     )
@@ -185,4 +194,3 @@ def _seg_peak(orthanc: OrthancPeer, view: dict) -> tuple[int, tuple[int, int], n
     seg = frames[heat["frame"]]
     row, col = np.unravel_index(int(np.argmax(seg)), seg.shape)
     return int(seg.max()), (int(row), int(col)), seg
-

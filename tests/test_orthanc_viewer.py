@@ -22,8 +22,13 @@ from models.results import BreastPrediction, ExamPrediction, ImagePrediction, Mo
 from plugin.outputs import OutputKind, build_outputs
 
 MODEL = ModelInfo(
-    name="demo-gmic", version="0.1-test", family="gmic", clinical_use=False,
-    intended_use="tests", licence="Apache-2.0", operating_point=0.5,
+    name="demo-gmic",
+    version="0.1-test",
+    family="gmic",
+    clinical_use=False,
+    intended_use="tests",
+    licence="Apache-2.0",
+    operating_point=0.5,
 )
 
 
@@ -77,9 +82,12 @@ def viewer_orthanc(tmp_path_factory, synth_exam_small):
     config = plugin_config(60)
     # Not listed in DicomModalities: routing stays off; the viewer is what is under test.
     config["BuiltinDecoderTranscoderOrder"] = "Before"
-    with OrthancPeer.start(
-        workdir / "orthanc", plugins=("python",), python_script=SCRIPT, extra_config=config
-    ) as orthanc, orthanc.client() as client:
+    with (
+        OrthancPeer.start(
+            workdir / "orthanc", plugins=("python",), python_script=SCRIPT, extra_config=config
+        ) as orthanc,
+        orthanc.client() as client,
+    ):
         for ds in [*exam.datasets, *objects]:
             client.post("/instances", content=dicom_bytes(ds)).raise_for_status()
         study = client.post(

@@ -82,8 +82,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not (args.dist / "index.html").is_file():
         parser.error(f"{args.dist} holds no OHIF dist; run orthanc/ohif/fetch_ohif.sh first")
-    user, password = os.environ.get("MAMMO_AI_ORTHANC_USER"), os.environ.get(
-        "MAMMO_AI_ORTHANC_PASSWORD"
+    user, password = (
+        os.environ.get("MAMMO_AI_ORTHANC_USER"),
+        os.environ.get("MAMMO_AI_ORTHANC_PASSWORD"),
     )
     auth = None
     if user and password:
@@ -91,8 +92,9 @@ def main(argv: list[str] | None = None) -> int:
     mimetypes.add_type("application/wasm", ".wasm")
     handler = make_handler(args.dist, args.orthanc.rstrip("/"), auth)
     server = ThreadingHTTPServer((args.host, args.port), handler)
-    print(f"OHIF on http://{args.host}:{server.server_port}/ → DICOMweb of {args.orthanc}",
-          flush=True)
+    print(
+        f"OHIF on http://{args.host}:{server.server_port}/ → DICOMweb of {args.orthanc}", flush=True
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:
