@@ -40,7 +40,9 @@ class Dispatcher:
         self.metrics = metrics
         self.batch = batch
         self._stop = threading.Event()
-        self._wake = threading.Event()
+        # One event per destination thread: with a shared one, the first thread to wake
+        # would clear it before a thread busy sending had seen it.
+        self._wake = {name: threading.Event() for name in self.senders}
         self._threads: list[threading.Thread] = []
 
     def start(self) -> None:
@@ -53,7 +55,8 @@ class Dispatcher:
 
     def wake(self) -> None:
         """New rows were queued: look now rather than at the next poll."""
-        self._wake.set()
+        for event in self._wake.values():
+            event.set()
 
     @property
     def alive(self) -> bool:
@@ -62,7 +65,7 @@ class Dispatcher:
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the sends in progress, then return; pending rows stay for the next start."""
         self._stop.set()
-        self._wake.set()
+        self.wake()
         deadline = time.monotonic() + timeout
         for thread in self._threads:
             thread.join(max(0.0, deadline - time.monotonic()))
@@ -73,7 +76,9 @@ class Dispatcher:
                 log.exception("closing a sender failed")
 
     def _loop(self, destination: str) -> None:
+        wake = self._wake[destination]
         while not self._stop.is_set():
+            wake.clear()  # before the pass: a wake during the pass makes the wait return
             try:
                 sent = self.run_once(destination)
             except Exception:  # noqa: BLE001 - the loop must survive a database hiccup
@@ -82,8 +87,7 @@ class Dispatcher:
                 )
                 sent = 0
             if not sent:
-                self._wake.wait(self.config.poll_seconds)
-                self._wake.clear()
+                wake.wait(self.config.poll_seconds)
 
     def run_once(self, destination: str, *, now: float | None = None) -> int:
         """Send this destination's due rows (one batch); returns how many were attempted."""

@@ -138,9 +138,12 @@ class Assembler:
         if reason is None:
             return 0
         fields = {"study": exam.study_instance_uid, "closed_by": reason}
+        # `seen`: an image recorded after `instances()` was read keeps the round open rather
+        # than being left out of this job (or out of the decision to skip the exam).
         if not plan.chosen:
             why = "; ".join(sorted({r for _, r in plan.skipped})) or "no analysable image"
-            self.store.skip_exam(exam.id, why)
+            if not self.store.skip_exam(exam.id, why, seen=exam.last_seen):
+                return 0
             self.metrics.exams.labels("skipped").inc()
             self.audit.record("exam_skipped", reason=why, **fields)
             log.info("exam skipped", extra={"fields": {**fields, "reason": why}})
@@ -150,8 +153,11 @@ class Assembler:
             [inst.id for inst in plan.chosen.values()],
             plan.summary(reason),
             partial=not plan.complete,
+            seen=exam.last_seen,
             now=now,
         )
+        if job is None:
+            return 0
         self.metrics.stage_seconds.labels("wait").observe(max(0.0, now - exam.last_seen))
         self.audit.record(
             "exam_queued",

@@ -42,6 +42,7 @@ from pynetdicom.sop_class import Verification
 from models.mammogram import MammogramError
 from models.reading import describe
 from plugin.config import ListenerConfig
+from plugin.durable import fsync_dir, make_dirs
 from plugin.observability import AuditTrail, Metrics
 from plugin.selection import acquisition_time
 from plugin.store import NewInstance, Recorded, Store
@@ -81,18 +82,14 @@ class Outcome:
     outcome: str
     """accepted, duplicate, replaced, ignored or refused (the metric's label)."""
     reason: str | None = None
+    event: str | None = None
+    """The audit event, reported after the outcome is decided."""
+    fields: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The audit event's fields (UIDs among them are hashed by the audit trail)."""
 
 
 def valid_uid(value: object) -> bool:
     return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Listener:
@@ -265,6 +262,8 @@ class Listener:
     # -- C-STORE ------------------------------------------------------------------------------
 
     def _on_store(self, event: evt.Event) -> Dataset:
+        """Never raises: an exception here would reach the sender as 0xC211 ("cannot
+        understand", never retried) even for a full disk or a failed audit write."""
         started = time.perf_counter()
         try:
             outcome = self._receive(event)
@@ -273,8 +272,19 @@ class Listener:
         except Exception as exc:  # noqa: BLE001 - 0xC211 would tell the sender "never retry"
             log.exception("C-STORE failed; answering out of resources")
             outcome = Outcome(OUT_OF_RESOURCES, "refused", f"store failed: {type(exc).__name__}")
+        try:
+            self._report(event, outcome, time.perf_counter() - started)
+        except Exception:  # noqa: BLE001 - the instance is settled; reporting must not undo it
+            log.exception("recording a C-STORE in the audit trail or metrics failed")
+        rsp = Dataset()
+        rsp.Status = outcome.status
+        if outcome.status != 0x0000 and outcome.reason:
+            rsp.ErrorComment = outcome.reason[:64]
+        return rsp
+
+    def _report(self, event: evt.Event, outcome: Outcome, seconds: float) -> None:
         self.metrics.instances.labels(outcome.outcome).inc()
-        self.metrics.stage_seconds.labels("receive").observe(time.perf_counter() - started)
+        self.metrics.stage_seconds.labels("receive").observe(seconds)
         if outcome.outcome == "refused":
             self.audit.record(
                 "refused",
@@ -287,11 +297,12 @@ class Listener:
                 "refused instance",
                 extra={"fields": {"status": f"0x{outcome.status:04X}", "reason": outcome.reason}},
             )
-        rsp = Dataset()
-        rsp.Status = outcome.status
-        if outcome.status != 0x0000 and outcome.reason:
-            rsp.ErrorComment = outcome.reason[:64]
-        return rsp
+            return
+        if outcome.event is not None:
+            self.audit.record(outcome.event, **outcome.fields)
+        if outcome.outcome in ("accepted", "replaced", "ignored"):
+            message = "ignored instance" if outcome.outcome == "ignored" else "received instance"
+            log.info(message, extra={"fields": outcome.fields})
 
     def _receive(self, event: evt.Event) -> Outcome:
         if self._stopping.is_set():
@@ -321,11 +332,13 @@ class Listener:
         if status == "accepted":
             self._check_pixels(header, syntax, src, pixel_offset)
 
-        sha, size = _fsync_and_hash(src)
+        # Ignored instances are recorded but not kept (pynetdicom deletes the file): only the
+        # kept ones pay for the fsync.
+        sha, size = _hash(src, fsync=status == "accepted")
         path: Path | None = None
         if status == "accepted":
             folder = self.instances_dir / str(study_uid)
-            folder.mkdir(exist_ok=True)
+            make_dirs(folder)
             path = folder / f"{sop_uid}.{sha[:16]}.dcm"
             os.replace(src, path)
             fsync_dir(folder)
@@ -355,21 +368,17 @@ class Listener:
             "bytes": size,
         }
         if status == "ignored":
-            self.audit.record("skipped", reason=reason, **fields)
-            log.info("ignored instance", extra={"fields": {**fields, "reason": reason}})
-            return Outcome(0x0000, "ignored", reason)
+            return Outcome(0x0000, "ignored", reason, "skipped", {**fields, "reason": reason})
         if recorded is Recorded.DUPLICATE:
-            self.audit.record("duplicate", **fields)
-            return Outcome(0x0000, "duplicate")
-        self.audit.record(
-            "received",
-            replaced=recorded is Recorded.REPLACED,
-            laterality=description.get("laterality"),
-            view=description.get("view"),
+            return Outcome(0x0000, "duplicate", None, "duplicate", fields)
+        replaced = recorded is Recorded.REPLACED
+        fields = {
             **fields,
-        )
-        log.info("received instance", extra={"fields": fields})
-        return Outcome(0x0000, "replaced" if recorded is Recorded.REPLACED else "accepted")
+            "replaced": replaced,
+            "laterality": description.get("laterality"),
+            "view": description.get("view"),
+        }
+        return Outcome(0x0000, "replaced" if replaced else "accepted", None, "received", fields)
 
     def _classify(self, header: Dataset, sop_class: str) -> tuple[str, str | None, dict[str, Any]]:
         """("accepted" | "ignored", reason, header facts for the selection policy)."""
@@ -446,14 +455,17 @@ def _read_header(path: Path) -> tuple[Dataset, int | None]:
     return header, (offset if offset < size else None)
 
 
-def _fsync_and_hash(path: Path) -> tuple[str, int]:
+def _hash(path: Path, *, fsync: bool) -> tuple[str, int]:
+    """SHA-256 and size of the received file (the de-duplication key), read in chunks; with
+    `fsync`, its bytes are also forced to disk before it is renamed into the spool."""
     digest = hashlib.sha256()
     size = 0
-    with path.open("rb+") as fp:
+    with path.open("rb+" if fsync else "rb") as fp:  # some systems fsync writable files only
         while chunk := fp.read(_HASH_CHUNK):
             digest.update(chunk)
             size += len(chunk)
-        os.fsync(fp.fileno())
+        if fsync:
+            os.fsync(fp.fileno())
     return digest.hexdigest(), size
 
 

@@ -15,6 +15,7 @@ import logging
 import re
 import threading
 import time
+import warnings
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -56,7 +57,8 @@ class JsonFormatter(logging.Formatter):
         if isinstance(fields, dict):
             out.update(_pseudonymise(fields))
         if record.exc_info:
-            out["exc"] = self.formatException(record.exc_info)
+            # Tracebacks quote spool paths, named after the study and SOP Instance UIDs.
+            out["exc"] = scrub_uids(self.formatException(record.exc_info))
         return json.dumps(out, default=str)
 
 
@@ -82,6 +84,17 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     root.setLevel(level)
     # pynetdicom logs full datasets and UIDs at INFO/DEBUG: keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
+    quiet_pydicom()
+
+
+def quiet_pydicom() -> None:
+    """Keep pydicom's value warnings out of logs and the console: they quote the offending
+    value ("Invalid value for VR DA: '19610412'"), which may be a birth date or a name.
+
+    They are logged (logger "pydicom") and also raised as Python warnings printed to stderr,
+    so both are silenced; process-wide, hence called only by the command line."""
+    logging.getLogger("pydicom").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"pydicom\b")
 
 
 _UID_IN_TEXT = re.compile(r"(?<![\d.])\d+(?:\.\d+){4,}(?!\.?\d)")

@@ -20,10 +20,9 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 from models.ensemble import Ensemble
-from models.mammogram import Mammogram, MammogramError
-from models.reading import read_mammogram
 from models.results import ExamPrediction
 
+from .decoding import decode
 from .outputs import (
     DEFAULT_KINDS,
     OutputKind,
@@ -119,26 +118,22 @@ def analyse_study(
     )
     result.skipped = [(str(i.path), reason) for i, reason in selection.skipped]
 
-    mammograms: list[Mammogram] = []
-    sources: dict[str, pydicom.Dataset] = {}
-    for key, inst in selection.chosen.items():
-        try:
-            ds = pydicom.dcmread(inst.path)
-            # The selection already applied the policy (it may allow fallbacks).
-            mammograms.append(read_mammogram(ds, require_screening=False))
-            sources[str(ds.SOPInstanceUID)] = ds
-        except (MammogramError, ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
-            result.skipped.append((str(inst.path), f"{key} cannot be decoded: {exc}"))
-    if not mammograms:
+    decoded = decode(
+        [(key, inst.path) for key, inst in selection.chosen.items()],
+        keep_pixels=OutputKind.SC in {OutputKind(k) for k in kinds},
+    )
+    for key, reason in decoded.failed:
+        result.skipped.append((str(selection.chosen[key].path), f"{key}: {reason}"))
+    if not decoded.mammograms:
         result.missing = selection.missing
         result.error = "no analysable image (see skipped)"
         result.seconds = time.perf_counter() - started
         return result
 
-    prediction = ensemble.predict_exam(mammograms)
+    prediction = ensemble.predict_exam(decoded.mammograms)
     result.prediction = prediction
     result.missing = prediction.missing_views
-    objects = build_outputs(prediction, sources, kinds, options or OutputOptions())
+    objects = build_outputs(prediction, decoded.datasets, kinds, options or OutputOptions())
     result.folder.mkdir(parents=True, exist_ok=True)
     written = []
     for ds in objects:

@@ -20,10 +20,10 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 SCHEMA_VERSION = 1
 
@@ -241,14 +241,19 @@ class Store:
 
     @contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction. A COMMIT that fails (disk full, I/O error) is rolled back
+        too: otherwise the connection stays inside the failed transaction and every later
+        call fails with "cannot start a transaction within a transaction"."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR).
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     def _migrate(self) -> None:
         with self._tx() as db:
@@ -395,9 +400,16 @@ class Store:
             ).fetchone()
         return None if row is None else _exam(row)
 
-    def exams(self) -> list[Exam]:
+    def exams(self, *, last: int | None = None) -> list[Exam]:
+        """Every exam in id order, or only the `last` ones (`plugin status` on a site with a
+        year of exams should not read them all)."""
+        sql = "SELECT * FROM exams ORDER BY id"
+        params: tuple[int, ...] = ()
+        if last is not None:
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            params = (last,)
         with self._lock:
-            rows = self._db.execute("SELECT * FROM exams ORDER BY id").fetchall()
+            rows = self._db.execute(sql, params).fetchall()
         return [_exam(r) for r in rows]
 
     def queue_job(
@@ -407,14 +419,19 @@ class Store:
         selection: dict[str, Any],
         partial: bool,
         *,
+        seen: float | None = None,
         now: float | None = None,
-    ) -> Job:
-        """Close the exam's current round: one job for the next result version."""
+    ) -> Job | None:
+        """Close the exam's current round: one job for the next result version.
+
+        `seen` is the exam's `last_seen` when the caller planned the job: an image recorded
+        since then is not in `instance_ids`, and it restarted the quiet timer, so the round
+        stays open and None is returned (the next assembly pass plans again with it)."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            exam = db.execute("SELECT * FROM exams WHERE id=?", (exam_id,)).fetchone()
-            if exam is None or exam["state"] != "collecting":
-                raise StoreError(f"exam {exam_id} is not collecting; cannot queue a job")
+            exam = _row_in_state(db, "exams", exam_id, "collecting", "queue a job for")
+            if seen is not None and exam["last_seen"] != seen:
+                return None
             version = int(exam["version"]) + 1
             cur = db.execute(
                 "INSERT INTO jobs (exam_id, version, state, instance_ids, selection, partial,"
@@ -435,13 +452,17 @@ class Store:
             )
             return self._job(db, int(cur.lastrowid or 0))
 
-    def skip_exam(self, exam_id: int, reason: str) -> None:
-        """Nothing in the exam can be analysed (e.g. only For Processing images)."""
+    def skip_exam(self, exam_id: int, reason: str, *, seen: float | None = None) -> bool:
+        """Nothing in the exam can be analysed (e.g. only For Processing images). False when
+        the exam is no longer collecting, or (with `seen`, as in `queue_job`) an image
+        arrived after the caller looked: that image may be analysable."""
+        sql = "UPDATE exams SET state='skipped', reason=? WHERE id=? AND state='collecting'"
+        params: list[Any] = [reason, exam_id]
+        if seen is not None:
+            sql += " AND last_seen=?"
+            params.append(seen)
         with self._tx() as db:
-            db.execute(
-                "UPDATE exams SET state='skipped', reason=? WHERE id=? AND state='collecting'",
-                (reason, exam_id),
-            )
+            return db.execute(sql, params).rowcount == 1
 
     def claim_job(self, *, now: float | None = None) -> Job | None:
         """The oldest due queued job, now running (its attempt counted before it runs, so a
@@ -469,9 +490,7 @@ class Store:
         per (object, destination), all in one transaction."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if job is None or job["state"] != "running":
-                raise StoreError(f"job {job_id} is not running; cannot finish it")
+            job = _row_in_state(db, "jobs", job_id, "running", "finish")
             for res in results:
                 cur = db.execute(
                     "INSERT INTO results (job_id, exam_id, version, kind, sop_instance_uid,"
@@ -498,7 +517,7 @@ class Store:
                 "UPDATE jobs SET state='done', finished_at=?, reason=NULL WHERE id=?",
                 (now, job_id),
             )
-            return self._end_round(db, int(job["exam_id"]), "analysed", None, "done")
+            return self._end_round(db, int(job["exam_id"]), "analysed", None, "done", now)
 
     def fail_job(
         self, job_id: int, reason: str, *, retry_at: float | None, now: float | None = None
@@ -506,9 +525,7 @@ class Store:
         """A failed attempt: queued again at `retry_at`, or quarantined when it is None."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            job = db.execute("SELECT * FROM jobs WHERE id=?", (job_id,)).fetchone()
-            if job is None or job["state"] != "running":
-                raise StoreError(f"job {job_id} is not running; cannot fail it")
+            job = _row_in_state(db, "jobs", job_id, "running", "fail")
             if retry_at is not None:
                 db.execute(
                     "UPDATE jobs SET state='queued', next_attempt_at=?, reason=? WHERE id=?",
@@ -520,10 +537,18 @@ class Store:
                 "UPDATE jobs SET state='quarantined', finished_at=?, reason=? WHERE id=?",
                 (now, reason, job_id),
             )
-            return self._end_round(db, int(job["exam_id"]), "quarantined", reason, "quarantined")
+            return self._end_round(
+                db, int(job["exam_id"]), "quarantined", reason, "quarantined", now
+            )
 
     def _end_round(
-        self, db: sqlite3.Connection, exam_id: int, state: str, reason: str | None, job: str
+        self,
+        db: sqlite3.Connection,
+        exam_id: int,
+        state: str,
+        reason: str | None,
+        job: str,
+        now: float,
     ) -> Finished:
         exam = db.execute("SELECT dirty FROM exams WHERE id=?", (exam_id,)).fetchone()
         if exam["dirty"]:
@@ -531,7 +556,7 @@ class Store:
             db.execute(
                 "UPDATE exams SET state='collecting', dirty=0, reason=?, round_started=?"
                 " WHERE id=?",
-                (reason, time.time(), exam_id),
+                (reason, now, exam_id),
             )
             return Finished("collecting", job)
         db.execute("UPDATE exams SET state=?, reason=? WHERE id=?", (state, reason, exam_id))
@@ -571,18 +596,12 @@ class Store:
         ).fetchone()
         if row is None:
             raise KeyError(job_id)
-        return Job(
-            id=row["id"],
-            exam_id=row["exam_id"],
-            study_instance_uid=row["study_instance_uid"],
-            version=row["version"],
-            state=row["state"],
+        return _from_row(
+            Job,
+            row,
             instance_ids=tuple(json.loads(row["instance_ids"])),
             selection=json.loads(row["selection"]),
             partial=bool(row["partial"]),
-            attempts=row["attempts"],
-            created_at=row["created_at"],
-            reason=row["reason"],
         )
 
     # -- deliveries -------------------------------------------------------------------------
@@ -715,54 +734,45 @@ class Store:
         return out
 
 
+def _row_in_state(
+    db: sqlite3.Connection, table: str, row_id: int, state: str, action: str
+) -> sqlite3.Row:
+    """The row, which must be in `state` for the transition the caller is about to make."""
+    row = db.execute(f"SELECT * FROM {table} WHERE id=?", (row_id,)).fetchone()
+    if row is None or row["state"] != state:
+        noun = table.rstrip("s")
+        raise StoreError(f"{noun} {row_id} is not {state}; cannot {action} it")
+    return row
+
+
 _DELIVERY_SELECT = (
     "SELECT d.*, r.kind, r.sop_instance_uid, r.sop_class_uid, r.path, e.study_instance_uid"
     " FROM deliveries d JOIN results r ON r.id=d.result_id JOIN exams e ON e.id=r.exam_id"
 )
 
 
+R = TypeVar("R")
+
+
+def _from_row(cls: type[R], row: sqlite3.Row, **converted: Any) -> R:
+    """The dataclass `cls` from the row's columns of the same names; `converted` gives the
+    fields whose column needs decoding (JSON, paths)."""
+    plain = {f.name: row[f.name] for f in fields(cls) if f.name not in converted}
+    return cls(**plain, **converted)
+
+
 def _instance(row: sqlite3.Row) -> Instance:
-    return Instance(
-        id=row["id"],
-        sop_instance_uid=row["sop_instance_uid"],
-        study_instance_uid=row["study_instance_uid"],
-        series_instance_uid=row["series_instance_uid"],
-        sop_class_uid=row["sop_class_uid"],
-        transfer_syntax_uid=row["transfer_syntax_uid"],
+    return _from_row(
+        Instance,
+        row,
         path=None if row["path"] is None else Path(row["path"]),
-        received_at=row["received_at"],
-        status=row["status"],
-        reason=row["reason"],
         description=json.loads(row["description"]),
     )
 
 
 def _exam(row: sqlite3.Row) -> Exam:
-    return Exam(
-        id=row["id"],
-        study_instance_uid=row["study_instance_uid"],
-        state=row["state"],
-        first_seen=row["first_seen"],
-        last_seen=row["last_seen"],
-        round_started=row["round_started"],
-        version=row["version"],
-        reason=row["reason"],
-    )
+    return _from_row(Exam, row)
 
 
 def _delivery(row: sqlite3.Row) -> Delivery:
-    return Delivery(
-        id=row["id"],
-        result_id=row["result_id"],
-        destination=row["destination"],
-        state=row["state"],
-        attempts=row["attempts"],
-        next_attempt_at=row["next_attempt_at"],
-        last_error=row["last_error"],
-        kind=row["kind"],
-        sop_instance_uid=row["sop_instance_uid"],
-        sop_class_uid=row["sop_class_uid"],
-        path=Path(row["path"]),
-        study_instance_uid=row["study_instance_uid"],
-        created_at=row["created_at"],
-    )
+    return _from_row(Delivery, row, path=Path(row["path"]))

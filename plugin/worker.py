@@ -11,20 +11,16 @@ times, then the job is quarantined with the reason; the queue moves on either wa
 from __future__ import annotations
 
 import logging
-import os
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from functools import partial
 from pathlib import Path
 
-from pydicom import Dataset, dcmread
-
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
-from models.mammogram import Mammogram, MammogramError
-from models.reading import read_mammogram
 from plugin.config import Config, ModelsConfig
-from plugin.listener import fsync_dir
+from plugin.decoding import decode
+from plugin.durable import write_atomically
 from plugin.observability import AuditTrail, Metrics, hash_uid
 from plugin.outputs import build_outputs, output_kind
 from plugin.outputs.common import OutputKind
@@ -46,45 +42,10 @@ def ensemble_spec(models: ModelsConfig) -> EnsembleSpec:
     )
 
 
-@dataclass(frozen=True)
-class Decoded:
-    mammograms: list[Mammogram]
-    datasets: dict[str, Dataset]
-    """SOPInstanceUID → full data set, the sources the output builders reference."""
-    failed: list[tuple[str, str]]
-    """(SOPInstanceUID, reason) of images that could not be decoded."""
-
-
-def decode(paths: Sequence[tuple[str, Path]]) -> Decoded:
-    mammograms, datasets, failed = [], {}, []
-    for sop_uid, path in paths:
-        try:
-            ds = dcmread(path)
-            # The selection policy already chose these images, fallbacks included (synthetic
-            # 2D, implant-displaced): decode what it chose rather than re-judging it.
-            mammograms.append(read_mammogram(ds, require_screening=False))
-            datasets[sop_uid] = ds
-        except MammogramError as exc:
-            failed.append((sop_uid, str(exc)))
-        except (ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
-            # pydicom/codec errors for broken pixel data: deterministic, so not retried.
-            failed.append((sop_uid, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})"))
-    return Decoded(mammograms, datasets, failed)
-
-
-def write_durably(ds: Dataset, path: Path) -> int:
-    """Write via a temporary name, fsync, rename: the path holds a complete object or none."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    ds.save_as(tmp, enforce_file_format=True)
-    with tmp.open("rb+") as fp:
-        os.fsync(fp.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    return path.stat().st_size
-
-
 class Worker:
+    """Claims due jobs from the store in a thread of its own; `run_once` is one job, for tests
+    and for callers that drive the loop themselves."""
+
     def __init__(
         self,
         config: Config,
@@ -132,6 +93,7 @@ class Worker:
 
     def _loop(self) -> None:
         while not self._stop.is_set():
+            self._wake.clear()  # before the pass: a wake during the pass makes the wait return
             try:
                 worked = self.run_once()
             except Exception:  # noqa: BLE001 - the loop outlives database hiccups
@@ -139,7 +101,6 @@ class Worker:
                 worked = False
             if not worked:
                 self._wake.wait(self.poll_seconds)
-                self._wake.clear()
 
     def run_once(self) -> bool:
         """Run the next due job, if any; True when one ran."""
@@ -155,6 +116,9 @@ class Worker:
         }
         try:
             results, summary = self._analyse(job)
+            # Inside the try: a job whose results cannot be recorded is retried (same UIDs,
+            # same files) rather than left running until the next restart.
+            self.store.finish_job(job.id, results)
         except UnanalysableExam as exc:
             self._fail(job, str(exc), fields, retry=False)
             return True
@@ -162,7 +126,6 @@ class Worker:
             log.exception("analysis failed", extra={"fields": fields})
             self._fail(job, f"{type(exc).__name__}: {exc}", fields, retry=True)
             return True
-        self.store.finish_job(job.id, results)
         elapsed = time.perf_counter() - started
         self.metrics.stage_seconds.labels("analyse").observe(elapsed)
         last_seen = max(
@@ -190,7 +153,10 @@ class Worker:
 
     def _analyse(self, job: Job) -> tuple[list[NewResult], dict[str, object]]:
         instances = self.store.instances_by_id(job.instance_ids)
-        decoded = decode([(i.sop_instance_uid, i.path) for i in instances if i.path is not None])
+        decoded = decode(
+            [(i.sop_instance_uid, i.path) for i in instances if i.path is not None],
+            keep_pixels=OutputKind.SC in self.kinds,
+        )
         if not decoded.mammograms:
             reasons = "; ".join(reason for _, reason in decoded.failed) or "no image files"
             raise UnanalysableExam(f"no image of the exam could be decoded: {reasons}")
@@ -201,7 +167,7 @@ class Worker:
         for ds in objects:
             kind = output_kind(ds)
             path = folder / f"{kind.value}-{ds.SOPInstanceUID}.dcm"
-            size = write_durably(ds, path)
+            size = write_atomically(path, partial(ds.save_as, enforce_file_format=True))
             results.append(
                 NewResult(
                     kind=kind.value,

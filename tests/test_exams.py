@@ -141,3 +141,49 @@ def test_a_late_image_starts_a_new_version(store: Store, tmp_path: Path) -> None
     assert a.run_once(now=210.0) == 1
     versions = [(j.version, sorted(j.selection["chosen"])) for j in store.jobs()]
     assert versions == [(1, ["L-CC"]), (2, ["L-CC", "R-CC"])]
+
+
+class _ImageArrivesWhilePlanning(Store):
+    """A real store in which one more image is recorded right after the assembler reads the
+    study's instances: the race between the listener and an assembly pass, made repeatable."""
+
+    def __init__(self, *args, late: tuple[int, str, float], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.late: tuple[int, str, float] | None = late
+
+    def instances(self, study: str, *, current_only: bool = True):
+        seen = super().instances(study, current_only=current_only)
+        if self.late is not None:
+            n, key, at = self.late
+            self.late = None
+            add(self, n, key, at=at, study=study)
+        return seen
+
+
+def test_an_image_recorded_during_planning_is_not_left_out(tmp_path: Path) -> None:
+    store = _ImageArrivesWhilePlanning(
+        tmp_path / "db.sqlite", tmp_path / "spool", late=(5, "R-CC", 111.0)
+    )
+    add(store, 1, "L-CC", at=100.0)
+    a = assembler(store, tmp_path)
+    # The plan held L-CC only; R-CC arrived before the job was queued: the round stays open.
+    assert a.run_once(now=111.0) == 0
+    assert store.exam(STUDY).state == "collecting" and store.jobs() == []
+    assert a.run_once(now=121.0) == 1
+    (job,) = store.jobs()
+    assert sorted(job.selection["chosen"]) == ["L-CC", "R-CC"]
+    store.close()
+
+
+def test_an_exam_is_not_skipped_over_an_image_recorded_during_planning(tmp_path: Path) -> None:
+    store = _ImageArrivesWhilePlanning(
+        tmp_path / "db.sqlite", tmp_path / "spool", late=(5, "R-CC", 199.0)
+    )
+    add(store, 1, "L-CC", at=100.0, kind="for_processing")
+    a = assembler(store, tmp_path)
+    assert a.run_once(now=200.0) == 0
+    assert store.exam(STUDY).state == "collecting"
+    assert a.run_once(now=210.0) == 1
+    (job,) = store.jobs()
+    assert job.selection["chosen"] == {"R-CC": f"{STUDY}.5"}
+    store.close()

@@ -2,8 +2,20 @@
 
 import json
 import logging
+import sys
+import warnings
 
-from plugin.observability import AuditTrail, JsonFormatter, TextFormatter, hash_uid, scrub_uids
+import pydicom
+import pytest
+
+from plugin.observability import (
+    AuditTrail,
+    JsonFormatter,
+    TextFormatter,
+    hash_uid,
+    quiet_pydicom,
+    scrub_uids,
+)
 
 STUDY = "1.2.826.0.1.3680043.8.498.12345678901234567890"
 CT_IMAGE_STORAGE = "1.2.840.10008.5.1.4.1.1.2"
@@ -40,3 +52,36 @@ def test_audit_trail_hashes_uids(tmp_path):
     assert STUDY not in line
     event = json.loads(line)
     assert event["event"] == "received" and event["study"] == hash_uid(STUDY)
+
+
+def test_tracebacks_in_json_logs_are_scrubbed():
+    try:
+        open(f"/nonexistent/spool/instances/{STUDY}/x.dcm")
+    except OSError:
+        record = logging.LogRecord("t", logging.ERROR, __file__, 1, "failed", None, sys.exc_info())
+    line = JsonFormatter().format(record)
+    assert STUDY not in line and hash_uid(STUDY) in json.loads(line)["exc"]
+
+
+@pytest.fixture
+def pydicom_logger_level():
+    logger = logging.getLogger("pydicom")
+    level = logger.level
+    yield logger
+    logger.setLevel(level)
+
+
+def test_pydicom_value_warnings_are_kept_from_logs_and_console(pydicom_logger_level, caplog):
+    def copy_birth_date(quiet: bool) -> list[str]:
+        """What a result builder does with the source's patient module; pydicom quotes an
+        invalid value in its warning, here a birth date."""
+        caplog.clear()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            if quiet:
+                quiet_pydicom()
+            pydicom.Dataset().PatientBirthDate = "12/04/1961"
+        return [str(w.message) for w in caught] + [r.getMessage() for r in caplog.records]
+
+    assert any("12/04/1961" in m for m in copy_birth_date(quiet=False))  # the leak
+    assert not any("12/04/1961" in m for m in copy_birth_date(quiet=True))

@@ -96,6 +96,12 @@ def test_uids_change_with_model_version_inputs_and_prefix(synth_exam_small, obje
     assert not old & {o.SOPInstanceUID for o in build_outputs(partial, fewer, kinds)}
     prefixed = build_outputs(newer, sources, kinds, OutputOptions(uid_prefix="1.2.3.4."))
     assert all(o.SOPInstanceUID.startswith("1.2.3.4.") for o in prefixed)
+    # Every UID the plugin makes is under the site's root (nested ones name the sources).
+    ours = [o.SeriesInstanceUID for o in prefixed] + [
+        e.value for o in prefixed for e in o.iterall() if e.keyword == "DimensionOrganizationUID"
+    ]
+    assert len(ours) > len(prefixed)
+    assert all(str(uid).startswith("1.2.3.4.") for uid in ours)
 
 
 def test_validated_models_are_not_labelled(synth_exam_small):

@@ -168,3 +168,17 @@ def test_deliveries_retry_dead_letter_and_requeue(store: Store) -> None:
     assert store.retry_dead_letters([web.id]) == 1
     again = store.due_deliveries()[0]
     assert (again.id, again.attempts, again.last_error) == (web.id, 0, "refused 0xC000")
+
+
+def test_a_failed_commit_leaves_the_store_usable(store: Store) -> None:
+    # A deferred foreign-key violation fails at COMMIT, like a full disk or an I/O error
+    # would: the transaction must be rolled back, not left open for the next caller.
+    with pytest.raises(sqlite3.IntegrityError):
+        with store._tx() as db:
+            db.execute("PRAGMA defer_foreign_keys=ON")
+            db.execute(
+                "INSERT INTO jobs (exam_id, version, state, instance_ids, selection, partial,"
+                " next_attempt_at, created_at) VALUES (999, 1, 'queued', '[]', '{}', 0, 0, 0)"
+            )
+    assert store.record_instance(instance(1))[0] is Recorded.NEW
+    assert store.jobs() == []

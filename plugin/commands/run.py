@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from pathlib import Path
 
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from plugin.config import DEFAULT_CONFIG, load_config
+from plugin.observability import quiet_pydicom
 from plugin.offline import StudyResult, analyse_study, scan
 from plugin.outputs import DEFAULT_KINDS, OutputKind, OutputOptions
 from plugin.selection import SelectionPolicy
@@ -59,6 +61,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    quiet_pydicom()  # the console must not show header values of the files read
     config = _config(args.config)
     spec = _spec(config, args.model, args.device)
     kinds = args.outputs or (config.output_kinds if config else None) or list(DEFAULT_KINDS)
@@ -109,12 +112,8 @@ def _config(path: Path | None):
 def _spec(config, models: list[str], device: str | None) -> EnsembleSpec:
     if models:
         members = tuple(_member(m) for m in models)
-        base = ensemble_spec(config.models) if config else None
-        spec = EnsembleSpec(
-            members,
-            device=base.device if base else "auto",
-            precision=base.precision if base else "fp32",
-        )
+        base = ensemble_spec(config.models) if config else EnsembleSpec(members)
+        spec = dataclasses.replace(base, members=members)
     elif config is not None:
         spec = ensemble_spec(config.models)
     else:
@@ -130,7 +129,7 @@ def _spec(config, models: list[str], device: str | None) -> EnsembleSpec:
         if not Path(member.path).exists():
             raise ValueError(f"model file {member.path} does not exist")
     if device is not None:
-        spec = EnsembleSpec(spec.members, device, spec.precision, spec.max_batch)
+        spec = dataclasses.replace(spec, device=device)
     return spec
 
 

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 
 from plugin.config import DEFAULT_CONFIG, load_config
-from plugin.observability import hash_uid
+from plugin.observability import hash_uid, scrub_uids
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,7 +29,7 @@ def _status(args: argparse.Namespace) -> int:
     store = Store(config.storage.database, config.storage.spool)
     try:
         counts = store.counts()
-        exams = store.exams()[-args.exams :]
+        exams = store.exams(last=args.exams)
         dead = store.deliveries("dead")
         quarantined = [j for j in store.jobs("quarantined")]
     finally:
@@ -45,7 +45,7 @@ def _status(args: argparse.Namespace) -> int:
                             "study": hash_uid(e.study_instance_uid),
                             "state": e.state,
                             "version": e.version,
-                            "reason": e.reason,
+                            "reason": _scrub(e.reason),
                         }
                         for e in exams
                     ],
@@ -55,12 +55,13 @@ def _status(args: argparse.Namespace) -> int:
                             "destination": d.destination,
                             "kind": d.kind,
                             "attempts": d.attempts,
-                            "error": d.last_error,
+                            "error": _scrub(d.last_error),
                         }
                         for d in dead
                     ],
                     "quarantined": [
-                        {"job": j.id, "exam": j.exam_id, "reason": j.reason} for j in quarantined
+                        {"job": j.id, "exam": j.exam_id, "reason": _scrub(j.reason)}
+                        for j in quarantined
                     ],
                 },
                 indent=2,
@@ -74,7 +75,7 @@ def _status(args: argparse.Namespace) -> int:
         print("\nrecent exams (study shown as hash)")
         for e in exams:
             age = time.time() - e.last_seen
-            why = f"  {e.reason}" if e.reason else ""
+            why = f"  {_scrub(e.reason)}" if e.reason else ""
             print(
                 f"  #{e.id:<5} {hash_uid(e.study_instance_uid)}  {e.state:11} v{e.version}"
                 f"  last image {age:,.0f} s ago{why}"
@@ -82,11 +83,18 @@ def _status(args: argparse.Namespace) -> int:
     if quarantined:
         print("\nquarantined exams (`plugin retry --quarantined` requeues them)")
         for j in quarantined:
-            print(f"  exam #{j.exam_id} job #{j.id}: {j.reason}")
+            print(f"  exam #{j.exam_id} job #{j.id}: {_scrub(j.reason)}")
     if dead:
         print("\ndead letters (`plugin retry --dead-letters` or `plugin retry ID...`)")
         for d in dead:
             print(
-                f"  #{d.id:<6} {d.destination:16} {d.kind:14} {d.attempts} attempts: {d.last_error}"
+                f"  #{d.id:<6} {d.destination:16} {d.kind:14} {d.attempts} attempts: "
+                f"{_scrub(d.last_error)}"
             )
     return 0
+
+
+def _scrub(text: str | None) -> str | None:
+    """Stored reasons quote exceptions and peers verbatim (spool paths hold the study's
+    UIDs); the console shows them pseudonymised, like the logs."""
+    return None if text is None else scrub_uids(text)

@@ -8,15 +8,15 @@ entry is fsync'd. Rewriting the same object is harmless (result UIDs are determi
 from __future__ import annotations
 
 import errno
-import os
 import re
 import shutil
-import tempfile
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 
 from plugin.delivery.base import SendOutcome, UnreadableInstance, read_header, unreadable
 from plugin.delivery.destinations import FolderDestination
+from plugin.durable import write_atomically
 
 # Conditions an operator or time can clear; anything else (permissions, read-only mount, a file
 # where the folder should be) needs a config or system fix first, then `plugin retry`.
@@ -56,30 +56,11 @@ class FolderSender:
             return SendOutcome(uid, False, False, "SOP Instance UID is not a valid UID")
         target = self.folder / f"{uid}.dcm"
         try:
-            self.folder.mkdir(parents=True, exist_ok=True)
-            _atomic_copy(path, target)
+            with path.open("rb") as src:
+                write_atomically(target, partial(shutil.copyfileobj, src, length=1 << 20))
         except OSError as exc:
             return SendOutcome(uid, False, *_explain(exc, self.folder))
         return SendOutcome(uid, True, False, f"written to {target}")
-
-
-def _atomic_copy(source: Path, target: Path) -> None:
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out, source.open("rb") as src:
-            shutil.copyfileobj(src, out, 1 << 20)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(target.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def _explain(exc: OSError, folder: Path) -> tuple[bool, str]:

@@ -8,9 +8,10 @@ carry zero-width spaces ("Impression/\\u200bRecommendation") that end up in the 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TypeVar
 
 import highdicom as hd
 import numpy as np
@@ -27,6 +28,9 @@ from .. import __version__
 MANUFACTURER = "mammo-ai-plugin"
 MODEL_NAME = "mammo-ai-plugin"
 NOT_FOR_CLINICAL_USE = "NOT FOR CLINICAL USE"
+
+T = TypeVar("T")
+D = TypeVar("D", bound=pydicom.Dataset)
 
 
 class OutputKind(StrEnum):
@@ -220,6 +224,20 @@ def header_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
         out.add(elem)
     out.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
     return out
+
+
+def per_image(
+    exam: ExamPrediction,
+    sources: Mapping[str, pydicom.Dataset],
+    build: Callable[[ExamPrediction, ImagePrediction, pydicom.Dataset, int, T], D],
+    options: T,
+) -> list[D]:
+    """`build(exam, image, source, instance_number, options)` for each image in hanging
+    order, numbered from 1: the per-view objects (SEG, SC) of one exam."""
+    return [
+        build(exam, img, source_for(sources, img.sop_instance_uid), n, options)
+        for n, img in enumerate(ordered_images(exam), start=1)
+    ]
 
 
 def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:

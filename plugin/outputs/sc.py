@@ -34,11 +34,10 @@ from .common import (
     algorithm_version,
     derive_uid,
     equipment,
-    ordered_images,
     patient_orientation,
+    per_image,
     region_for,
     series_info,
-    source_for,
     view_key,
 )
 
@@ -58,10 +57,7 @@ def build_scs(
     options: OutputOptions = DEFAULT_OPTIONS,
 ) -> list[hd.sc.SCImage]:
     """One heat-map per image, in hanging order; `sources` must carry pixel data."""
-    return [
-        build_sc(exam, img, source_for(sources, img.sop_instance_uid), n, options)
-        for n, img in enumerate(ordered_images(exam), start=1)
-    ]
+    return per_image(exam, sources, build_sc, options)
 
 
 def build_sc(

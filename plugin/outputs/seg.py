@@ -30,11 +30,10 @@ from .common import (
     derive_uid,
     equipment,
     header_copy,
-    ordered_images,
     patient_orientation,
+    per_image,
     segment_algorithm,
     series_info,
-    source_for,
     view_key,
 )
 
@@ -52,10 +51,7 @@ def build_segs(
     options: OutputOptions = DEFAULT_OPTIONS,
 ) -> list[hd.seg.Segmentation]:
     """One SEG per image, in hanging order (R-CC, L-CC, R-MLO, L-MLO)."""
-    return [
-        build_seg(exam, img, source_for(sources, img.sop_instance_uid), n, options)
-        for n, img in enumerate(ordered_images(exam), start=1)
-    ]
+    return per_image(exam, sources, build_seg, options)
 
 
 def build_seg(
@@ -66,45 +62,35 @@ def build_seg(
     options: OutputOptions = DEFAULT_OPTIONS,
 ) -> hd.seg.Segmentation:
     """Segment 1 the malignant map; segment 2 the benign map when the models give one."""
-    assert MAX_FRACTIONAL_VALUE == 255
     meta = header_copy(source)
     if "FrameOfReferenceUID" in meta:
         del meta.FrameOfReferenceUID
     rows, cols = int(meta.Rows), int(meta.Columns)
-    maps = [img.malignant_map] + ([img.benign_map] if img.benign_map is not None else [])
-    for m in maps:
+    segments = [("AI malignant saliency", MALIGNANT, img.malignant_map)]
+    if img.benign_map is not None:
+        segments.append(("AI benign saliency", BENIGN, img.benign_map))
+    for _, _, m in segments:
         if m.shape != (rows, cols):
             raise ValueError(
                 f"saliency map of {view_key(img)} is {m.shape[0]}x{m.shape[1]} but its source "
                 f"image is {rows}x{cols}; maps must be on the source grid (Geometry.map_to_source)"
             )
-    pixels = np.clip(np.stack(maps, axis=-1)[None], 0.0, 1.0).astype(np.float32)
+    maps = np.stack([m for _, _, m in segments], axis=-1)[None]
+    pixels = np.clip(maps, 0.0, 1.0).astype(np.float32)
 
     algorithm = segment_algorithm(exam)
-    region = BREAST_CODE[img.laterality]
     descriptions = [
         hd.seg.SegmentDescription(
-            segment_number=1,
-            segment_label="AI malignant saliency",
+            segment_number=number,
+            segment_label=label,
             segmented_property_category=_CATEGORY,
-            segmented_property_type=MALIGNANT,
+            segmented_property_type=finding,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
-            anatomic_regions=[region],
+            anatomic_regions=[BREAST_CODE[img.laterality]],
         )
+        for number, (label, finding, _) in enumerate(segments, start=1)
     ]
-    if img.benign_map is not None:
-        descriptions.append(
-            hd.seg.SegmentDescription(
-                segment_number=2,
-                segment_label="AI benign saliency",
-                segmented_property_category=_CATEGORY,
-                segmented_property_type=BENIGN,
-                algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
-                algorithm_identification=algorithm,
-                anatomic_regions=[region],
-            )
-        )
 
     info = series_info(OutputKind.SEG, exam)
     key = view_key(img)
@@ -134,7 +120,9 @@ def build_seg(
         raise AssertionError("SEG MaximumFractionalValue must be 255")
     orientation = patient_orientation(source)
     seg.PatientOrientation = list(orientation) if orientation else ""
-    _fix_dimension_organization(seg, derive_uid(exam, "seg", "dimension", key))
+    _fix_dimension_organization(
+        seg, derive_uid(exam, "seg", "dimension", key, prefix=options.uid_prefix)
+    )
     return seg
 
 
