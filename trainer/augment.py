@@ -28,12 +28,25 @@ class AugmentConfig:
     """Maximum additive shift, in units of each image's standard deviation."""
 
 
-def default_augmentation(family: str) -> AugmentConfig:
-    """GMIC's preprocessing turns every breast to face the same way, so a horizontal flip
-    would show the model a breast it never sees at inference; it keeps vertical flips only."""
-    if family == "gmic":
-        return AugmentConfig(hflip=False)
-    return AugmentConfig()
+LEVELS = ("full", "flips", "none")
+
+
+def default_augmentation(family: str, level: str = "full") -> AugmentConfig | None:
+    """The augmentation of a `trainer finetune --augment` level for a family.
+
+    "flips" keeps only the mirror images: a small synthetic or site set learns faster with it
+    when rotation and zoom make the task too hard for the data at hand. GMIC's preprocessing
+    turns every breast to face the same way, so a horizontal flip would show the model a
+    breast it never sees at inference; GMIC keeps vertical flips only.
+    """
+    if level not in LEVELS:
+        raise ValueError(f"augmentation level must be one of {', '.join(LEVELS)}, not {level!r}")
+    if level == "none":
+        return None
+    config = AugmentConfig(hflip=family != "gmic")
+    if level == "flips":
+        return AugmentConfig(config.hflip, True, 0.0, (1.0, 1.0), 0.0)
+    return config
 
 
 def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:

@@ -76,8 +76,11 @@ class FinetuneOptions:
     weight_decay: float | None = None
     top_epochs: int | None = None
     beta: float = objectives.DEFAULT_BETA
+    bn_momentum: float = 0.1
+    """BatchNorm running-statistics momentum while training (PyTorch convention)."""
     patience: int = 5
-    augment: bool = True
+    augment: str = "full"
+    """"full" (flips, rotation, zoom, intensity), "flips" or "none"; see `trainer.augment`."""
     seed: int = 0
     device: str = "auto"
     precision: str = "auto"
@@ -170,6 +173,16 @@ def _balanced_order(train: list[SiteImage], generator: torch.Generator) -> list[
     counts = torch.bincount(labels, minlength=2).double()
     weights = 1.0 / counts[labels]
     return torch.multinomial(weights, len(train), replacement=True, generator=generator).tolist()
+
+
+def _set_bn_momentum(module: nn.Module, momentum: float) -> None:
+    """All-conv's BatchNorm keeps Keras' momentum (0.99, i.e. 0.01 here), which needs thousands
+    of steps to track the data; a site fine-tune of a few hundred steps would validate with
+    stale statistics. The momentum is not part of the saved weights, so inference is unchanged.
+    """
+    for m in module.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = momentum
 
 
 def _check_classes(images: list[SiteImage], which: str) -> None:
@@ -287,6 +300,7 @@ def _finetune(
     device = resolve_device(o.device)
     precision = _precision(device, o.precision)
     module.to(device)
+    _set_bn_momentum(module, o.bn_momentum)
 
     work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -321,7 +335,7 @@ def _finetune(
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     if saved_scaler:
         scaler.load_state_dict(saved_scaler)
-    aug_config = default_augmentation(family_name)
+    aug_config = default_augmentation(family_name, o.augment)
     malignant = torch.tensor([float(im.malignant) for im in train])
     benign = torch.tensor([float(-1 if im.benign is None else im.benign) for im in train])
     val_labels = np.array([im.malignant for im in val])
@@ -361,7 +375,7 @@ def _finetune(
         )
         for step, idx in enumerate(bar):
             x = cache.batch([train[i] for i in idx])
-            if o.augment:
+            if aug_config is not None:
                 x = augment(x, aug_config, generator)
             x = x.to(device, non_blocking=True)
             with autocast(device, precision):
@@ -486,7 +500,7 @@ def _card(
         licence = base_card.licence
         intended_use = o.intended_use or NOT_VALIDATED
     else:
-        name = o.name or f"{family_name}-{preset}"
+        name = o.name or (f"demo-{family_name}" if preset == "demo" else f"{family_name}-{preset}")
         licence = "Apache-2.0"
         intended_use = o.intended_use or (DEMO_INTENDED_USE if preset == "demo" else NOT_VALIDATED)
     metrics: dict[str, Any] = {
@@ -512,8 +526,13 @@ def _card(
             "weight_decay": weight_decay,
             "optimizer": "Adam",
             "beta_saliency_l1": o.beta if family_name == "gmic" else None,
-            "augmentation": asdict(default_augmentation(family_name)) if o.augment else None,
+            "augmentation": (
+                {"level": o.augment, **asdict(aug)}
+                if (aug := default_augmentation(family_name, o.augment))
+                else None
+            ),
             "class_balanced_sampling": True,
+            "bn_momentum": o.bn_momentum,
             "early_stopping": {"metric": "val image AUC", "patience": o.patience},
             "precision": precision,
             "device": device.type,

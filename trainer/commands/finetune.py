@@ -55,12 +55,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="gmic: weight of the saliency-map L1 regulariser",
     )
     p.add_argument(
+        "--bn-momentum",
+        type=float,
+        default=0.1,
+        help="BatchNorm running-statistics momentum while training (default 0.1)",
+    )
+    p.add_argument(
         "--patience",
         type=int,
         default=5,
         help="stop after this many epochs without a better validation AUC",
     )
-    p.add_argument("--no-augment", action="store_true", help="train without augmentation")
+    p.add_argument(
+        "--augment",
+        default="full",
+        choices=["full", "flips", "none"],
+        help="full: flips, rotation ±25°, zoom 0.8-1.2, intensity shift (default); flips: "
+        "mirror images only; none",
+    )
     p.add_argument("--seed", type=int, default=0, help="split, initialisation and sampling seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument(
@@ -93,8 +105,9 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         top_epochs=args.top_epochs,
         beta=args.beta,
+        bn_momentum=args.bn_momentum,
         patience=args.patience,
-        augment=not args.no_augment,
+        augment=args.augment,
         seed=args.seed,
         device=args.device,
         precision=args.precision,
