@@ -156,6 +156,7 @@ def save_model(module: nn.Module, card: ModelCard, path: str | Path) -> Path:
     tmp = path.with_name(path.name + ".partial")
     try:
         save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
+        tmp.chmod(0o644)  # safetensors creates 0600; the service often runs as another user
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
