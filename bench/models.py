@@ -21,7 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models import Mammogram, ModelCard, get_family, save_model
+from models import Mammogram, new_model_file
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.reading import read_mammogram
 from trainer.synth import synth_exam
@@ -46,18 +46,14 @@ def synthetic_exam(rows: int, cols: int, seed: int = 0) -> list[Mammogram]:
 
 
 def write_model(folder: Path, family: str, preset: str) -> Path:
-    fam = get_family(family)
     presets = __import__(f"models.{family}", fromlist=["PRESETS"]).PRESETS
-    architecture = presets[preset]
-    card = ModelCard(
-        family=family,
-        architecture=architecture,
-        preprocessing=fam.default_preprocessing(architecture),
+    return new_model_file(
+        folder / f"{family}-{preset}.safetensors",
+        family,
+        presets[preset],
         name=f"bench-{family}-{preset}",
-        version="0",
         licence="Apache-2.0 (random weights)",
     )
-    return save_model(fam.build(architecture), card, folder / f"{family}-{preset}.safetensors")
 
 
 def peak_memory_reset(device: torch.device) -> None:

@@ -11,7 +11,6 @@ Needs dcmtk (storescu, storescp).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import platform
 import shutil
@@ -139,25 +138,15 @@ def model_files(work: Path) -> list[Path]:
     if all(p.is_file() for p in shipped):
         return shipped
     from models.allconv import PRESETS as ALLCONV
-    from models.family import get_family
     from models.gmic import PRESETS as GMIC
-    from models.modelfile import ModelCard, save_model
+    from models.modelfile import new_model_file
 
-    out = []
-    for family, presets in (("gmic", GMIC), ("allconv", ALLCONV)):
-        arch = presets["demo"]
-        arch = dataclasses.asdict(arch) if dataclasses.is_dataclass(arch) else dict(arch)
-        fam = get_family(family)
-        card = ModelCard(
-            family=family,
-            architecture=arch,
-            preprocessing=fam.default_preprocessing(arch),
-            name=f"bench-{family}",
-            version="0",
-            licence="Apache-2.0",
+    return [
+        new_model_file(
+            work / f"bench-{family}.safetensors", family, presets["demo"], name=f"bench-{family}"
         )
-        out.append(save_model(fam.build(arch), card, work / f"bench-{family}.safetensors"))
-    return out
+        for family, presets in (("gmic", GMIC), ("allconv", ALLCONV))
+    ]
 
 
 def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dict[str, list]:

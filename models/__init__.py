@@ -5,7 +5,14 @@ imports from `plugin` or `trainer`."""
 from .family import Prepared, ScoreMaps, get_family
 from .geometry import Crop, Flip, Geometry, Pad, Resize
 from .mammogram import ImageKind, Laterality, Mammogram, MammogramError, View
-from .modelfile import ModelCard, ModelFileError, load_model, read_card, save_model
+from .modelfile import (
+    ModelCard,
+    ModelFileError,
+    load_model,
+    new_model_file,
+    read_card,
+    save_model,
+)
 from .results import (
     BreastPrediction,
     ExamPrediction,
@@ -36,6 +43,7 @@ __all__ = [
     "View",
     "get_family",
     "load_model",
+    "new_model_file",
     "read_card",
     "save_model",
 ]

@@ -163,6 +163,32 @@ def save_model(module: nn.Module, card: ModelCard, path: str | Path) -> Path:
     return path
 
 
+def new_model_file(
+    path: str | Path,
+    family: str,
+    architecture: dict[str, Any],
+    *,
+    name: str,
+    version: str = "0",
+    licence: str = "Apache-2.0",
+    **card_fields: Any,
+) -> Path:
+    """A model file with freshly initialised weights (torch's current RNG) and the family's
+    default preprocessing: where training from scratch starts, and the stand-in for published
+    weights in tests and benchmarks."""
+    fam = get_family(family)
+    card_fields.setdefault("preprocessing", fam.default_preprocessing(architecture))
+    card = ModelCard(
+        family=family,
+        architecture=architecture,
+        name=name,
+        version=version,
+        licence=licence,
+        **card_fields,
+    )
+    return save_model(fam.build(architecture), card, path)
+
+
 def read_card(path: str | Path) -> ModelCard:
     """The card alone, without loading any weights."""
     path = Path(path)

@@ -10,7 +10,6 @@ small model files, a config writer, synthetic exam files, dcmtk `storescu`, and 
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -41,27 +40,15 @@ def demo_models(folder: Path) -> list[Path]:
     if all(p.is_file() for p in SHIPPED):
         return SHIPPED
     from models.allconv import PRESETS as ALLCONV
-    from models.family import get_family
     from models.gmic import PRESETS as GMIC
-    from models.modelfile import ModelCard, save_model
+    from models.modelfile import new_model_file
 
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for family, presets in (("gmic", GMIC), ("allconv", ALLCONV)):
-        arch = presets["demo"]
-        arch = dataclasses.asdict(arch) if dataclasses.is_dataclass(arch) else dict(arch)
-        fam = get_family(family)
         path = folder / f"test-{family}.safetensors"
         if not path.exists():
-            card = ModelCard(
-                family=family,
-                architecture=arch,
-                preprocessing=fam.default_preprocessing(arch),
-                name=f"test-{family}",
-                version="0",
-                licence="Apache-2.0",
-            )
-            save_model(fam.build(arch), card, path)
+            new_model_file(path, family, presets["demo"], name=f"test-{family}")
         out.append(path)
     return out
 

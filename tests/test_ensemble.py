@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from models import ModelCard, get_family, load_model, read_card, save_model
 from models import family as family_registry
+from models import get_family, load_model, new_model_file, read_card, save_model
 from models.allconv import PRESETS as ALLCONV_PRESETS
 from models.allconv import AllConvFamily
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
@@ -23,17 +23,14 @@ ALL_FLIPS = ("none", "hflip", "vflip", "hvflip")
 
 def _model_file(folder, family: str, preset: dict, name: str, seed: int):
     torch.manual_seed(seed)
-    fam = get_family(family)
-    card = ModelCard(
-        family=family,
-        architecture=preset,
-        preprocessing=fam.default_preprocessing(preset),
+    return new_model_file(
+        folder / f"{name}.safetensors",
+        family,
+        preset,
         name=name,
         version="test",
-        licence="Apache-2.0",
         operating_points={"default": 0.5},
     )
-    return save_model(fam.build(preset), card, folder / f"{name}.safetensors")
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,8 @@ import pydicom
 import pytest
 import torch
 
-from models.family import get_family
 from models.gmic import PRESETS
-from models.modelfile import ModelCard, save_model
+from models.modelfile import new_model_file
 from plugin.cli import main
 from plugin.commands.run import DEMO_MODELS, WEIGHTS_DIR
 from trainer.synth import read_labels
@@ -37,18 +36,8 @@ def model_args(tmp_path_factory) -> list[str]:
     if shipped.exists():
         return ["--model", f"{shipped}:none"]
     torch.manual_seed(0)
-    family = get_family("gmic")
-    architecture = PRESETS["demo"]
-    card = ModelCard(
-        family="gmic",
-        architecture=architecture,
-        preprocessing=family.default_preprocessing(architecture),
-        name="test-gmic-demo",
-        version="0.0.1",
-        licence="Apache-2.0",
-    )
     path = tmp_path_factory.mktemp("model") / "gmic.safetensors"
-    save_model(family.build(architecture), card, path)
+    new_model_file(path, "gmic", PRESETS["demo"], name="test-gmic-demo", version="0.0.1")
     return ["--model", f"{path}:none"]
 
 

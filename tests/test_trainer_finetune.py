@@ -20,8 +20,7 @@ from PIL import Image
 from safetensors import safe_open
 
 from models.allconv import PRESETS
-from models.family import get_family
-from models.modelfile import ModelCard, load_model, read_card, save_model
+from models.modelfile import load_model, new_model_file, read_card, save_model
 from trainer import metrics
 from trainer.cli import main
 from trainer.finetune import FinetuneError, FinetuneOptions, finetune
@@ -66,18 +65,9 @@ def tiny_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The demo all-conv architecture at a quarter of its input size: a cheap base model."""
     architecture = {**PRESETS["demo"], "input_shape": [288, 224]}
-    family = get_family("allconv")
     torch.manual_seed(1)
-    card = ModelCard(
-        family="allconv",
-        architecture=architecture,
-        preprocessing=family.default_preprocessing(architecture),
-        name="tiny-allconv",
-        version="0",
-        licence="Apache-2.0",
-    )
     path = tmp_path_factory.mktemp("tiny-base") / "tiny.safetensors"
-    return save_model(family.build(architecture), card, path)
+    return new_model_file(path, "allconv", architecture, name="tiny-allconv")
 
 
 @pytest.fixture(scope="module")

@@ -8,9 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from models.family import get_family
 from models.gmic import GMICOutput
-from models.modelfile import ModelCard, read_card, save_model
+from models.modelfile import new_model_file, read_card
 from trainer import objectives
 from trainer.augment import AugmentConfig, augment
 from trainer.finetune import FinetuneOptions, finetune
@@ -83,16 +82,9 @@ def test_a_tiny_gmic_trains_end_to_end(tmp_path: Path):
         "local_width": 8,
         "attention_dim": 8,
     }
-    family = get_family("gmic")
-    card = ModelCard(
-        "gmic",
-        architecture,
-        family.default_preprocessing(architecture),
-        "tiny-gmic",
-        "0",
-        "Apache-2.0",
+    base = new_model_file(
+        tmp_path / "tiny-gmic.safetensors", "gmic", architecture, name="tiny-gmic"
     )
-    base = save_model(family.build(architecture), card, tmp_path / "tiny-gmic.safetensors")
     result = finetune(
         FinetuneOptions(
             site_data=site,
