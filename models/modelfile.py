@@ -143,15 +143,27 @@ def _check_field(name: str, value: Any, kind: type, source: str) -> None:
 
 
 def save_model(module: nn.Module, card: ModelCard, path: str | Path) -> Path:
-    """Write `module`'s state dict and `card` to `path`, replacing it atomically.
+    """Write `module`'s state dict and `card` to `path`, replacing it atomically."""
+    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
+    return _write(tensors, card, Path(path))
 
-    The card is checked as `load_model` will check it, so an unloadable file is never written.
-    """
+
+def update_card(path: str | Path, card: ModelCard) -> Path:
+    """Replace the card of an existing model file, atomically; the weights stay bit-identical
+    (e.g. to record an operating point chosen by `trainer evaluate`)."""
     path = Path(path)
+    read_card(path)  # the file must be a model file already
+    with safe_open(str(path), framework="pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    return _write(tensors, card, path)
+
+
+def _write(tensors: dict[str, torch.Tensor], card: ModelCard, path: Path) -> Path:
+    """The card is checked as `load_model` will check it, so an unloadable file is never
+    written; a crash leaves the old file or the new one, never a mixture."""
     text = card.to_json()
     ModelCard.from_json(text, source=f"card for {path}")
     get_family(card.family)  # an unknown family raises here, naming the known ones
-    tensors = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:

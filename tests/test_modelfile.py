@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from models import ModelCard, ModelFileError, get_family, load_model, read_card, save_model
 from models.allconv import PRESETS, AllConvNet
-from models.modelfile import METADATA_KEY
+from models.modelfile import METADATA_KEY, update_card
 
 ARCH = PRESETS["demo"]
 
@@ -159,3 +159,23 @@ def test_save_refuses_a_card_that_would_not_load(saved, tmp_path: Path):
     with pytest.raises(ValueError, match="unknown model family"):
         save_model(module, _card(family="transformer"), path)
     assert not list(tmp_path.iterdir())
+
+
+def test_update_card_keeps_weights_and_refuses_a_bad_card(saved, tmp_path: Path):
+    path, _ = saved
+    copy = tmp_path / "copy.safetensors"
+    copy.write_bytes(path.read_bytes())
+    card = read_card(copy)
+    card.operating_points["default"] = 0.42
+    update_card(copy, card)
+    assert read_card(copy).operating_point == 0.42
+    before, _ = _contents(path)
+    after, _ = _contents(copy)
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    card.clinical_use = "false"  # a string would read as truthy: refused, file untouched
+    with pytest.raises(ModelFileError):
+        update_card(copy, card)
+    assert read_card(copy).operating_point == 0.42
+    with pytest.raises(ModelFileError):
+        update_card(tmp_path / "missing.safetensors", read_card(path))

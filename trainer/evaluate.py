@@ -32,14 +32,6 @@ TABLE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TABLE_SENSITIVITIES = (0.8, 0.85, 0.9, 0.95)
 
 
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but no CUDA device is available; use cpu")
-    return torch.device(device)
-
-
 def autocast(device: torch.device, precision: str):
     """Mixed precision on CUDA only; fp32 elsewhere."""
     if device.type != "cuda" or precision == "fp32":

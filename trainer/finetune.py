@@ -32,6 +32,7 @@ from torch import nn
 from tqdm import tqdm
 
 import trainer
+from models.ensemble import resolve_device
 from models.family import get_family
 from models.modelfile import NOT_VALIDATED, ModelCard, load_model, read_card, save_model
 
@@ -42,7 +43,6 @@ from .evaluate import (
     autocast,
     report,
     reports_to_json,
-    resolve_device,
     score_images,
 )
 from .metrics import roc_auc

@@ -12,10 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-from safetensors import safe_open
-from safetensors.torch import save_file
 
-from models.modelfile import METADATA_KEY, read_card
+from models.modelfile import read_card, update_card
 
 from . import metrics
 
@@ -59,8 +57,6 @@ def write_operating_point(
 ) -> None:
     """Store `threshold` as operating point `name` in the model file, atomically."""
     card = read_card(model_path)
-    with safe_open(str(model_path), framework="pt") as f:
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
     card.operating_points[name] = float(threshold)
     history = card.provenance.setdefault("operating_points", {})
     history[name] = {
@@ -68,6 +64,4 @@ def write_operating_point(
         "threshold": float(threshold),
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
     }
-    tmp = model_path.with_name(model_path.name + ".partial")
-    save_file(tensors, str(tmp), metadata={METADATA_KEY: card.to_json()})
-    tmp.replace(model_path)
+    update_card(model_path, card)

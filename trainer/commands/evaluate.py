@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.ensemble import resolve_device
 from models.family import get_family
 from models.modelfile import load_model, read_card
 
@@ -16,7 +17,6 @@ from ..evaluate import (
     aggregate,
     report,
     reports_to_json,
-    resolve_device,
     score_images,
     write_outputs,
 )
