@@ -86,3 +86,11 @@ def test_calibration_bins_count_every_case_and_report_observed_rates():
     top = bins[-1]
     assert (top.lower, top.count, top.observed) == (0.9, 2, 1.0)
     assert metrics.expected_calibration_error(bins) >= 0
+
+
+def test_a_target_threshold_needs_the_class_it_measures():
+    scores = np.array([0.1, 0.4, 0.8])
+    with pytest.raises(metrics.MetricError, match="sensitivity needs at least one malignant"):
+        metrics.threshold_for_sensitivity(np.zeros(3), scores, 0.9)
+    with pytest.raises(metrics.MetricError, match="specificity needs at least one non-malignant"):
+        metrics.threshold_for_specificity(np.ones(3), scores, 0.8)

@@ -93,6 +93,42 @@ def test_per_breast_labels_apply_to_both_views(site: Path):
     assert sum(im.malignant for im in data.images) == 2 * sum(breasts.values())
 
 
+def test_per_breast_labels_leave_out_views_the_models_do_not_analyse(site: Path):
+    """A For Processing copy beside the For Presentation images is common at sites; a breast
+    label must skip it, not reject the whole breast."""
+    import pydicom
+    from pydicom.uid import generate_uid
+
+    from models.reading import MG_FOR_PROCESSING
+
+    rows = _rows(site)
+    ds = pydicom.dcmread(site / "exam_00002" / "L-CC.dcm")
+    ds.SOPClassUID = ds.file_meta.MediaStorageSOPClassUID = MG_FOR_PROCESSING
+    ds.SOPInstanceUID = ds.file_meta.MediaStorageSOPInstanceUID = generate_uid()
+    ds.PresentationIntentType = "FOR PROCESSING"
+    ds.save_as(site / "exam_00002" / "L-CC-raw.dcm")
+    breasts = {(r["study_instance_uid"], r["laterality"]): r["malignant"] for r in rows}
+    _write(
+        site,
+        [
+            {"study_instance_uid": s, "laterality": lat, "malignant": m}
+            for (s, lat), m in breasts.items()
+        ],
+        ["study_instance_uid", "laterality", "malignant"],
+    )
+    data = load_site_data(site)
+    assert len(data.images) == 16 and data.unlabelled == 1
+    assert ds.SOPInstanceUID not in {im.sop_instance_uid for im in data.images}
+    # Labelled by itself, the same image is an error that says why.
+    _write(
+        site,
+        [{"sop_instance_uid": ds.SOPInstanceUID, "malignant": "0"}],
+        ["sop_instance_uid", "malignant"],
+    )
+    with pytest.raises(UnreadableImageError, match="not a screening view"):
+        load_site_data(site)
+
+
 def test_a_row_naming_an_unknown_image(site: Path):
     rows = _rows(site)
     rows[3]["sop_instance_uid"] = "1.2.3.999"

@@ -48,7 +48,7 @@ from .evaluate import (
 from .metrics import roc_auc
 from .prepare import InputCache
 from .sitedata import SiteData, SiteDataError, SiteImage, load_site_data
-from .split import split_site_data
+from .split import Split, split_site_data
 
 CHECKPOINT_FORMAT = 1
 DEMO_INTENDED_USE = (
@@ -475,7 +475,7 @@ def _finetune(
 def _card(
     o: FinetuneOptions,
     data: SiteData,
-    split: Any,
+    split: Split,
     family_name: str,
     preset: str | None,
     architecture: dict[str, Any],

@@ -39,8 +39,16 @@ def roc_auc(labels: np.ndarray, scores: np.ndarray) -> float:
         raise MetricError(
             f"AUC needs both classes; got {n_pos} positive and {n_neg} negative cases"
         )
+    return _mann_whitney_auc(labels, scores)
+
+
+def _mann_whitney_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUC from mid-ranks (ties count one half); both classes must be present."""
+    n_pos = int(labels.sum())
     ranks = rankdata(scores)
-    return float((ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(
+        (ranks[labels == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (labels.size - n_pos))
+    )
 
 
 def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
@@ -65,8 +73,12 @@ def bootstrap_auc_ci(
         n_pos = int(y.sum())
         if n_pos == 0 or n_pos == y.size:
             continue
-        ranks = rankdata(scores[idx])
-        aucs.append((ranks[y == 1].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * (y.size - n_pos)))
+        aucs.append(_mann_whitney_auc(y, scores[idx]))
+    if not aucs:
+        raise MetricError(
+            f"no bootstrap resample of {labels.size} cases held both classes; add cases or "
+            "raise n_boot"
+        )
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(np.asarray(aucs), [alpha, 1.0 - alpha])
     return float(lo), float(hi)
@@ -112,10 +124,17 @@ def sens_spec_table(
     return [at_threshold(labels, scores, t) for t in thresholds]
 
 
+def _require_class(labels: np.ndarray, label: int, measure: str) -> None:
+    if not (np.asarray(labels).ravel() == label).any():
+        kind = "malignant" if label else "non-malignant"
+        raise MetricError(f"{measure} needs at least one {kind} case; there are none")
+
+
 def threshold_for_sensitivity(labels: np.ndarray, scores: np.ndarray, target: float) -> float:
     """The highest threshold whose sensitivity reaches `target` (so specificity is best)."""
     if not 0.0 < target <= 1.0:
         raise MetricError(f"target sensitivity must be in (0, 1], got {target}")
+    _require_class(labels, 1, "sensitivity")
     fpr, tpr, thresholds = roc_curve(labels, scores)
     ok = np.nonzero(tpr >= target - 1e-12)[0]
     return float(thresholds[ok[0]])
@@ -125,6 +144,7 @@ def threshold_for_specificity(labels: np.ndarray, scores: np.ndarray, target: fl
     """The lowest threshold whose specificity still reaches `target` (so sensitivity is best)."""
     if not 0.0 < target <= 1.0:
         raise MetricError(f"target specificity must be in (0, 1], got {target}")
+    _require_class(labels, 0, "specificity")
     fpr, tpr, thresholds = roc_curve(labels, scores)
     ok = np.nonzero(1.0 - fpr >= target - 1e-12)[0]
     return float(thresholds[ok[-1]])

@@ -31,6 +31,9 @@ from models.reading import describe
 LABELS_FILE = "labels.csv"
 SPLITS = ("train", "val", "test")
 
+_Label = tuple[int, int | None, str | None]
+"""(malignant, benign, split) of one labels.csv row."""
+
 
 class SiteDataError(ValueError):
     """Site data that cannot be used for training or evaluation."""
@@ -149,6 +152,9 @@ class _Broken:
     sop_instance_uid: str
     study_instance_uid: str
     reason: str
+    not_screening: bool = False
+    """A readable header of a view the models do not analyse (For Processing, spot, …); a
+    per-breast label leaves it out instead of failing the breast."""
 
 
 def load_site_data(root: str | Path) -> SiteData:
@@ -217,6 +223,7 @@ def _scan(root: Path) -> tuple[dict[str, _Header], list[_Broken]]:
                         d.sop_instance_uid,
                         d.study_instance_uid,
                         f"not a screening view the models analyse ({d.not_screening_reason})",
+                        not_screening=True,
                     )
                 )
                 continue
@@ -290,6 +297,14 @@ def _split_value(path: Path, line: int, row: dict[str, str]) -> str | None:
     return value
 
 
+def _row_label(path: Path, line: int, row: dict[str, str]) -> _Label:
+    return (
+        _flag(path, line, row, "malignant"),
+        _flag(path, line, row, "benign"),
+        _split_value(path, line, row),
+    )
+
+
 def _image(h: _Header, malignant: int, benign: int | None, split: str | None) -> SiteImage:
     return SiteImage(
         path=h.path,
@@ -314,7 +329,7 @@ def _join_per_image(
     by_path = {h.path.resolve(): h for h in headers.values()}
     broken_uid = {b.sop_instance_uid: b for b in broken}
     broken_path = {b.path.resolve(): b for b in broken}
-    labelled: dict[str, tuple[int, tuple[int, int | None, str | None]]] = {}
+    labelled: dict[str, tuple[int, _Label]] = {}
     for line, row in enumerate(rows, start=2):
         uid, rel = row.get("sop_instance_uid", ""), row.get("path", "")
         header = None
@@ -328,9 +343,10 @@ def _join_per_image(
                     f"{uid}; add the file or delete the row"
                 )
         if rel:
-            by_rel = by_path.get((root / rel).resolve())
-            if (root / rel).resolve() in broken_path:
-                _raise_broken(root, broken_path[(root / rel).resolve()])
+            resolved = (root / rel).resolve()
+            if resolved in broken_path:
+                _raise_broken(root, broken_path[resolved])
+            by_rel = by_path.get(resolved)
             if by_rel is None:
                 raise UnknownImageError(
                     f"{labels_path}:{line}: {rel} is not a DICOM mammogram in {root}; "
@@ -344,11 +360,7 @@ def _join_per_image(
             header = by_rel
         if header is None:
             raise LabelFileError(f"{labels_path}:{line}: needs a sop_instance_uid or a path")
-        label = (
-            _flag(labels_path, line, row, "malignant"),
-            _flag(labels_path, line, row, "benign"),
-            _split_value(labels_path, line, row),
-        )
+        label = _row_label(labels_path, line, row)
         prior = labelled.get(header.sop_instance_uid)
         if prior is not None:
             kind = ConflictingLabelsError if prior[1] != label else DuplicateImageError
@@ -372,7 +384,7 @@ def _join_per_breast(
     images_of: dict[tuple[str, str], list[_Header]] = defaultdict(list)
     for h in headers.values():
         images_of[(h.study_instance_uid, h.laterality)].append(h)
-    labelled: dict[tuple[str, str], tuple[int, tuple[int, int | None, str | None]]] = {}
+    labelled: dict[tuple[str, str], tuple[int, _Label]] = {}
     for line, row in enumerate(rows, start=2):
         study, side = row.get("study_instance_uid", ""), row.get("laterality", "").upper()
         if not study:
@@ -382,11 +394,7 @@ def _join_per_breast(
                 f"{labels_path}:{line}: `laterality` must be L or R, got {row.get('laterality')!r}"
             )
         key = (study, side)
-        label = (
-            _flag(labels_path, line, row, "malignant"),
-            _flag(labels_path, line, row, "benign"),
-            _split_value(labels_path, line, row),
-        )
+        label = _row_label(labels_path, line, row)
         prior = labelled.get(key)
         if prior is not None:
             kind = ConflictingLabelsError if prior[1] != label else DuplicateImageError
@@ -395,7 +403,7 @@ def _join_per_breast(
                 f"line {prior[0]}; keep one row per breast"
             )
         for b in broken:
-            if b.study_instance_uid == study:
+            if b.study_instance_uid == study and not b.not_screening:
                 _raise_broken(root, b)
         if key not in images_of:
             sides = sorted(
@@ -422,7 +430,7 @@ def _join_per_breast(
 
 def _check_one_split_per_patient(
     labels_path: Path,
-    labelled: dict[str, tuple[int, tuple[int, int | None, str | None]]],
+    labelled: dict[str, tuple[int, _Label]],
     headers: dict[str, _Header],
 ) -> None:
     splits: dict[str, Counter[str | None]] = defaultdict(Counter)
