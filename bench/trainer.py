@@ -58,7 +58,7 @@ def bench(name: str, device: torch.device, batch: int, steps: int, precision: st
     aug = default_augmentation(family_name)
 
     def train_step() -> None:
-        xb = augment(x, aug, generator).to(device)
+        xb = augment(x, aug, generator)[0].to(device)
         with autocast(device, precision):
             out = module(xb)
         loss = objectives.loss(family_name, out, malignant, benign, objectives.DEFAULT_BETA)

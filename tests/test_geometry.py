@@ -132,3 +132,27 @@ def test_leading_map_axes_are_kept():
 def test_impossible_steps_are_refused(make):
     with pytest.raises(ValueError):
         make()
+
+
+@pytest.mark.parametrize("geometry", CHAINS)
+def test_area_average_onto_the_input_keeps_each_cells_share(geometry):
+    """A mask area-averaged onto the input grid holds, per cell, the share of the cell's
+    footprint that is mask: summing cell shares × cell areas gives back the visible mask."""
+    rng = np.random.default_rng(1)
+    mask = (rng.random((100, 80)) < 0.3).astype(np.float32)
+    rows, cols = geometry.input_shape
+    fine = geometry.area_to_input(mask, (rows, cols))
+    np.testing.assert_allclose(fine, apply_chain(mask, geometry), atol=0.51)
+    coarse = geometry.area_to_input(mask, (rows // 4, cols // 4))
+    sizes = (rows / (rows // 4)) * (cols / (cols // 4))
+    np.testing.assert_allclose(coarse.sum() * sizes, fine.sum(), rtol=1e-4)
+
+
+def test_area_average_of_a_resize_is_the_block_mean():
+    mask = np.random.default_rng(2).random((40, 32)).astype(np.float32)
+    g = Geometry((40, 32), (Flip(1), Resize(10, 8)))
+    expected = mask.reshape(10, 4, 8, 4).mean(axis=(1, 3))[:, ::-1]
+    np.testing.assert_allclose(g.area_to_input(mask, (10, 8)), expected, atol=1e-6)
+    np.testing.assert_allclose(g.area_to_input(mask, (5, 4)).mean(), mask.mean(), atol=1e-6)
+    with pytest.raises(ValueError, match="source grid"):
+        g.area_to_input(mask[:-1], (10, 8))

@@ -213,3 +213,27 @@ def test_cli_rejects_a_bad_size(tmp_path, capsys):
         trainer_main(["synth", "--out", str(tmp_path), "--exams", "1", "--size", "big"])
     assert exit_.value.code == 2
     assert "512x416" in capsys.readouterr().err
+
+
+def test_a_detector_look_changes_the_pixels_not_the_anatomy():
+    """The same seed under another vendor's look: same patient, lesions, masks and UIDs, so a
+    domain-shift experiment compares like with like; different pixels, with the lesion still
+    denser than its surroundings."""
+    standard = synth_exam(5, rows=ROWS, cols=COLS, malignant=True)
+    shifted = synth_exam(5, rows=ROWS, cols=COLS, malignant=True, look="vendor-b")
+    assert standard.patient_id == shifted.patient_id and standard.lesions == shifted.lesions
+    for a, b in zip(standard.images, shifted.images, strict=True):
+        assert a.dataset.SOPInstanceUID == b.dataset.SOPInstanceUID
+        assert np.array_equal(a.malignant_mask, b.malignant_mask)
+        assert a.dataset.PixelData != b.dataset.PixelData
+        assert b.dataset.ManufacturerModelName == "trainer synth, vendor-b look"
+        if b.malignant:
+            pixels = b.dataset.pixel_array.astype(float)
+            ring = ndimage.binary_dilation(b.malignant_mask, iterations=6) & ~b.malignant_mask
+            inside = np.percentile(pixels[b.malignant_mask], 95)
+            assert inside > np.percentile(pixels[ring & (pixels > 0)], 95) + 150
+    assert synth_exam(5, rows=ROWS, cols=COLS, look="standard").images[0].dataset.PixelData == (
+        synth_exam(5, rows=ROWS, cols=COLS).images[0].dataset.PixelData
+    )
+    with pytest.raises(ValueError, match="unknown detector look 'vendor-z'; known: standard"):
+        synth_exam(5, rows=ROWS, cols=COLS, look="vendor-z")

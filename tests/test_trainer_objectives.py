@@ -61,13 +61,30 @@ def test_augmentation_is_seeded_and_keeps_the_background():
     x[:, :, 20:40, 10:30] = 5.0
     x -= 1.0  # background -1, as after a normalisation
     config = AugmentConfig(intensity_shift=0.0)
-    a = augment(x, config, torch.Generator().manual_seed(1))
-    b = augment(x, config, torch.Generator().manual_seed(1))
+    a, _ = augment(x, config, torch.Generator().manual_seed(1))
+    b, _ = augment(x, config, torch.Generator().manual_seed(1))
     assert torch.equal(a, b)
     assert a[:, :, :3, :3].allclose(torch.tensor(-1.0))  # corners read as background
     assert not torch.equal(a, x)
-    same = augment(x, AugmentConfig(False, False, 0.0, (1.0, 1.0), 0.0), torch.Generator())
+    same, _ = augment(x, AugmentConfig(False, False, 0.0, (1.0, 1.0), 0.0), torch.Generator())
     assert same.allclose(x, atol=1e-5)  # identity transform resamples exactly
+
+
+def test_lesion_masks_move_with_their_images():
+    """A mask at a quarter of the input resolution must land where its lesion lands, through
+    flips, rotation and zoom."""
+    x = torch.zeros(4, 1, 64, 48)
+    x[:, :, 8:16, 4:12] = 1.0  # a bright square off-centre
+    masks = torch.zeros(4, 2, 16, 12)
+    masks[:, 1, 2:4, 1:3] = 255.0  # the same square on the coarse grid
+    config = AugmentConfig(intensity_shift=0.0)
+    out, moved = augment(x, config, torch.Generator().manual_seed(3), masks)
+    assert moved is not None and moved.shape == masks.shape
+    for image, mask in zip(out[:, 0], moved[:, 1], strict=True):
+        coarse = torch.nn.functional.avg_pool2d(image[None, None], 4)[0, 0]
+        peak = torch.nonzero(coarse == coarse.max())[0]
+        assert mask[tuple(peak)] > 100, "the mask's lesion is not where the image's lesion is"
+    assert moved[:, 0].abs().max() == 0
 
 
 def test_a_tiny_gmic_trains_end_to_end(tmp_path: Path):

@@ -13,6 +13,7 @@ from trainer.sitedata import (
     ConflictingLabelsError,
     DuplicateImageError,
     LabelFileError,
+    MaskFileError,
     MissingViewError,
     UnknownImageError,
     UnreadableImageError,
@@ -234,3 +235,34 @@ def test_the_fingerprint_and_split_ignore_the_folder_layout(site: Path, synth_di
     original = load_site_data(original_copy)
     assert moved.fingerprint() == original.fingerprint()
     assert split_site_data(moved, 3).assignment == split_site_data(original, 3).assignment
+
+
+def test_lesion_masks_come_with_their_rows(synth_dir: Path):
+    rows = {r["sop_instance_uid"]: r for r in _rows(synth_dir)}
+    data = load_site_data(synth_dir)
+    for im in data.images:
+        row = rows[im.sop_instance_uid]
+        assert (im.malignant_mask is not None) == bool(row["malignant_mask"])
+        assert (im.benign_mask is not None) == bool(row["benign_mask"])
+        assert all(m.is_file() for m in im.lesion_masks)
+    with_masks = sum(1 for r in rows.values() if r["malignant_mask"] or r["benign_mask"])
+    assert with_masks > 0 and data.summary()["images_with_lesion_masks"] == with_masks
+
+
+def test_a_missing_mask_file(synth_dir: Path, tmp_path: Path):
+    site = shutil.copytree(synth_dir, tmp_path / "copy")
+    rows = _rows(site)
+    line, row = next((n, r) for n, r in enumerate(rows, start=2) if r["malignant_mask"])
+    (site / row["malignant_mask"]).unlink()
+    with pytest.raises(MaskFileError, match=rf"labels.csv:{line}: `malignant_mask` .* not found"):
+        load_site_data(site)
+
+
+def test_a_mask_on_a_row_without_that_finding(synth_dir: Path, tmp_path: Path):
+    site = shutil.copytree(synth_dir, tmp_path / "copy")
+    rows = _rows(site)
+    line, row = next((n, r) for n, r in enumerate(rows, start=2) if r["malignant_mask"])
+    row["malignant"] = "0"
+    _write(site, rows, list(rows[0]))
+    with pytest.raises(MaskFileError, match=rf"labels.csv:{line}: .*`malignant` is not 1"):
+        load_site_data(site)

@@ -49,11 +49,17 @@ def default_augmentation(family: str, level: str = "full") -> AugmentConfig | No
     return config
 
 
-def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generator) -> torch.Tensor:
-    """Randomly flip, rotate, zoom and shift each image of a (N, C, H, W) batch.
+def augment(
+    batch: torch.Tensor,
+    config: AugmentConfig,
+    generator: torch.Generator,
+    masks: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Randomly flip, rotate, zoom and shift each image of a (N, C, H, W) batch, and move the
+    (N, 2, h, w) lesion `masks` (any resolution covering the same input) with their images.
 
     Pixels that come from outside the image read as that image's minimum (the background of
-    any normalisation), not as zero.
+    any normalisation), not as zero; masks read zero there.
     """
     n, _, h, w = batch.shape
 
@@ -88,4 +94,14 @@ def augment(batch: torch.Tensor, config: AugmentConfig, generator: torch.Generat
         padding_mode="zeros",
         align_corners=False,
     )
-    return out + floor + shift.to(batch.device, batch.dtype).view(n, 1, 1, 1) * std
+    out = out + floor + shift.to(batch.device, batch.dtype).view(n, 1, 1, 1) * std
+    if masks is not None:
+        mask_grid = F.affine_grid(theta.to(torch.float32), list(masks.shape), align_corners=False)
+        masks = F.grid_sample(
+            masks.float(),
+            mask_grid.to(masks.device),
+            mode="bilinear",
+            padding_mode="zeros",
+            align_corners=False,
+        )
+    return out, masks

@@ -46,7 +46,7 @@ from .evaluate import (
     score_images,
 )
 from .metrics import roc_auc
-from .prepare import InputCache
+from .prepare import MASK_STRIDE, InputCache
 from .sitedata import SiteData, SiteDataError, SiteImage, load_site_data
 from .split import Split, split_site_data
 
@@ -76,6 +76,8 @@ class FinetuneOptions:
     weight_decay: float | None = None
     top_epochs: int | None = None
     beta: float = objectives.DEFAULT_BETA
+    mask_weight: float = 0.0
+    """Weight of `objectives.mask_loss` (lesion masks from labels.csv); 0 = image labels only."""
     bn_momentum: float = 0.1
     """BatchNorm running-statistics momentum while training (PyTorch convention)."""
     patience: int = 5
@@ -175,6 +177,17 @@ def _balanced_order(train: list[SiteImage], generator: torch.Generator) -> list[
     return torch.multinomial(weights, len(train), replacement=True, generator=generator).tolist()
 
 
+def _batch_masks(cache: InputCache, images: list[SiteImage]) -> torch.Tensor:
+    """(N, 2, h, w) lesion fractions in [0, 1]; zeros for an image without masks (its `known`
+    flags say whether that zero is a fact or a gap)."""
+    found = [cache.masks(im) for im in images]
+    shape = next((m.shape for m in found if m is not None), None)
+    if shape is None:
+        rows, cols = cache.get(images[0]).shape[-2:]
+        shape = (2, max(1, rows // MASK_STRIDE), max(1, cols // MASK_STRIDE))
+    return torch.stack([m.float() / 255.0 if m is not None else torch.zeros(shape) for m in found])
+
+
 def _set_bn_momentum(module: nn.Module, momentum: float) -> None:
     """All-conv's BatchNorm keeps Keras' momentum (0.99, i.e. 0.01 here), which needs thousands
     of steps to track the data; a site fine-tune of a few hundred steps would validate with
@@ -266,6 +279,14 @@ def _finetune(
     train, val, test = (split.images(data, s) for s in ("train", "val", "test"))
     _check_classes(train, "train")
     _check_classes(val, "validation")
+    if o.mask_weight < 0:
+        raise FinetuneError(f"--mask-weight must be 0 or more, not {o.mask_weight}")
+    if o.mask_weight > 0 and not any(im.malignant_mask for im in train):
+        raise FinetuneError(
+            "--mask-weight needs lesion masks, but no training image has a `malignant_mask` "
+            "in labels.csv; add the column (paths to PNG masks on each image's grid) or drop "
+            "--mask-weight"
+        )
 
     # Model and its card template.
     torch.manual_seed(o.seed)
@@ -307,6 +328,8 @@ def _finetune(
     checkpoint = _Checkpoint(work / "checkpoint.pt", o.training_key(), data.fingerprint())
     cache = InputCache(family, spec, work / "inputs")
     cache.prepare([*train, *val, *test], progress=o.progress)
+    if o.mask_weight > 0:
+        cache.prepare(train, progress=o.progress, masks=True)
 
     base_test = None
     if base_card is not None:
@@ -338,6 +361,15 @@ def _finetune(
     aug_config = default_augmentation(family_name, o.augment)
     malignant = torch.tensor([float(im.malignant) for im in train])
     benign = torch.tensor([float(-1 if im.benign is None else im.benign) for im in train])
+    mask_known = torch.tensor(
+        [
+            [
+                float(im.benign == 0 or im.benign_mask is not None),
+                float(im.malignant == 0 or im.malignant_mask is not None),
+            ]
+            for im in train
+        ]
+    )
     val_labels = np.array([im.malignant for im in val])
 
     optimizer, stage_name = None, None
@@ -375,14 +407,20 @@ def _finetune(
         )
         for step, idx in enumerate(bar):
             x = cache.batch([train[i] for i in idx])
+            masks = _batch_masks(cache, [train[i] for i in idx]) if o.mask_weight > 0 else None
             if aug_config is not None:
-                x = augment(x, aug_config, generator)
+                x, masks = augment(x, aug_config, generator, masks)
             x = x.to(device, non_blocking=True)
             with autocast(device, precision):
                 output = module(x)
             loss = objectives.loss(
                 family_name, output, malignant[idx].to(device), benign[idx].to(device), o.beta
             )
+            if masks is not None:
+                dense = objectives.mask_loss(
+                    family.score_maps(output), masks.to(device), mask_known[idx].to(device)
+                )
+                loss = loss + o.mask_weight * dense
             scaler.scale(loss / o.accumulate).backward()
             if (step + 1) % o.accumulate == 0 or step + 1 == len(batches):
                 scaler.step(optimizer)
@@ -526,6 +564,16 @@ def _card(
             "weight_decay": weight_decay,
             "optimizer": "Adam",
             "beta_saliency_l1": o.beta if family_name == "gmic" else None,
+            "mask_supervision": (
+                {
+                    "weight": o.mask_weight,
+                    "train_images_with_masks": sum(
+                        1 for im in split.images(data, "train") if im.lesion_masks
+                    ),
+                }
+                if o.mask_weight > 0
+                else None
+            ),
             "augmentation": (
                 {"level": o.augment, **asdict(aug)}
                 if (aug := default_augmentation(family_name, o.augment))

@@ -8,6 +8,13 @@ default hyper-parameters.
   stages when fine-tuning: first the new top layers (trunk frozen), then all layers at a tenth
   of the learning rate.
 
+Both papers first learn what a lesion looks like from outlined lesions (the all-conv trunk
+starts as a patch classifier on ROI patches; GMIC's global module was pretrained on patch
+labels) before learning from whole-image labels. Where labels.csv has lesion masks,
+`mask_loss` gives the same kind of signal in one stage: the family's score map (all-conv's
+class activation map, GMIC's saliency maps) is trained towards the fraction of each map cell
+that is lesion, alongside the image-level loss.
+
 Defaults are starting points for a site fine-tune, not the papers' searched values; every one
 is a `trainer finetune` option.
 """
@@ -20,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from models.family import ScoreMaps
 
 _EPS = 1e-6
 
@@ -49,6 +58,8 @@ DEFAULTS = {
 }
 ALL_LAYERS_LR_FACTOR = 0.1
 DEFAULT_BETA = 3e-4
+MAX_LESION_WEIGHT = 100.0
+"""Cap on how much more a lesion cell weighs than a background cell in `mask_loss`."""
 
 
 def plan_stages(
@@ -112,3 +123,31 @@ def loss(
     if family == "allconv":
         return F.cross_entropy(output.logits.float(), malignant.long())
     raise ValueError(f"no training objective for model family {family!r}")
+
+
+def mask_loss(maps: ScoreMaps, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
+    """Class-balanced binary cross-entropy between the score maps and lesion fractions.
+
+    `masks` is (N, 2, h', w') in [0, 1] (channel 0 benign, 1 malignant) on any grid covering
+    the input; it is area-averaged onto the maps' grid. `known` (N, 2) says which channels of
+    which images have a trustworthy target: a mask, or a label saying the finding is absent.
+    Lesion cells are few, so they are weighted up to balance the background (at most
+    `MAX_LESION_WEIGHT` times); without that, "no lesion anywhere" is a cheap minimum.
+    """
+    pred = maps.maps.float()
+    if not maps.has_benign:  # channel 0 only repeats channel 1
+        known = known * known.new_tensor([0.0, 1.0])
+    target = F.adaptive_avg_pool2d(masks.float(), pred.shape[-2:]).clamp(0.0, 1.0)
+    cells = known[:, :, None, None].expand_as(pred)
+    lesion = (target * cells).sum()
+    background = ((1.0 - target) * cells).sum()
+    if lesion == 0 or background == 0:
+        weight_lesion = pred.new_tensor(1.0)
+    else:
+        weight_lesion = (background / lesion).clamp(1.0, MAX_LESION_WEIGHT)
+    bce = -(
+        weight_lesion * target * torch.log(pred.clamp(min=_EPS))
+        + (1.0 - target) * torch.log((1.0 - pred).clamp(min=_EPS))
+    )
+    norm = (weight_lesion * target * cells + (1.0 - target) * cells).sum().clamp(min=1.0)
+    return (bce * cells).sum() / norm

@@ -1,10 +1,13 @@
-"""Model inputs for site images, preprocessed once and cached.
+"""Model inputs for site images, preprocessed once and cached, and their lesion masks on the
+input grid.
 
 A family's preprocessing is deterministic, so each image is decoded and preprocessed once per
 (image file, preprocessing spec) and reused by every epoch, by validation and by evaluation.
 Inputs live in memory up to a budget and on disk (one `.npy` per image, keyed by the file's
 identity and the spec) when a cache folder is given, so a resumed or repeated run skips the
-decode too.
+decode too. Lesion masks go through the same preprocessing geometry (they must land where the
+lesion lands in the input) and are kept at a quarter of the input resolution, as the fraction
+of each cell that is lesion: enough for model maps, which are coarser still.
 """
 
 from __future__ import annotations
@@ -18,14 +21,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
-from models.family import ModelFamily
+from models.family import ModelFamily, Prepared
 from models.reading import read_mammogram_file
 
-from .sitedata import SiteImage
+from .sitedata import MaskFileError, SiteImage
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
+MASK_STRIDE = 4
+"""Input pixels per lesion-mask cell, per axis."""
 
 
 class InputCache:
@@ -43,13 +49,19 @@ class InputCache:
         self._spec_key = hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
         self._memory: dict[str, torch.Tensor] = {}
         self._memory_bytes = 0
+        self._masks: dict[str, torch.Tensor] = {}
         if cache_dir is not None:
             cache_dir.mkdir(parents=True, exist_ok=True)
 
-    def prepare(self, images: Sequence[SiteImage], progress: bool = True) -> None:
-        """Preprocess every image not yet cached (with a progress bar)."""
-        todo = [im for im in images if not self._cached(im)]
+    def prepare(
+        self, images: Sequence[SiteImage], progress: bool = True, masks: bool = False
+    ) -> None:
+        """Preprocess every image not yet cached (with a progress bar), and with `masks` its
+        lesion masks too."""
+        todo = [im for im in images if not self._cached(im, masks)]
         for im in tqdm(todo, desc="preprocess", unit="img", disable=not progress or not todo):
+            if masks:
+                self.masks(im)
             self.get(im)
 
     def get(self, image: SiteImage) -> torch.Tensor:
@@ -57,34 +69,100 @@ class InputCache:
         key = image.sop_instance_uid
         if key in self._memory:
             return self._memory[key]
-        path = self._disk_path(image)
+        path = self._disk_path(image, "input")
         if path is not None and path.exists():
             tensor = torch.from_numpy(np.load(path))
         else:
-            mammogram = read_mammogram_file(image.path)
-            tensor = self.family.preprocess(mammogram, self.spec).tensor.float().contiguous()
-            if path is not None:
-                tmp = path.with_name(path.name + ".partial.npy")
-                np.save(tmp, tensor.numpy())
-                os.replace(tmp, path)
-        size = tensor.numel() * tensor.element_size()
-        if self._memory_bytes + size <= self.memory_budget:
-            self._memory[key] = tensor
-            self._memory_bytes += size
+            tensor = self._decode(image, with_masks=False).tensor
+        self._keep(key, tensor)
         return tensor
+
+    def masks(self, image: SiteImage) -> torch.Tensor | None:
+        """(2, H/4, W/4) uint8 lesion fractions on the input grid (channel 0 benign, 1
+        malignant, as in `ScoreMaps`; 255 = the cell is all lesion), or None for an image
+        without a mask in labels.csv."""
+        if not image.lesion_masks:
+            return None
+        key = image.sop_instance_uid
+        if key not in self._masks:
+            path = self._disk_path(image, "masks")
+            if path is not None and path.exists():
+                self._masks[key] = torch.from_numpy(np.load(path))
+            else:
+                self._decode(image, with_masks=True)
+        return self._masks[key]
 
     def batch(self, images: Sequence[SiteImage]) -> torch.Tensor:
         return torch.stack([self.get(im) for im in images])
 
-    def _cached(self, image: SiteImage) -> bool:
-        if image.sop_instance_uid in self._memory:
-            return True
-        path = self._disk_path(image)
-        return path is not None and path.exists()
+    def _decode(self, image: SiteImage, with_masks: bool) -> Prepared:
+        """Read and preprocess one image; cache its input and, `with_masks`, its masks."""
+        prepared = self.family.preprocess(read_mammogram_file(image.path), self.spec)
+        tensor = prepared.tensor.float().contiguous()
+        self._save(self._disk_path(image, "input"), tensor)
+        self._keep(image.sop_instance_uid, tensor)
+        if with_masks and image.lesion_masks:
+            masks = lesion_fractions(image, prepared)
+            self._save(self._disk_path(image, "masks"), masks)
+            self._masks[image.sop_instance_uid] = masks
+        return Prepared(tensor, prepared.geometry)
 
-    def _disk_path(self, image: SiteImage) -> Path | None:
+    def _keep(self, key: str, tensor: torch.Tensor) -> None:
+        if key in self._memory:
+            return
+        size = tensor.numel() * tensor.element_size()
+        if self._memory_bytes + size <= self.memory_budget:
+            self._memory[key] = tensor
+            self._memory_bytes += size
+
+    @staticmethod
+    def _save(path: Path | None, tensor: torch.Tensor) -> None:
+        if path is None:
+            return
+        tmp = path.with_name(path.name + ".partial.npy")
+        np.save(tmp, tensor.numpy())
+        os.replace(tmp, path)
+
+    def _cached(self, image: SiteImage, masks: bool) -> bool:
+        def cached(memory: dict[str, torch.Tensor], kind: str) -> bool:
+            path = self._disk_path(image, kind)
+            return image.sop_instance_uid in memory or (path is not None and path.exists())
+
+        need_masks = masks and bool(image.lesion_masks)
+        return cached(self._memory, "input") and (not need_masks or cached(self._masks, "masks"))
+
+    def _disk_path(self, image: SiteImage, kind: str) -> Path | None:
         if self.cache_dir is None:
             return None
         st = image.path.stat()
         ident = f"{self._spec_key}\0{image.sop_instance_uid}\0{st.st_size}\0{st.st_mtime_ns}"
+        if kind == "masks":
+            marks = [f"{m}\0{m.stat().st_size}\0{m.stat().st_mtime_ns}" for m in image.lesion_masks]
+            ident += "\0masks\0" + "\0".join(marks)
         return self.cache_dir / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".npy")
+
+
+def lesion_fractions(image: SiteImage, prepared: Prepared) -> torch.Tensor:
+    """(2, H/4, W/4) uint8: the fraction of each cell covered by the benign (0) and malignant
+    (1) masks of `image`, through the same geometry as its pixels."""
+    geometry = prepared.geometry
+    rows, cols = geometry.input_shape
+    shape = (max(1, rows // MASK_STRIDE), max(1, cols // MASK_STRIDE))
+    out = np.zeros((2, *shape), dtype=np.uint8)
+    for channel, path in ((0, image.benign_mask), (1, image.malignant_mask)):
+        if path is None:
+            continue
+        try:
+            with Image.open(path) as png:
+                mask = np.asarray(png.convert("L")) > 0
+        except (OSError, ValueError) as exc:
+            raise MaskFileError(f"{path}: not a readable mask image ({exc})") from exc
+        if mask.shape != tuple(geometry.source_shape):
+            raise MaskFileError(
+                f"{path} is {mask.shape[0]}x{mask.shape[1]} but its image "
+                f"{image.path.name} is {geometry.source_shape[0]}x{geometry.source_shape[1]}; "
+                "a mask must be on the image's own pixel grid"
+            )
+        fraction = geometry.area_to_input(mask.astype(np.float32), shape)
+        out[channel] = np.rint(np.clip(fraction, 0.0, 1.0) * 255)
+    return torch.from_numpy(out)

@@ -3,7 +3,8 @@
 `labels.csv` comes in one of two shapes, told apart by its columns:
 
 * per image: `sop_instance_uid` or `path` (relative to the folder), `malignant` 0/1, optional
-  `benign` 0/1 and `split`;
+  `benign` 0/1, `split`, and `malignant_mask` / `benign_mask`: PNG outlines of the lesions on
+  the image's pixel grid (what `trainer synth` writes), used by `finetune --mask-weight`;
 * per breast: `study_instance_uid`, `laterality` (L/R), `malignant`, optional `benign` and
   `split`; every image of that breast gets the breast's label.
 
@@ -59,6 +60,10 @@ class MissingViewError(SiteDataError):
     """A labelled breast has no usable image in the folder."""
 
 
+class MaskFileError(LabelFileError):
+    """A lesion mask named in labels.csv is missing or contradicts the row's label."""
+
+
 class UnreadableImageError(SiteDataError):
     """A DICOM file in the folder whose header cannot be used."""
 
@@ -75,6 +80,13 @@ class SiteImage:
     benign: int | None
     split: str | None
     """From labels.csv's `split` column, else None (assigned by `trainer.split`)."""
+    malignant_mask: Path | None = None
+    """PNG of the malignant lesion's pixels on this image's grid (nonzero = lesion), if given."""
+    benign_mask: Path | None = None
+
+    @property
+    def lesion_masks(self) -> list[Path]:
+        return [m for m in (self.malignant_mask, self.benign_mask) if m is not None]
 
     @property
     def breast_key(self) -> tuple[str, str]:
@@ -110,6 +122,8 @@ class SiteData:
                 im.benign,
                 im.split,
             ]
+            # Masks enter the fingerprint only where given, so mask-free data keeps its hash.
+            row += [str(m.relative_to(self.root)) for m in im.lesion_masks]
             h.update(json.dumps(row).encode())
         return h.hexdigest()
 
@@ -126,6 +140,7 @@ class SiteData:
             "malignant_breasts": len(malignant_breasts),
             "exams": len({im.study_instance_uid for im in self.images}),
             "patients": len({im.patient_id for im in self.images}),
+            "images_with_lesion_masks": sum(1 for im in self.images if im.lesion_masks),
             "unlabelled_images_ignored": self.unlabelled,
         }
 
@@ -305,7 +320,13 @@ def _row_label(path: Path, line: int, row: dict[str, str]) -> _Label:
     )
 
 
-def _image(h: _Header, malignant: int, benign: int | None, split: str | None) -> SiteImage:
+def _image(
+    h: _Header,
+    malignant: int,
+    benign: int | None,
+    split: str | None,
+    masks: tuple[Path | None, Path | None] = (None, None),
+) -> SiteImage:
     return SiteImage(
         path=h.path,
         sop_instance_uid=h.sop_instance_uid,
@@ -316,7 +337,36 @@ def _image(h: _Header, malignant: int, benign: int | None, split: str | None) ->
         malignant=malignant,
         benign=benign,
         split=split,
+        malignant_mask=masks[0],
+        benign_mask=masks[1],
     )
+
+
+def _mask_paths(
+    root: Path, labels_path: Path, line: int, row: dict[str, str], label: _Label
+) -> tuple[Path | None, Path | None]:
+    """The row's `malignant_mask` and `benign_mask` files; a mask must exist and belong to a
+    finding the row says is there."""
+    found: list[Path | None] = []
+    for column, flag in (("malignant_mask", label[0]), ("benign_mask", label[1])):
+        rel = row.get(column, "")
+        if not rel:
+            found.append(None)
+            continue
+        kind = column.removesuffix("_mask")
+        if flag != 1:
+            raise MaskFileError(
+                f"{labels_path}:{line}: `{column}` names {rel} but `{kind}` is not 1; a mask "
+                f"outlines a {kind} finding, so set `{kind}` to 1 or clear `{column}`"
+            )
+        path = root / rel
+        if not path.is_file():
+            raise MaskFileError(
+                f"{labels_path}:{line}: `{column}` {rel} not found; mask paths are relative "
+                "to the site data folder"
+            )
+        found.append(path)
+    return found[0], found[1]
 
 
 def _join_per_image(
@@ -330,6 +380,7 @@ def _join_per_image(
     broken_uid = {b.sop_instance_uid: b for b in broken}
     broken_path = {b.path.resolve(): b for b in broken}
     labelled: dict[str, tuple[int, _Label]] = {}
+    masks: dict[str, tuple[Path | None, Path | None]] = {}
     for line, row in enumerate(rows, start=2):
         uid, rel = row.get("sop_instance_uid", ""), row.get("path", "")
         header = None
@@ -370,8 +421,9 @@ def _join_per_image(
                 f"on line {prior[0]}; it appears {what}; keep one row per image"
             )
         labelled[header.sop_instance_uid] = (line, label)
+        masks[header.sop_instance_uid] = _mask_paths(root, labels_path, line, row, label)
     _check_one_split_per_patient(labels_path, labelled, headers)
-    return [_image(headers[uid], *lab) for uid, (_, lab) in labelled.items()]
+    return [_image(headers[uid], *lab, masks[uid]) for uid, (_, lab) in labelled.items()]
 
 
 def _join_per_breast(

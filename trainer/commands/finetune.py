@@ -55,6 +55,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="gmic: weight of the saliency-map L1 regulariser",
     )
     p.add_argument(
+        "--mask-weight",
+        type=float,
+        default=0.0,
+        help="weight of the lesion-mask loss on the model's score maps, for labels.csv files "
+        "with malignant_mask/benign_mask columns (as `trainer synth` writes); 0 = image "
+        "labels only (default). 1 is a good start when training from scratch",
+    )
+    p.add_argument(
         "--bn-momentum",
         type=float,
         default=0.1,
@@ -105,6 +113,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay,
         top_epochs=args.top_epochs,
         beta=args.beta,
+        mask_weight=args.mask_weight,
         bn_momentum=args.bn_momentum,
         patience=args.patience,
         augment=args.augment,

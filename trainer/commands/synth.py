@@ -6,7 +6,7 @@ import argparse
 import re
 import time
 
-from trainer.synth import DEFAULT_COLS, DEFAULT_ROWS, SYNTAXES, write_dataset
+from trainer.synth import DEFAULT_COLS, DEFAULT_ROWS, LOOKS, SYNTAXES, write_dataset
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -55,6 +55,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         metavar="{10..16}",
         help="bits stored per pixel (default 12)",
     )
+    parser.add_argument(
+        "--look",
+        default="standard",
+        choices=list(LOOKS),
+        help="detector look: the vendor processing the exams are rendered through; "
+        + "; ".join(f"{name}: {look.description}" for name, look in LOOKS.items()),
+    )
     parser.set_defaults(func=run)
 
 
@@ -71,6 +78,7 @@ def run(args: argparse.Namespace) -> int:
         rows=rows,
         cols=cols,
         bits_stored=args.bits_stored,
+        look=args.look,
         progress=True,
     )
     elapsed = time.perf_counter() - start

@@ -28,13 +28,16 @@ from tqdm import tqdm
 from models.mammogram import Laterality, View
 
 from .dicom import SYNTAXES, Identity, encode, mammogram_dataset
+from .look import LOOKS, DetectorLook, get_look
 from .phantom import Breast, Lesion, LesionType, quantize, random_breast, random_lesion, render_view
 
 __all__ = [
     "DEFAULT_COLS",
     "DEFAULT_ROWS",
     "LABEL_COLUMNS",
+    "LOOKS",
     "SYNTAXES",
+    "DetectorLook",
     "VIEW_ORDER",
     "Lesion",
     "LesionType",
@@ -134,6 +137,7 @@ def synth_exam(
     photometric: str = "MONOCHROME2",
     spacing_mm: float | None = None,
     patient_id: str | None = None,
+    look: DetectorLook | str = "standard",
 ) -> SynthExam:
     """One four-view screening exam.
 
@@ -141,7 +145,8 @@ def synth_exam(
     pleomorphic calcification cluster, which is nearly invisible below ~0.2 mm per pixel).
     `benign=None` adds a benign finding to a random breast with probability 0.3. `spacing_mm`
     defaults to 0.1 mm at 2048 rows and scales with `rows`, so a small image shows the same
-    anatomy at lower resolution.
+    anatomy at lower resolution. `look` renders the exam through another vendor's processing
+    (`trainer.synth.look.LOOKS`); the anatomy and lesions stay the same for a seed.
     """
     if not 8 <= bits_stored <= 16:
         raise ValueError(f"bits_stored must be 8..16, not {bits_stored}")
@@ -152,7 +157,11 @@ def synth_exam(
         )
     if rows < 64 or cols < 64:
         raise ValueError(f"image size {rows}x{cols} is too small to draw a breast; use ≥ 64x64")
+    detector = get_look(look) if isinstance(look, str) else look
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
+    # The look draws its noise from a child stream, so a seed gives the same anatomy, lesions
+    # and UIDs under every look.
+    look_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
     spacing = spacing_mm or round(DEFAULT_SPACING_MM * DEFAULT_ROWS / rows, 4)
 
     breasts = {side: random_breast(rng) for side in Laterality}
@@ -182,7 +191,8 @@ def synth_exam(
             cols=cols,
             spacing_mm=spacing,
         )
-        stored = quantize(rendered.intensity, bits_stored)
+        intensity = detector.apply(rendered.intensity, rendered.breast_mask, spacing, look_rng)
+        stored = quantize(intensity, bits_stored)
         window = _window(stored, rendered.breast_mask)
         if photometric == "MONOCHROME1":
             top = (1 << bits_stored) - 1
@@ -200,6 +210,8 @@ def synth_exam(
             spacing_mm=spacing,
             window=window,
         )
+        if not detector.is_identity:
+            ds.ManufacturerModelName = f"trainer synth, {detector.name} look"
         images.append(SynthImage(ds, side, view, rendered.malignant_mask, rendered.benign_mask))
     return SynthExam(
         images=tuple(images),
@@ -221,13 +233,15 @@ def write_dataset(
     rows: int = DEFAULT_ROWS,
     cols: int = DEFAULT_COLS,
     bits_stored: int = 12,
+    look: str = "standard",
     progress: bool = False,
 ) -> Path:
     """Write `n_exams` exams as DICOM files plus masks and labels.csv; returns the CSV's path.
 
     `transfer_syntax` is a name from `SYNTAXES`, "mixed" (explicit, jpeg2000 and jpegls in
     turn), or a sequence of names used in turn per image. `photometric` is MONOCHROME1,
-    MONOCHROME2 or "mixed" (alternating per exam). Exactly round(n_exams × positive_fraction)
+    MONOCHROME2 or "mixed" (alternating per exam). `look` names a detector look from
+    `trainer.synth.look.LOOKS`. Exactly round(n_exams × positive_fraction)
     exams are positive. The same arguments write the same files, UIDs included.
     """
     if not 0.0 <= positive_fraction <= 1.0:
@@ -254,6 +268,7 @@ def write_dataset(
                 malignant=i in positive,
                 bits_stored=bits_stored,
                 photometric=photometrics[i % len(photometrics)],
+                look=look,
             )
             folder = out / f"exam_{i:05d}"
             folder.mkdir(exist_ok=True)
