@@ -1,9 +1,10 @@
 """Fine-tuning and evaluation end to end on small synthetic site data, on the CPU.
 
-The fine-tuning base is the shipped demo all-conv model with its decision reversed, so it
-scores below chance on this site; the staged schedule (top layers, then all) must lift
-held-out AUC clearly above it. (The demo model itself reaches only ~0.62 image AUC, too weak a
-trunk for new top layers to beat it within a test's CPU budget.)
+The lift test is the product's use case: the shipped demo all-conv model was trained on the
+"standard" synthetic detector look; the site's scanner has another vendor's look
+(`trainer synth --look vendor-b`: same anatomy, different tone curve, edge enhancement and
+noise). The base loses accuracy on it, and fine-tuning on the site's image-level labels alone
+(no lesion masks) must win it back, measured on held-out exams of the same site.
 """
 
 from __future__ import annotations
@@ -20,29 +21,42 @@ from PIL import Image
 from safetensors import safe_open
 
 from models.allconv import PRESETS
-from models.modelfile import load_model, new_model_file, read_card, save_model
+from models.modelfile import new_model_file, read_card
 from trainer import metrics
 from trainer.cli import main
 from trainer.finetune import FinetuneError, FinetuneOptions, finetune
 from trainer.synth import write_dataset
 
-MIN_TUNED_AUC = 0.55
+MIN_SHIFT_DROP = 0.1
+MIN_LIFT = 0.1
+MIN_TUNED_AUC = 0.7
 DEMO_ALLCONV = (
     Path(__file__).resolve().parents[1] / "models" / "weights" / "demo-allconv.safetensors"
 )
 
 
+SITE_LOOK = "vendor-b"
+
+
 @pytest.fixture(scope="module")
 def site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("site")
-    write_dataset(root, 24, positive_fraction=0.5, seed=4242, rows=1024, cols=832)
+    write_dataset(root, 24, positive_fraction=0.5, seed=4242, rows=1024, cols=832, look=SITE_LOOK)
     return root
 
 
 @pytest.fixture(scope="module")
 def holdout(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Exams no model has seen: the held-out set for before/after AUC."""
+    """Exams of the same site no model has seen: the held-out set for before/after AUC."""
     root = tmp_path_factory.mktemp("holdout")
+    write_dataset(root, 20, positive_fraction=0.5, seed=4343, rows=1024, cols=832, look=SITE_LOOK)
+    return root
+
+
+@pytest.fixture(scope="module")
+def holdout_standard_look(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The same held-out patients as the demo model's training data looks."""
+    root = tmp_path_factory.mktemp("holdout-standard")
     write_dataset(root, 20, positive_fraction=0.5, seed=4343, rows=1024, cols=832)
     return root
 
@@ -71,47 +85,41 @@ def tiny_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def flipped_base(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The demo all-conv model with its decision reversed (classifier weights negated): a base
-    whose scores run against this site's labels, as after a label-convention mix-up. Its trunk
-    and top layers still see the lesions, so a short fine-tune can recover."""
+def demo_base() -> Path:
     if not DEMO_ALLCONV.exists():
         pytest.skip(f"{DEMO_ALLCONV} is missing; train it with the commands in its README")
-    module = load_model(DEMO_ALLCONV)
-    card = module.card
-    with torch.no_grad():
-        module.fc.weight.neg_()
-        module.fc.bias.neg_()
-    card.name = "demo-allconv-reversed"
-    card.provenance = {"note": "demo model with negated classifier, for the fine-tuning test"}
-    path = tmp_path_factory.mktemp("base") / "base.safetensors"
-    return save_model(module, card, path)
+    return DEMO_ALLCONV
 
 
 def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def test_finetune_lifts_held_out_auc_above_the_base(
-    site: Path, holdout: Path, flipped_base: Path, tmp_path: Path
+def test_finetune_adapts_the_demo_model_to_another_scanners_look(
+    site: Path, holdout: Path, holdout_standard_look: Path, demo_base: Path, tmp_path: Path
 ):
     out = tmp_path / "site.safetensors"
-    before = _sha(flipped_base)
-    args = ["finetune", "--site-data", str(site), "--base", str(flipped_base), "--out", str(out)]
-    schedule = ["--epochs", "4", "--top-epochs", "3", "--lr", "1e-2", "--batch-size", "8"]
+    before = _sha(demo_base)
+    args = ["finetune", "--site-data", str(site), "--base", str(demo_base), "--out", str(out)]
+    schedule = ["--epochs", "4", "--top-epochs", "2", "--lr", "1e-3", "--batch-size", "8"]
     assert main([*args, *schedule, "--augment", "flips", "--n-boot", "100", "--no-progress"]) == 0
-    assert _sha(flipped_base) == before, "the base model file must never change"
+    assert _sha(demo_base) == before, "the base model file must never change"
 
-    base_auc = _holdout_auc(flipped_base, holdout, tmp_path)["image"]["auc"]
+    at_home = _holdout_auc(demo_base, holdout_standard_look, tmp_path)["image"]["auc"]
+    base_auc = _holdout_auc(demo_base, holdout, tmp_path)["image"]["auc"]
     tuned_auc = _holdout_auc(out, holdout, tmp_path)["image"]["auc"]
-    print(f"held-out image AUC (80 images): base {base_auc:.3f} -> fine-tuned {tuned_auc:.3f}")
-    assert base_auc < 0.5
+    print(
+        f"held-out image AUC (80 images): base on its own look {at_home:.3f}, on the site's "
+        f"look {base_auc:.3f}; fine-tuned on the site's look {tuned_auc:.3f}"
+    )
+    assert at_home - base_auc >= MIN_SHIFT_DROP, "the site's look should cost the base model"
+    assert tuned_auc - base_auc >= MIN_LIFT
     assert tuned_auc >= MIN_TUNED_AUC
-    assert tuned_auc - base_auc >= 0.1
 
     card = read_card(out)
     assert card.clinical_use is False
     assert card.provenance["base_model"]["sha256"] == before
+    assert card.provenance["training"]["mask_supervision"] is None  # image labels only
     assert [s["name"] for s in card.provenance["training"]["stages"]] == ["top", "all"]
     data = card.provenance["training_data"]
     assert data["summary"]["images"] == 96 and len(data["fingerprint_sha256"]) == 64

@@ -18,6 +18,7 @@ from models.modelfile import new_model_file, read_card
 from models.reading import read_mammogram_file
 from trainer import objectives
 from trainer.finetune import FinetuneError, FinetuneOptions, finetune
+from trainer.patch_head import patch_head
 from trainer.prepare import MASK_STRIDE, InputCache
 from trainer.sitedata import load_site_data
 from trainer.synth import write_dataset
@@ -126,6 +127,7 @@ def test_finetune_with_mask_weight_trains_on_the_masks(site: Path, tiny_base: Pa
     )
     supervision = read_card(masked.out).provenance["training"]["mask_supervision"]
     assert supervision["weight"] == 1.0 and supervision["train_images_with_masks"] > 0
+    assert supervision["maps"] == "trunk patch head"
     assert read_card(plain.out).provenance["training"]["mask_supervision"] is None
     # The mask term is part of the loss: the same seed gives another loss and other weights.
     assert masked.history[0]["train_loss"] > plain.history[0]["train_loss"]
@@ -149,3 +151,21 @@ def test_mask_weight_without_masks_is_refused(site: Path, tiny_base: Path, tmp_p
     )
     with pytest.raises(FinetuneError, match="no training image has a `malignant_mask`"):
         finetune(options)
+
+
+def test_the_all_conv_patch_head_classifies_each_trunk_cell_and_stays_out_of_the_model():
+    model = allconv.build({**allconv.PRESETS["demo"], "input_shape": [288, 224]})
+    keys = set(model.state_dict())
+    head = patch_head("allconv", model)
+    assert head is not None and patch_head("gmic", model) is None
+    x = torch.randn(2, 3, 288, 224)
+    model(x)
+    maps = head.maps()
+    assert maps.maps.shape == (2, 2, *model.trunk(x).shape[-2:])  # one cell per trunk cell
+    assert not maps.has_benign and torch.equal(maps.maps[:, 0], maps.maps[:, 1])
+    with torch.no_grad():
+        model(x)  # inference passes leave nothing behind
+    with pytest.raises(RuntimeError, match="forward pass"):
+        head.maps()
+    head.close()
+    assert set(model.state_dict()) == keys

@@ -46,6 +46,7 @@ from .evaluate import (
     score_images,
 )
 from .metrics import roc_auc
+from .patch_head import patch_head
 from .prepare import MASK_STRIDE, InputCache
 from .sitedata import SiteData, SiteDataError, SiteImage, load_site_data
 from .split import Split, split_site_data
@@ -322,6 +323,9 @@ def _finetune(
     precision = _precision(device, o.precision)
     module.to(device)
     _set_bn_momentum(module, o.bn_momentum)
+    head = patch_head(family_name, module) if o.mask_weight > 0 else None
+    if head is not None:
+        head.to(device)
 
     work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
@@ -354,6 +358,8 @@ def _finetune(
         bad_epochs, stopped, history = state["bad_epochs"], state["stopped"], state["history"]
         first_epoch = state["epoch"] + 1
         saved_stage, saved_opt, saved_scaler = state["stage"], state["optimizer"], state["scaler"]
+        if head is not None:
+            head.load_state_dict(state["patch_head"])
 
     scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
     if saved_scaler:
@@ -383,6 +389,8 @@ def _finetune(
             for p in module.parameters():
                 p.requires_grad_(id(p) not in frozen_ids)
             params = [p for p in module.parameters() if p.requires_grad]
+            if head is not None:
+                params += list(head.parameters())
             optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=weight_decay)
             if saved_opt is not None and saved_stage == stage.name:
                 optimizer.load_state_dict(saved_opt)
@@ -417,9 +425,8 @@ def _finetune(
                 family_name, output, malignant[idx].to(device), benign[idx].to(device), o.beta
             )
             if masks is not None:
-                dense = objectives.mask_loss(
-                    family.score_maps(output), masks.to(device), mask_known[idx].to(device)
-                )
+                maps = head.maps() if head is not None else family.score_maps(output)
+                dense = objectives.mask_loss(maps, masks.to(device), mask_known[idx].to(device))
                 loss = loss + o.mask_weight * dense
             scaler.scale(loss / o.accumulate).backward()
             if (step + 1) % o.accumulate == 0 or step + 1 == len(batches):
@@ -457,6 +464,7 @@ def _finetune(
                 "epoch": epoch,
                 "stage": stage.name,
                 "model": module.state_dict(),
+                "patch_head": head.state_dict() if head is not None else {},
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                 "best_model": best_state,
@@ -470,6 +478,8 @@ def _finetune(
         if on_epoch_end is not None:
             on_epoch_end(row)
 
+    if head is not None:
+        head.close()
     module.load_state_dict(best_state)
     for p in module.parameters():
         p.requires_grad_(True)
@@ -567,6 +577,7 @@ def _card(
             "mask_supervision": (
                 {
                     "weight": o.mask_weight,
+                    "maps": "trunk patch head" if family_name == "allconv" else "saliency",
                     "train_images_with_masks": sum(
                         1 for im in split.images(data, "train") if im.lesion_masks
                     ),

@@ -11,9 +11,9 @@ default hyper-parameters.
 Both papers first learn what a lesion looks like from outlined lesions (the all-conv trunk
 starts as a patch classifier on ROI patches; GMIC's global module was pretrained on patch
 labels) before learning from whole-image labels. Where labels.csv has lesion masks,
-`mask_loss` gives the same kind of signal in one stage: the family's score map (all-conv's
-class activation map, GMIC's saliency maps) is trained towards the fraction of each map cell
-that is lesion, alongside the image-level loss.
+`mask_loss` gives the same kind of signal in one stage, alongside the image-level loss: GMIC's
+saliency maps, or for all-conv a patch classifier on the trunk (`trainer.patch_head`), learn
+which map cells hold a lesion.
 
 Defaults are starting points for a site fine-tune, not the papers' searched values; every one
 is a `trainer finetune` option.
@@ -128,16 +128,21 @@ def loss(
 def mask_loss(maps: ScoreMaps, masks: torch.Tensor, known: torch.Tensor) -> torch.Tensor:
     """Class-balanced binary cross-entropy between the score maps and lesion fractions.
 
-    `masks` is (N, 2, h', w') in [0, 1] (channel 0 benign, 1 malignant) on any grid covering
-    the input; it is area-averaged onto the maps' grid. `known` (N, 2) says which channels of
-    which images have a trustworthy target: a mask, or a label saying the finding is absent.
-    Lesion cells are few, so they are weighted up to balance the background (at most
-    `MAX_LESION_WEIGHT` times); without that, "no lesion anywhere" is a cheap minimum.
+    `masks` is (N, 2, h', w') lesion fractions in [0, 1] (channel 0 benign, 1 malignant) on
+    any grid covering the input, finer than the maps. A map cell's target is the largest
+    fraction inside it: a cell that holds a lesion is a lesion cell, as a patch that holds an
+    ROI is a positive patch for the all-conv paper's patch classifier. (An area average would
+    leave a 5 mm mass at a few percent of a coarse cell, a target indistinguishable from 0.)
+
+    `known` (N, 2) says which channels of which images have a trustworthy target: a mask, or
+    a label saying the finding is absent. Lesion cells are few, so they are weighted up to
+    balance the background (at most `MAX_LESION_WEIGHT` times); without that, "no lesion
+    anywhere" is a cheap minimum.
     """
     pred = maps.maps.float()
     if not maps.has_benign:  # channel 0 only repeats channel 1
         known = known * known.new_tensor([0.0, 1.0])
-    target = F.adaptive_avg_pool2d(masks.float(), pred.shape[-2:]).clamp(0.0, 1.0)
+    target = F.adaptive_max_pool2d(masks.float(), pred.shape[-2:]).clamp(0.0, 1.0)
     cells = known[:, :, None, None].expand_as(pred)
     lesion = (target * cells).sum()
     background = ((1.0 - target) * cells).sum()
