@@ -27,9 +27,10 @@ from trainer.cli import main
 from trainer.finetune import FinetuneError, FinetuneOptions, finetune
 from trainer.synth import write_dataset
 
-MIN_SHIFT_DROP = 0.1
-MIN_LIFT = 0.1
-MIN_TUNED_AUC = 0.7
+# Measured on 2 CPU cores: 0.906 at home, 0.500 on the site's look, 0.832 fine-tuned.
+MIN_SHIFT_DROP = 0.2
+MIN_LIFT = 0.2
+MIN_TUNED_AUC = 0.75
 DEMO_ALLCONV = (
     Path(__file__).resolve().parents[1] / "models" / "weights" / "demo-allconv.safetensors"
 )
@@ -101,7 +102,8 @@ def test_finetune_adapts_the_demo_model_to_another_scanners_look(
     out = tmp_path / "site.safetensors"
     before = _sha(demo_base)
     args = ["finetune", "--site-data", str(site), "--base", str(demo_base), "--out", str(out)]
-    schedule = ["--epochs", "4", "--top-epochs", "2", "--lr", "1e-3", "--batch-size", "8"]
+    # A new look changes low-level statistics, so all layers adapt from the first epoch.
+    schedule = ["--epochs", "8", "--top-epochs", "0", "--lr", "3e-4", "--batch-size", "8"]
     assert main([*args, *schedule, "--augment", "flips", "--n-boot", "100", "--no-progress"]) == 0
     assert _sha(demo_base) == before, "the base model file must never change"
 
@@ -120,7 +122,7 @@ def test_finetune_adapts_the_demo_model_to_another_scanners_look(
     assert card.clinical_use is False
     assert card.provenance["base_model"]["sha256"] == before
     assert card.provenance["training"]["mask_supervision"] is None  # image labels only
-    assert [s["name"] for s in card.provenance["training"]["stages"]] == ["top", "all"]
+    assert [s["name"] for s in card.provenance["training"]["stages"]] == ["all"]
     data = card.provenance["training_data"]
     assert data["summary"]["images"] == 96 and len(data["fingerprint_sha256"]) == 64
     split = data["split"]["counts"]
@@ -166,13 +168,13 @@ def test_an_interrupted_run_resumes_to_the_same_weights(
             assert torch.equal(a.get_tensor(key), b.get_tensor(key)), key
 
 
-def test_finetune_refuses_to_write_over_its_base(site: Path, flipped_base: Path):
+def test_finetune_refuses_to_write_over_its_base(site: Path, demo_base: Path):
     with pytest.raises(FinetuneError, match="never overwritten"):
-        finetune(FinetuneOptions(site_data=site, base=flipped_base, out=flipped_base))
+        finetune(FinetuneOptions(site_data=site, base=demo_base, out=demo_base))
 
 
 def test_evaluate_reports_cis_plots_and_writes_an_operating_point(
-    site: Path, flipped_base: Path, tmp_path: Path
+    site: Path, demo_base: Path, tmp_path: Path
 ):
     model = tmp_path / "model.safetensors"
     model.write_bytes(DEMO_ALLCONV.read_bytes())
