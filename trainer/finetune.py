@@ -331,9 +331,9 @@ def _finetune(
     work.mkdir(parents=True, exist_ok=True)
     checkpoint = _Checkpoint(work / "checkpoint.pt", o.training_key(), data.fingerprint())
     cache = InputCache(family, spec, work / "inputs")
-    cache.prepare([*train, *val, *test], progress=o.progress)
-    if o.mask_weight > 0:
+    if o.mask_weight > 0:  # first, so each training image is decoded once for both
         cache.prepare(train, progress=o.progress, masks=True)
+    cache.prepare([*train, *val, *test], progress=o.progress)
 
     base_test = None
     if base_card is not None:
