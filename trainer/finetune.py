@@ -47,7 +47,7 @@ from .evaluate import (
 )
 from .metrics import roc_auc
 from .patch_head import patch_head
-from .prepare import MASK_STRIDE, InputCache
+from .prepare import InputCache, mask_grid
 from .sitedata import SiteData, SiteDataError, SiteImage, load_site_data
 from .split import Split, split_site_data
 
@@ -185,7 +185,7 @@ def _batch_masks(cache: InputCache, images: list[SiteImage]) -> torch.Tensor:
     shape = next((m.shape for m in found if m is not None), None)
     if shape is None:
         rows, cols = cache.get(images[0]).shape[-2:]
-        shape = (2, max(1, rows // MASK_STRIDE), max(1, cols // MASK_STRIDE))
+        shape = (2, *mask_grid((rows, cols)))
     return torch.stack([m.float() / 255.0 if m is not None else torch.zeros(shape) for m in found])
 
 

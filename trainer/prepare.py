@@ -70,10 +70,9 @@ class InputCache:
         if key in self._memory:
             return self._memory[key]
         path = self._disk_path(image, "input")
-        if path is not None and path.exists():
-            tensor = torch.from_numpy(np.load(path))
-        else:
-            tensor = self._decode(image, with_masks=False).tensor
+        if path is None or not path.exists():
+            return self._decode(image, with_masks=False)
+        tensor = torch.from_numpy(np.load(path))
         self._keep(key, tensor)
         return tensor
 
@@ -95,8 +94,9 @@ class InputCache:
     def batch(self, images: Sequence[SiteImage]) -> torch.Tensor:
         return torch.stack([self.get(im) for im in images])
 
-    def _decode(self, image: SiteImage, with_masks: bool) -> Prepared:
-        """Read and preprocess one image; cache its input and, `with_masks`, its masks."""
+    def _decode(self, image: SiteImage, with_masks: bool) -> torch.Tensor:
+        """Read and preprocess one image; cache and return its input, and cache its masks
+        `with_masks`."""
         prepared = self.family.preprocess(read_mammogram_file(image.path), self.spec)
         tensor = prepared.tensor.float().contiguous()
         self._save(self._disk_path(image, "input"), tensor)
@@ -105,10 +105,10 @@ class InputCache:
             masks = lesion_fractions(image, prepared)
             self._save(self._disk_path(image, "masks"), masks)
             self._masks[image.sop_instance_uid] = masks
-        return Prepared(tensor, prepared.geometry)
+        return tensor
 
     def _keep(self, key: str, tensor: torch.Tensor) -> None:
-        if key in self._memory:
+        if key in self._memory:  # masks decoded after the input was kept
             return
         size = tensor.numel() * tensor.element_size()
         if self._memory_bytes + size <= self.memory_budget:
@@ -142,12 +142,16 @@ class InputCache:
         return self.cache_dir / (hashlib.sha256(ident.encode()).hexdigest()[:32] + ".npy")
 
 
+def mask_grid(input_shape: tuple[int, int]) -> tuple[int, int]:
+    """(rows, cols) of the lesion-mask grid for a model input of `input_shape`."""
+    return max(1, input_shape[0] // MASK_STRIDE), max(1, input_shape[1] // MASK_STRIDE)
+
+
 def lesion_fractions(image: SiteImage, prepared: Prepared) -> torch.Tensor:
     """(2, H/4, W/4) uint8: the fraction of each cell covered by the benign (0) and malignant
     (1) masks of `image`, through the same geometry as its pixels."""
     geometry = prepared.geometry
-    rows, cols = geometry.input_shape
-    shape = (max(1, rows // MASK_STRIDE), max(1, cols // MASK_STRIDE))
+    shape = mask_grid(geometry.input_shape)
     out = np.zeros((2, *shape), dtype=np.uint8)
     for channel, path in ((0, image.benign_mask), (1, image.malignant_mask)):
         if path is None:
