@@ -98,4 +98,4 @@ def get_family(name: str) -> ModelFamily:
 
 def _load_builtin_families() -> None:
     # Imported lazily: the family packages import this module to register themselves.
-    from . import allconv, gmic  # noqa: F401
+    from . import allconv, glimpsenet, gmic  # noqa: F401
