@@ -266,8 +266,9 @@ def _kind(ds: Dataset, sop_class: str, notes: list[str]) -> ImageKind:
         name = UID(sop_class).name if sop_class else "no SOP Class UID"
         raise NotAMammogramError(
             f"SOP Class UID (0008,0016) is {sop_class or 'absent'} ({name}), Modality (0008,0060) "
-            f"is {modality or 'absent'}: not a mammography image. Send Digital Mammography X-Ray "
-            "Image Storage – For Presentation (1.2.840.10008.5.1.4.1.1.1.2) objects."
+            f"is {'MG' if modality == 'MG' else 'not MG'}: not a mammography image. Send Digital "
+            "Mammography X-Ray Image Storage – For Presentation (1.2.840.10008.5.1.4.1.1.1.2) "
+            "objects."
         )
 
     intent = _text(ds, "PresentationIntentType").upper()
@@ -278,8 +279,8 @@ def _kind(ds: Dataset, sop_class: str, notes: list[str]) -> ImageKind:
         }.get(intent)
         if by_intent is None:
             raise ContradictoryHeaderError(
-                f"PresentationIntentType (0008,0068) is {intent!r}; expected FOR PRESENTATION or "
-                "FOR PROCESSING. Fix the modality's export setting."
+                "PresentationIntentType (0008,0068) is neither FOR PRESENTATION nor FOR "
+                "PROCESSING. Fix the modality's export setting."
             )
         if sop_class == CR:
             kind = by_intent  # CR has no For Processing class; the intent decides
@@ -296,8 +297,9 @@ def _kind(ds: Dataset, sop_class: str, notes: list[str]) -> ImageKind:
     description = _text(ds, "SeriesDescription")
     if "GENERATED_2D" in image_type:
         return ImageKind.SYNTHETIC_2D
-    if _SYNTHETIC_2D_WORDS.search(description):
-        notes.append(f"synthetic 2D from SeriesDescription {description!r}")
+    if word := _SYNTHETIC_2D_WORDS.search(description):
+        # The vendor term matched (from our list), not the description: that is a header value.
+        notes.append(f"synthetic 2D: SeriesDescription names {word.group(0)}")
         return ImageKind.SYNTHETIC_2D
     if any(v.startswith("TOMO") for v in image_type[2:]):
         return ImageKind.TOMOSYNTHESIS
@@ -317,8 +319,8 @@ def _laterality(ds: Dataset, kind: ImageKind, notes: list[str]) -> tuple[Lateral
     for name, tag, value in found:
         if value not in ("L", "R", "B"):
             raise MissingLateralityError(
-                f"{name} {tag} is {value!r}; expected L, R or B. Correct the laterality at the "
-                "modality or in the PACS."
+                f"{name} {tag} is not L, R or B. Correct the laterality at the modality or in "
+                "the PACS."
             )
     values = {value for _, _, value in found}
     if len(values) > 1:
@@ -369,7 +371,7 @@ def _view(
     if coded and position and coded != position:
         raise ContradictoryHeaderError(
             f"ViewCodeSequence (0054,0220) says {coded} but ViewPosition (0018,5101) says "
-            f"{position_raw!r}. Correct the view at the modality or in the PACS."
+            f"{position}. Correct the view at the modality or in the PACS."
         )
     view = coded or position
     if not view:
@@ -378,7 +380,7 @@ def _view(
             return "", modifiers
         if position_raw:
             raise UnknownViewError(
-                f"ViewPosition (0018,5101) is {position_raw!r}, which is not a mammography view "
+                "ViewPosition (0018,5101) is not a mammography view "
                 f"({', '.join(sorted(VIEW_POSITIONS))}), and there is no ViewCodeSequence "
                 "(0054,0220). Map the vendor's view names to ACR MQCM codes."
             )
@@ -401,8 +403,8 @@ def _coded_view(item: Dataset) -> str:
     if by_meaning:
         return by_meaning
     raise UnknownViewError(
-        f"ViewCodeSequence (0054,0220) holds ({value!r}, {scheme!r}, {meaning!r}), which is not a "
-        "mammography view from CID 4014. Use the SNOMED CT code, e.g. (399162004, SCT, "
+        "ViewCodeSequence (0054,0220) holds a code that is not a mammography view from CID "
+        "4014. Use the SNOMED CT code, e.g. (399162004, SCT, "
         "cranio-caudal) or (399368009, SCT, medio-lateral oblique)."
     )
 
@@ -437,7 +439,7 @@ def _view_position(raw: str, laterality: str) -> str:
     if text[:1] in ("L", "R") and text[1:] in VIEW_POSITIONS:
         if laterality and text[0] != laterality:
             raise ContradictoryHeaderError(
-                f"ViewPosition (0018,5101) {raw!r} names side {text[0]} but the laterality is "
+                f"ViewPosition (0018,5101) names side {text[0]} but the laterality is "
                 f"{laterality}. Check which breast this image shows and correct the header."
             )
         return text[1:]
@@ -445,8 +447,9 @@ def _view_position(raw: str, laterality: str) -> str:
 
 
 def _modifier(item: Dataset) -> str:
-    value = _text(item, "CodeValue")
-    return VIEW_MODIFIERS.get(value) or _text(item, "CodeMeaning").lower() or value
+    """The modifier's name; an unknown code is named as such (its text is a header value,
+    which must not reach reasons and logs)."""
+    return VIEW_MODIFIERS.get(_text(item, "CodeValue")) or "unrecognised view modifier"
 
 
 def _not_screening_reason(

@@ -90,6 +90,9 @@ class ListenerConfig(Section):
     """Empty: any calling AE is accepted. Otherwise unknown callers are rejected at
     association time (A-ASSOCIATE-RJ, calling AE title not recognised)."""
     max_associations: int = Field(10, ge=1, le=1000)
+    max_associations_per_address: int = Field(4, ge=1, le=1000)
+    """Connections (half-open ones included) one address may hold at once, so that one host
+    cannot take every association slot."""
     max_pdu_size: int = Field(0, ge=0)
     """Largest PDU we receive, in bytes; 0 means unlimited (fastest for large images)."""
     transfer_syntaxes: list[str] = list(DEFAULT_TRANSFER_SYNTAXES)

@@ -10,20 +10,28 @@ the worker decodes them.
 Statuses (the conformance summary in README lists them):
   0x0000  stored, a duplicate of a stored instance, or accepted and ignored (the reason is in
           the audit trail): not a mammography image, unclassifiable header, other storage class
-  0xA700  out of resources: spool below the disk watermark, or the spool/database failed
+  0xA700  out of resources: spool below the disk watermark, the disk full, or the
+          spool/database failed
   0xC100  cannot understand: not a parseable DICOM data set
   0xC101  cannot understand: missing or invalid SOP Instance / Study / Series UID
   0xC102  cannot understand: pixel data shorter than Rows × Columns × … in the header
   0xC103  cannot understand: the header claims more pixels than `listener.max_image_pixels`
+  0xC104  cannot understand: an image attribute (Rows, NumberOfFrames, …) with a wrong VR,
+          a non-integer or out-of-range value
+  0xC105  cannot understand: the bytes are not encoded as the negotiated transfer syntax says
+
+A temporary file lives in the spool's `.incoming` folder only while its C-STORE is in
+progress: the handler removes what it did not keep, and every closed connection sweeps files
+left by transfers that never completed (a reset, an abort, a request pynetdicom rejected).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import logging
 import os
-import re
 import shutil
 import ssl
 import tempfile
@@ -33,7 +41,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pydicom import dcmread
 from pydicom.dataset import Dataset
 from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
@@ -41,19 +48,28 @@ from pynetdicom.sop_class import Verification
 
 from models.mammogram import MammogramError
 from models.reading import describe
+from plugin.admission import (
+    BAD_ATTRIBUTE,
+    BAD_UIDS,
+    NOT_DICOM,
+    TOO_LARGE,
+    TRUNCATED_PIXELS,
+    Refused,
+    check_encoding,
+    expected_pixel_bytes,
+    image_integers,
+    read_header,
+    valid_uid,
+)
 from plugin.config import ListenerConfig
 from plugin.durable import fsync_dir, make_dirs
-from plugin.observability import AuditTrail, Metrics
+from plugin.observability import AuditTrail, Metrics, cap
 from plugin.selection import acquisition_time
 from plugin.store import NewInstance, Recorded, Store
 
 log = logging.getLogger(__name__)
 
 OUT_OF_RESOURCES = 0xA700
-NOT_DICOM = 0xC100
-BAD_UIDS = 0xC101
-TRUNCATED_PIXELS = 0xC102
-TOO_LARGE = 0xC103
 
 MAMMOGRAPHY_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
@@ -63,17 +79,13 @@ MAMMOGRAPHY_SOP_CLASSES = {
     "1.2.840.10008.5.1.4.1.1.13.1.5": "Breast Projection X-Ray Image Storage - For Processing",
 }
 
-_UID = re.compile(r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$")
 _HASH_CHUNK = 1 << 20
-
-
-class Refused(Exception):
-    """A C-STORE we answer with a failure status; the message goes into ErrorComment."""
-
-    def __init__(self, status: int, reason: str) -> None:
-        super().__init__(reason)
-        self.status = status
-        self.reason = reason
+_ERROR_COMMENT = 64
+"""ErrorComment is LO: at most 64 characters."""
+_STALE_MARGIN_SECONDS = 5.0
+_SWEEP_SECONDS = 2.0
+"""How often the janitor looks for files left by a connection that ended without a close
+event (pynetdicom's reactor dies on some malformed requests)."""
 
 
 @dataclass(frozen=True)
@@ -86,10 +98,6 @@ class Outcome:
     """The audit event, reported after the outcome is decided."""
     fields: dict[str, Any] = dataclasses.field(default_factory=dict)
     """The audit event's fields (UIDs among them are hashed by the audit trail)."""
-
-
-def valid_uid(value: object) -> bool:
-    return isinstance(value, str) and len(value) <= 64 and bool(_UID.match(value))
 
 
 class Listener:
@@ -118,6 +126,10 @@ class Listener:
         self._ae: AE | None = None
         self._allowed = {(c.ae_title, c.address) for c in config.allowed_callers}
         self._stopping = threading.Event()
+        self._handling: set[Path] = set()
+        """Temporary files whose C-STORE handler is running: the sweep leaves them alone."""
+        self._handling_lock = threading.Lock()
+        self._janitor: threading.Thread | None = None
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -144,6 +156,8 @@ class Listener:
         for cx in AllStoragePresentationContexts:
             ae.add_supported_context(cx.abstract_syntax, cfg.transfer_syntaxes)
         handlers = [
+            (evt.EVT_CONN_OPEN, self._on_connection),
+            (evt.EVT_CONN_CLOSE, self._on_closed),
             (evt.EVT_REQUESTED, self._on_requested),
             (evt.EVT_ACCEPTED, self._on_accepted),
             (evt.EVT_REJECTED, self._on_rejected),
@@ -158,6 +172,9 @@ class Listener:
             ssl_context=self._ssl_context(),
         )
         port = int(self._server.server_address[1])
+        self._janitor = threading.Thread(target=self._sweep_loop, name="incoming-janitor")
+        self._janitor.daemon = True
+        self._janitor.start()
         log.info(
             "listening",
             extra={
@@ -195,6 +212,8 @@ class Listener:
         if self._server is None:
             return
         self._stopping.set()
+        if self._janitor is not None:
+            self._janitor.join(timeout)
         server, self._server = self._server, None
         active = list(server.active_associations)
         server.shutdown()
@@ -215,32 +234,128 @@ class Listener:
 
     # -- association events -------------------------------------------------------------------
 
-    def _on_requested(self, event: evt.Event) -> None:
-        """Calling-AE (and address) allow-list, checked before negotiation."""
+    def _on_connection(self, event: evt.Event) -> None:
+        """Per-address limit, counted on connections (half-open sockets included) so that one
+        host cannot hold every association slot; also sweeps stale temporary files."""
         try:
-            if not self._allowed:
+            self._sweep_incoming(closing=None)
+            address = event.address[0]
+            others = [
+                a
+                for a in self._live_associations()
+                if a is not event.assoc and a.requestor.address == address and a.dul.is_alive()
+            ]
+            if len(others) < self.config.max_associations_per_address:
                 return
-            assoc = event.assoc
-            calling = assoc.requestor.primitive.calling_ae_title.strip()
-            address = assoc.requestor.address
-            if (calling, None) in self._allowed or (calling, address) in self._allowed:
-                return
+            self.metrics.associations.labels("rejected").inc()
             self.audit.record(
                 "association_rejected",
-                calling_ae=calling,
                 address=address,
-                reason="calling AE title (and address) not in allowed_callers",
+                reason="too many connections from this address "
+                "(listener.max_associations_per_address)",
             )
             log.warning(
-                "rejected unknown caller",
-                extra={"fields": {"calling_ae": calling, "address": address}},
+                "closed a connection: too many from one address",
+                extra={"fields": {"address": address, "open": len(others)}},
             )
-            self.metrics.associations.labels("rejected").inc()
-            # Permanent, service user, calling AE title not recognised (PS3.8 9.3.4).
-            assoc.acse.send_reject(0x01, 0x01, 0x03)
-            assoc.kill()
+            event.assoc.dul.socket.close()
         except Exception:  # noqa: BLE001 - a handler must not raise into pynetdicom
-            log.exception("allow-list check failed")
+            log.exception("connection check failed")
+
+    def _on_closed(self, event: evt.Event) -> None:
+        try:
+            self._sweep_incoming(closing=event.assoc)
+        except Exception:  # noqa: BLE001 - a handler must not raise into pynetdicom
+            log.exception("sweeping the spool's temporary files failed")
+
+    def _sweep_loop(self) -> None:
+        while not self._stopping.wait(_SWEEP_SECONDS):
+            try:
+                self._sweep_incoming(closing=None)
+            except Exception:  # noqa: BLE001 - the janitor outlives a failed pass
+                log.exception("sweeping the spool's temporary files failed")
+
+    def _live_associations(self) -> list[Any]:
+        server = self._server
+        return [] if server is None else [a for a in server.active_associations if a.is_alive()]
+
+    def _sweep_incoming(self, closing: Any) -> None:
+        """Remove temporary files no transfer in progress can own: all of them when no other
+        connection is open, else those untouched for longer than the network timeout (a
+        transfer that stalls that long is aborted by pynetdicom)."""
+        files = list(self.incoming.iterdir())
+        if not files:
+            return
+        others = [a for a in self._live_associations() if a is not closing]
+        stale_before = time.time() - self.config.network_timeout_seconds - _STALE_MARGIN_SECONDS
+        with self._handling_lock:
+            handling = set(self._handling)
+        removed = 0
+        for path in files:
+            if path in handling:
+                continue
+            try:
+                if others and path.stat().st_mtime > stale_before:
+                    continue
+                # Truncated first: the ended transfer may still hold the file open (it is
+                # freed with its association), and the space must come back now.
+                os.truncate(path, 0)
+                path.unlink()
+                removed += 1
+            except FileNotFoundError:
+                continue
+        if removed:
+            log.info(
+                "removed temporary files of transfers that did not complete",
+                extra={"fields": {"files": removed}},
+            )
+
+    def _on_requested(self, event: evt.Event) -> None:
+        """Disk watermark, then the calling-AE (and address) allow-list, before negotiation."""
+        try:
+            assoc = event.assoc
+            calling = cap(assoc.requestor.primitive.calling_ae_title.strip(), 16)
+            address = assoc.requestor.address
+            free = shutil.disk_usage(self.store.spool).free
+            self.metrics.disk_free_bytes.set(free)
+            if free < self.min_free_bytes:
+                self._reject(
+                    assoc,
+                    calling,
+                    address,
+                    f"spool below disk watermark ({free // 2**20} MB free)",
+                    # Transient, service provider (presentation), local limit exceeded.
+                    (0x02, 0x03, 0x02),
+                )
+                return
+            if not self._allowed:
+                return
+            if (calling, None) in self._allowed or (calling, address) in self._allowed:
+                return
+            # Permanent, service user, calling AE title not recognised (PS3.8 9.3.4).
+            self._reject(
+                assoc,
+                calling,
+                address,
+                "calling AE title (and address) not in allowed_callers",
+                (0x01, 0x01, 0x03),
+            )
+        except Exception:  # noqa: BLE001 - a handler must not raise into pynetdicom
+            log.exception("association check failed")
+
+    def _reject(
+        self, assoc: Any, calling: str, address: str, reason: str, rj: tuple[int, int, int]
+    ) -> None:
+        self.audit.record(
+            "association_rejected", calling_ae=calling, address=address, reason=reason
+        )
+        log.warning(
+            "rejected an association",
+            extra={"fields": {"calling_ae": calling, "address": address, "reason": reason}},
+        )
+        self.metrics.associations.labels("rejected").inc()
+        assoc.acse.send_reject(*rj)
+        assoc.kill()
 
     def _on_accepted(self, event: evt.Event) -> None:
         self.metrics.associations.labels("accepted").inc()
@@ -248,7 +363,7 @@ class Listener:
     def _on_rejected(self, event: evt.Event) -> None:
         # pynetdicom's own rejections: wrong called AE, too many associations.
         self.metrics.associations.labels("rejected").inc()
-        calling = event.assoc.requestor.primitive.calling_ae_title.strip()
+        calling = cap(event.assoc.requestor.primitive.calling_ae_title.strip(), 16)
         self.audit.record(
             "association_rejected",
             calling_ae=calling,
@@ -265,13 +380,30 @@ class Listener:
         """Never raises: an exception here would reach the sender as 0xC211 ("cannot
         understand", never retried) even for a full disk or a failed audit write."""
         started = time.perf_counter()
+        src: Path | None = None
         try:
-            outcome = self._receive(event)
+            src = Path(event.dataset_path)
+            with self._handling_lock:
+                self._handling.add(src)
+            outcome = self._receive(event, src)
         except Refused as exc:
             outcome = Outcome(exc.status, "refused", exc.reason)
+        except OSError as exc:
+            full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+            if not full:
+                log.exception("C-STORE failed; answering out of resources")
+            reason = "spool disk full" if full else f"store failed: {type(exc).__name__}"
+            outcome = Outcome(OUT_OF_RESOURCES, "refused", reason)
         except Exception as exc:  # noqa: BLE001 - 0xC211 would tell the sender "never retry"
             log.exception("C-STORE failed; answering out of resources")
             outcome = Outcome(OUT_OF_RESOURCES, "refused", f"store failed: {type(exc).__name__}")
+        finally:
+            if src is not None:
+                # Whatever was not renamed into the spool goes now (pynetdicom's own removal
+                # comes later and only when its handler call returns normally).
+                src.unlink(missing_ok=True)
+                with self._handling_lock:
+                    self._handling.discard(src)
         try:
             self._report(event, outcome, time.perf_counter() - started)
         except Exception:  # noqa: BLE001 - the instance is settled; reporting must not undo it
@@ -279,7 +411,7 @@ class Listener:
         rsp = Dataset()
         rsp.Status = outcome.status
         if outcome.status != 0x0000 and outcome.reason:
-            rsp.ErrorComment = outcome.reason[:64]
+            rsp.ErrorComment = outcome.reason[:_ERROR_COMMENT]
         return rsp
 
     def _report(self, event: evt.Event, outcome: Outcome, seconds: float) -> None:
@@ -304,7 +436,7 @@ class Listener:
             message = "ignored instance" if outcome.outcome == "ignored" else "received instance"
             log.info(message, extra={"fields": outcome.fields})
 
-    def _receive(self, event: evt.Event) -> Outcome:
+    def _receive(self, event: evt.Event, src: Path) -> Outcome:
         if self._stopping.is_set():
             raise Refused(OUT_OF_RESOURCES, "service is shutting down; resend later")
         free = shutil.disk_usage(self.store.spool).free
@@ -314,8 +446,7 @@ class Listener:
                 OUT_OF_RESOURCES,
                 f"spool below disk watermark ({free // 2**20} MB free)",
             )
-        src = Path(event.dataset_path)
-        header, pixel_offset = _read_header(src)
+        header, pixel_offset = read_header(src)
         sop_uid = header.get("SOPInstanceUID")
         study_uid = header.get("StudyInstanceUID")
         series_uid = header.get("SeriesInstanceUID")
@@ -327,10 +458,17 @@ class Listener:
             raise Refused(BAD_UIDS, "SOPInstanceUID differs from the C-STORE request's")
         sop_class = str(event.request.AffectedSOPClassUID)
         syntax = UID(header.file_meta.TransferSyntaxUID)
-
-        status, reason, description = self._classify(header, sop_class)
-        if status == "accepted":
-            self._check_pixels(header, syntax, src, pixel_offset)
+        try:
+            check_encoding(header, syntax, src, pixel_offset)
+            status, reason, description = self._classify(header, sop_class)
+            if status == "accepted":
+                self._check_pixels(header, syntax, src, pixel_offset)
+        except (Refused, OSError):
+            raise
+        except Exception as exc:  # noqa: BLE001 - the bytes are at fault: permanent
+            raise Refused(
+                BAD_ATTRIBUTE, f"header cannot be classified ({type(exc).__name__})"
+            ) from None
 
         # Ignored instances are recorded but not kept (pynetdicom deletes the file): only the
         # kept ones pay for the fsync.
@@ -340,26 +478,34 @@ class Listener:
             folder = self.instances_dir / str(study_uid)
             make_dirs(folder)
             path = folder / f"{sop_uid}.{sha[:16]}.dcm"
+            fresh = not path.exists()  # else the same bytes, stored and recorded before
             os.replace(src, path)
             fsync_dir(folder)
             self.metrics.ingest_bytes.inc(size)
-        recorded, _ = self.store.record_instance(
-            NewInstance(
-                sop_instance_uid=str(sop_uid),
-                sha256=sha,
-                study_instance_uid=str(study_uid),
-                series_instance_uid=str(series_uid),
-                sop_class_uid=sop_class,
-                transfer_syntax_uid=str(syntax),
-                size=size,
-                path=path,
-                calling_ae=_calling_ae(event),
-                status=status,
-                reason=reason,
-                description=description,
-            ),
-            late_images=self.late_images,
-        )
+        else:
+            fresh = False
+        try:
+            recorded, _ = self.store.record_instance(
+                NewInstance(
+                    sop_instance_uid=str(sop_uid),
+                    sha256=sha,
+                    study_instance_uid=str(study_uid),
+                    series_instance_uid=str(series_uid),
+                    sop_class_uid=sop_class,
+                    transfer_syntax_uid=str(syntax),
+                    size=size,
+                    path=path,
+                    calling_ae=_calling_ae(event),
+                    status=status,
+                    reason=reason,
+                    description=description,
+                ),
+                late_images=self.late_images,
+            )
+        except BaseException:
+            if path is not None and fresh:
+                path.unlink(missing_ok=True)  # never recorded nor acknowledged: not kept
+            raise
         fields = {
             "study": str(study_uid),
             "sop_instance": str(sop_uid),
@@ -383,23 +529,23 @@ class Listener:
     def _classify(self, header: Dataset, sop_class: str) -> tuple[str, str | None, dict[str, Any]]:
         """("accepted" | "ignored", reason, header facts for the selection policy)."""
         if sop_class not in MAMMOGRAPHY_SOP_CLASSES:
-            name = UID(sop_class).name if UID(sop_class).is_valid else sop_class
-            return "ignored", f"not a mammography image ({name})", {}
-        rows, cols = int(header.get("Rows") or 0), int(header.get("Columns") or 0)
-        frames = int(header.get("NumberOfFrames") or 1)
-        if rows * cols * frames > self.config.max_image_pixels:
-            raise Refused(
-                TOO_LARGE,
-                f"header claims {rows}x{cols}x{frames} pixels, above max_image_pixels",
-            )
+            name = UID(sop_class).name if UID(sop_class).is_valid else "unknown SOP class"
+            return "ignored", cap(f"not a mammography image ({name})", 200), {}
+        dims = image_integers(header)
+        pixels = dims["Rows"] * dims["Columns"] * dims.get("NumberOfFrames", 1)
+        if pixels > self.config.max_image_pixels:
+            raise Refused(TOO_LARGE, "header claims more pixels than max_image_pixels")
         try:
             desc = describe(header)
         except MammogramError as exc:
-            return "ignored", f"unusable mammography header: {exc}", {}
+            return "ignored", cap(f"unusable mammography header: {exc}"), {}
         facts = dataclasses.asdict(desc)
-        facts["acquisition"] = acquisition_time(header)
+        facts["acquisition"] = cap(acquisition_time(header), 32)
         number = header.get("InstanceNumber")
-        facts["instance_number"] = int(number) if number not in (None, "") else None
+        try:
+            facts["instance_number"] = int(number) if number not in (None, "") else None
+        except (TypeError, ValueError):
+            facts["instance_number"] = None  # only orders duplicates; not worth a refusal
         return "accepted", None, _jsonable(facts)
 
     def _check_pixels(self, header: Dataset, syntax: UID, src: Path, offset: int | None) -> None:
@@ -411,17 +557,7 @@ class Listener:
             raise Refused(TRUNCATED_PIXELS, "image has no Pixel Data element")
         if syntax.is_compressed:
             return
-        try:
-            expected = (
-                int(header.Rows)
-                * int(header.Columns)
-                * int(header.get("SamplesPerPixel") or 1)
-                * int(header.get("NumberOfFrames") or 1)
-                * int(header.BitsAllocated)
-                // 8
-            )
-        except (AttributeError, TypeError, ValueError):
-            raise Refused(TRUNCATED_PIXELS, "Rows, Columns or BitsAllocated missing") from None
+        expected = expected_pixel_bytes(image_integers(header))
         available = src.stat().st_size - offset - 8  # minus the shortest element header
         if available < expected:
             raise Refused(
@@ -432,27 +568,9 @@ class Listener:
 
 def _calling_ae(event: evt.Event) -> str:
     try:
-        return str(event.assoc.requestor.ae_title).strip()
+        return cap(str(event.assoc.requestor.ae_title).strip(), 16)
     except Exception:  # noqa: BLE001
         return ""
-
-
-def _read_header(path: Path) -> tuple[Dataset, int | None]:
-    """The data set up to the pixels, and the file offset of the Pixel Data element (None
-    when the file has none)."""
-    size = path.stat().st_size
-    try:
-        with path.open("rb") as fp:
-            header = dcmread(fp, stop_before_pixels=True)
-            offset = fp.tell()
-            # Touch every element now: a malformed value must fail here, not in the worker.
-            for _ in header.iterall():
-                pass
-    except Exception as exc:  # noqa: BLE001 - any parse failure means "cannot understand"
-        raise Refused(NOT_DICOM, f"not a parseable DICOM data set ({type(exc).__name__})") from None
-    if "TransferSyntaxUID" not in header.file_meta:
-        raise Refused(NOT_DICOM, "no transfer syntax in the file meta")
-    return header, (offset if offset < size else None)
 
 
 def _hash(path: Path, *, fsync: bool) -> tuple[str, int]:

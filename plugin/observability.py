@@ -5,6 +5,11 @@ Logs are for operators and never carry patient identifiers: UIDs appear only as 
 hashes (`hash_uid`), enough to follow one study through the logs without naming it. The audit
 trail (one JSON object a line) is for the site: every instance received, skipped with the
 reason, every exam analysed and every object delivered.
+
+Every value written is capped (`cap`), so no input can make a line longer than `MAX_LINE`
+characters: a header of hundreds of kilobytes once made a 28 MB audit line. Messages of the
+DICOM libraries quote the values they reject ("Invalid value … '19610412'"); those quotes are
+redacted before a line is written.
 """
 
 from __future__ import annotations
@@ -37,6 +42,34 @@ _UID_SALT = b"mammo-ai-plugin/uid/v1"
 # Fields whose values are DICOM UIDs: hashed wherever they are written.
 UID_FIELDS = frozenset({"study", "series", "sop_instance", "result"})
 
+MAX_VALUE = 512
+"""Characters kept of one string value in a log line or audit event."""
+MAX_ITEMS = 32
+"""Items kept of one list value."""
+MAX_MESSAGE = 2048
+MAX_TRACEBACK = 8192
+MAX_LINE = 16384
+
+
+def cap(text: str, limit: int = MAX_VALUE) -> str:
+    """`text` cut to `limit` characters, saying how much was cut."""
+    if len(text) <= limit:
+        return text
+    note = f"…[{len(text) - limit} more chars]"
+    return text[: max(0, limit - len(note))] + note
+
+
+# What pydicom and pynetdicom put around a value they reject: "value '…'", "value: '…'",
+# "VR DA: '…'", "(UI) '…'".
+_QUOTED_VALUE = re.compile(
+    r"""((?:value|VR \w\w|\(\w\w\))\s*:?\s*)(['"]).*?\2""", re.IGNORECASE | re.DOTALL
+)
+
+
+def redact_values(text: str) -> str:
+    """Library messages with the rejected values taken out."""
+    return _QUOTED_VALUE.sub(lambda m: f"{m.group(1)}<redacted>", text)
+
 
 def hash_uid(uid: str) -> str:
     """A stable 16-hex-digit pseudonym for a UID, for logs and the audit trail."""
@@ -51,15 +84,15 @@ class JsonFormatter(logging.Formatter):
             "ts": round(record.created, 3),
             "level": record.levelname,
             "logger": record.name,
-            "msg": scrub_uids(record.getMessage()),
+            "msg": cap(_clean(record.getMessage()), MAX_MESSAGE),
         }
         fields = getattr(record, "fields", None)
         if isinstance(fields, dict):
             out.update(_pseudonymise(fields))
         if record.exc_info:
             # Tracebacks quote spool paths, named after the study and SOP Instance UIDs.
-            out["exc"] = scrub_uids(self.formatException(record.exc_info))
-        return json.dumps(out, default=str)
+            out["exc"] = _clean_traceback(self.formatException(record.exc_info))
+        return _bounded_json(out)
 
 
 class TextFormatter(logging.Formatter):
@@ -69,11 +102,44 @@ class TextFormatter(logging.Formatter):
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
     def format(self, record: logging.LogRecord) -> str:
-        line = scrub_uids(super().format(record))
+        exc_info, record.exc_info, record.exc_text = record.exc_info, None, None
+        try:
+            line = cap(_clean(super().format(record)), MAX_MESSAGE)
+        finally:
+            record.exc_info = exc_info
         fields = getattr(record, "fields", None)
         if fields:
             line += " " + " ".join(f"{k}={v}" for k, v in _pseudonymise(fields).items())
+        if exc_info:
+            line += "\n" + _clean_traceback(self.formatException(exc_info))
+        return cap(line, MAX_LINE)
+
+
+def _clean(text: str) -> str:
+    return scrub_uids(redact_values(text))
+
+
+def _clean_traceback(text: str) -> str:
+    """Keep the end of a traceback (where the error is), values redacted."""
+    text = _clean(text)
+    if len(text) > MAX_TRACEBACK:
+        text = f"…[{len(text) - MAX_TRACEBACK} chars cut]" + text[-MAX_TRACEBACK:]
+    return text
+
+
+def _bounded_json(out: dict[str, Any]) -> str:
+    line = json.dumps(out, default=str)
+    if len(line) <= MAX_LINE:
         return line
+    # Many fields, each within its cap: keep the leading ones that fit.
+    kept: dict[str, Any] = {}
+    for key, value in out.items():
+        kept[key] = value
+        if len(json.dumps(kept, default=str)) > MAX_LINE - 64:
+            del kept[key]
+            kept["truncated"] = True
+            break
+    return json.dumps(kept, default=str)
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
@@ -85,6 +151,20 @@ def configure_logging(level: str = "INFO", fmt: str = "json") -> None:
     # pynetdicom logs full datasets and UIDs at INFO/DEBUG: keep it to warnings.
     logging.getLogger("pynetdicom").setLevel(logging.WARNING)
     quiet_pydicom()
+    threading.excepthook = _log_thread_exception
+
+
+def _log_thread_exception(args: threading.ExceptHookArgs) -> None:
+    """An exception that ends a thread (pynetdicom's reactor on a request it cannot parse)
+    goes through the log formatter, capped and redacted, instead of raw to stderr."""
+    if args.exc_type is SystemExit:
+        return
+    name = args.thread.name if args.thread is not None else "?"
+    logging.getLogger("plugin.threads").error(
+        "uncaught exception ended a thread",
+        exc_info=(args.exc_type, args.exc_value, args.exc_traceback),  # type: ignore[arg-type]
+        extra={"fields": {"thread": cap(name, 64)}},
+    )
 
 
 def quiet_pydicom() -> None:
@@ -111,12 +191,25 @@ def scrub_uids(text: str) -> str:
 
 
 def _pseudonymise(fields: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for key, value in fields.items():
-        if isinstance(value, str):
-            value = hash_uid(value) if key in UID_FIELDS else scrub_uids(value)
-        out[key] = value
-    return out
+    return {str(key)[:64]: _safe_value(str(key), value) for key, value in fields.items()}
+
+
+def _safe_value(key: str, value: Any) -> Any:
+    """UIDs hashed, free text scrubbed and capped, containers bounded."""
+    if isinstance(value, str):
+        return hash_uid(value) if key in UID_FIELDS else cap(scrub_uids(value))
+    if value is None or isinstance(value, (bool, int, float)):
+        return value
+    if isinstance(value, dict):
+        items = list(value.items())[:MAX_ITEMS]
+        return {str(k)[:64]: _safe_value(str(k), v) for k, v in items}
+    if isinstance(value, (list, tuple, set, frozenset)):
+        items = list(value)
+        out = [_safe_value(key, v) for v in items[:MAX_ITEMS]]
+        if len(items) > MAX_ITEMS:
+            out.append(f"…[{len(items) - MAX_ITEMS} more]")
+        return out
+    return cap(scrub_uids(str(value)))
 
 
 class AuditTrail:
@@ -129,9 +222,7 @@ class AuditTrail:
         self._file = self.path.open("a", encoding="utf-8")
 
     def record(self, event: str, **fields: Any) -> None:
-        line = json.dumps(
-            {"ts": round(time.time(), 3), "event": event, **_pseudonymise(fields)}, default=str
-        )
+        line = _bounded_json({"ts": round(time.time(), 3), "event": event, **_pseudonymise(fields)})
         with self._lock:
             self._file.write(line + "\n")
             self._file.flush()

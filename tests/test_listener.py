@@ -162,11 +162,25 @@ def test_association_checks(make_listener) -> None:
 
 def test_watermark_refuses_with_out_of_resources(make_listener, synth_exam_small) -> None:
     listener = make_listener(min_free_bytes=2**62)
-    status = send(listener, synth_exam_small.image("L-MLO").dataset)
+    # Below the watermark when the association is requested: rejected as transient.
+    assoc = associate(listener)
+    assert assoc.is_rejected
+    rj = assoc.acceptor.primitive
+    assert (rj.result, rj.result_source, int(rj.diagnostic)) == (0x02, 0x03, 0x02)
+    # Crossed while an association is open: each C-STORE answers 0xA700.
+    listener.min_free_bytes = 0
+    assoc = associate(listener)
+    assert assoc.is_established
+    listener.min_free_bytes = 2**62
+    try:
+        status = assoc.send_c_store(synth_exam_small.image("L-MLO").dataset)
+    finally:
+        assoc.release()
     assert status.Status == 0xA700
     assert "disk watermark" in status.ErrorComment
     assert listener.store.counts()["instances"] == {}
     assert list(listener.instances_dir.rglob("*.dcm")) == []
+    assert list(listener.incoming.iterdir()) == []
 
 
 def test_store_failure_is_out_of_resources_not_cannot_understand(

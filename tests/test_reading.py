@@ -184,8 +184,9 @@ def test_missing_laterality(lcc):
 
 def test_invalid_laterality_value(lcc):
     lcc.ImageLaterality = "X"
-    with pytest.raises(MissingLateralityError, match="'X'; expected L, R or B"):
+    with pytest.raises(MissingLateralityError, match="is not L, R or B") as info:
         describe(lcc)
+    assert "'X'" not in str(info.value)  # names the attribute, never copies its value
 
 
 def test_image_and_series_laterality_contradict(lcc):
@@ -232,7 +233,7 @@ def test_view_from_view_position_without_code_sequence(lcc):
 
 def test_code_and_view_position_contradict(lcc):
     lcc.ViewPosition = "MLO"
-    with pytest.raises(ContradictoryHeaderError, match=r"says CC but ViewPosition .* 'MLO'"):
+    with pytest.raises(ContradictoryHeaderError, match=r"says CC but ViewPosition .* says MLO"):
         describe(lcc)
 
 
@@ -245,7 +246,7 @@ def test_unknown_view_code(lcc):
 def test_unknown_view_position(lcc):
     del lcc.ViewCodeSequence
     lcc.ViewPosition = "WEIRD"
-    with pytest.raises(UnknownViewError, match="'WEIRD'"):
+    with pytest.raises(UnknownViewError, match=r"ViewPosition \(0018,5101\) is not a mammography"):
         describe(lcc)
 
 
