@@ -4,7 +4,9 @@
 The selection policy has already chosen these images (fallbacks such as synthetic 2D or
 implant-displaced views included), so they are decoded as chosen rather than judged again. An
 image whose header or pixel data cannot be read is reported with the reason and left out: the
-failure is in the bytes, so trying again would fail the same way.
+failure is in the bytes, so trying again would fail the same way. The reasons name what is
+wrong, never a header value (they reach the audit trail). The headers kept for the output
+builders lose the attributes those cannot copy (`header_repair`).
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ from pydicom import Dataset, dcmread
 
 from models.mammogram import Mammogram, MammogramError
 from models.reading import read_mammogram
+from plugin.header_repair import copyable_header
+from plugin.observability import cap
 from plugin.outputs.common import header_copy
 
 
@@ -38,13 +42,14 @@ def decode(files: Sequence[tuple[str, Path]], *, keep_pixels: bool = True) -> De
     for key, path in files:
         try:
             ds = dcmread(path)
-            mammograms.append(read_mammogram(ds, require_screening=False))
+            mammogram = read_mammogram(ds, require_screening=False)
+            kept, _ = copyable_header(ds if keep_pixels else header_copy(ds))
         except MammogramError as exc:
-            failed.append((key, str(exc)))
+            failed.append((key, cap(str(exc))))
             continue
-        except (ValueError, EOFError, NotImplementedError, RuntimeError) as exc:
-            # pydicom and codec errors for broken pixel data.
-            failed.append((key, f"pixel data cannot be decoded ({type(exc).__name__}: {exc})"))
+        except Exception as exc:  # noqa: BLE001 - pydicom and codecs raise any type for bad bytes
+            failed.append((key, f"image cannot be read or decoded ({type(exc).__name__})"))
             continue
-        datasets[str(ds.SOPInstanceUID)] = ds if keep_pixels else header_copy(ds)
+        mammograms.append(mammogram)
+        datasets[mammogram.sop_instance_uid] = kept
     return Decoded(mammograms, datasets, failed)

@@ -2,8 +2,9 @@
 
 A job decodes its selected images, runs the ensemble, builds the result objects each
 destination wants, writes them durably into the spool and records them with their deliveries
-in one transaction. An image that cannot be decoded is left out with its reason (the exam is
-analysed as partial); an exam with no decodable image is quarantined at once, since trying again
+in one transaction. An image that fails in any stage (decoding, the models, an output builder)
+is left out with its reason and the exam is analysed without it, as partial
+(`plugin.isolation`); an exam with no usable image is quarantined at once, since trying again
 cannot help. Any other failure is retried after `retry_delay_seconds`, at most `max_attempts`
 times, then the job is quarantined with the reason; the queue moves on either way.
 """
@@ -21,8 +22,9 @@ from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from plugin.config import Config, ModelsConfig
 from plugin.decoding import decode
 from plugin.durable import write_atomically
-from plugin.observability import AuditTrail, Metrics, hash_uid
-from plugin.outputs import build_outputs, output_kind
+from plugin.isolation import build_isolated, culprits_of_prediction
+from plugin.observability import AuditTrail, Metrics, cap
+from plugin.outputs import output_kind
 from plugin.outputs.common import OutputKind
 from plugin.store import Job, NewResult, Store
 
@@ -124,7 +126,8 @@ class Worker:
             return True
         except Exception as exc:  # noqa: BLE001 - any failure is retried, then quarantined
             log.exception("analysis failed", extra={"fields": fields})
-            self._fail(job, f"{type(exc).__name__}: {exc}", fields, retry=True)
+            # The type only: exception messages may quote header values.
+            self._fail(job, f"analysis failed ({type(exc).__name__})", fields, retry=True)
             return True
         elapsed = time.perf_counter() - started
         self.metrics.stage_seconds.labels("analyse").observe(elapsed)
@@ -157,11 +160,30 @@ class Worker:
             [(i.sop_instance_uid, i.path) for i in instances if i.path is not None],
             keep_pixels=OutputKind.SC in self.kinds,
         )
-        if not decoded.mammograms:
-            reasons = "; ".join(reason for _, reason in decoded.failed) or "no image files"
-            raise UnanalysableExam(f"no image of the exam could be decoded: {reasons}")
-        prediction = self.ensemble.predict_exam(decoded.mammograms)
-        objects = build_outputs(prediction, decoded.datasets, self.kinds)
+        left_out = [(uid, "decode", reason) for uid, reason in decoded.failed]
+        usable = list(decoded.mammograms)
+        while True:
+            if not usable:
+                reasons = "; ".join(r for _, _, r in left_out) or "no image files"
+                raise UnanalysableExam(cap(f"no usable image in the exam: {reasons}", 2000))
+            try:
+                prediction = self.ensemble.predict_exam(usable)
+            except Exception:
+                bad = culprits_of_prediction(self.ensemble.predict_exam, usable)
+                if not bad:
+                    raise
+                stage = "analyse"
+            else:
+                objects, bad = build_isolated(prediction, decoded.datasets, self.kinds)
+                stage = "output"
+                if not bad:
+                    break
+            left_out += [(uid, stage, reason) for uid, reason in bad.items()]
+            usable = [m for m in usable if m.sop_instance_uid not in bad]
+            log.warning(
+                "left images out of the exam",
+                extra={"fields": {"study": job.study_instance_uid, "images": len(bad)}},
+            )
         folder = self.results_dir / job.study_instance_uid / f"v{job.version}"
         results = []
         for ds in objects:
@@ -181,8 +203,9 @@ class Worker:
         summary = {
             "views": sorted(m.view_key for m in decoded.mammograms),
             "missing": list(prediction.missing_views),
-            "undecodable": [
-                {"sop_instance": hash_uid(uid), "reason": reason} for uid, reason in decoded.failed
+            "left_out": [
+                {"sop_instance": uid, "stage": stage, "reason": reason}
+                for uid, stage, reason in left_out
             ],
             "exam_score": round(float(prediction.malignant), 4),
         }
