@@ -4,7 +4,7 @@
 PYTHON ?= python3
 PIP ?= $(PYTHON) -m pip
 APT_PACKAGES = dcmtk dicom3tools pixelmed-apps default-jre-headless openssl util-linux \
-               orthanc orthanc-python orthanc-dicomweb chromium
+               orthanc orthanc-python orthanc-dicomweb chromium postgresql
 STAMP = .make
 
 .PHONY: install system-deps serve test lint bench demo-models clean

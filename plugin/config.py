@@ -8,6 +8,7 @@ so a config and its model files move together. Secrets are never in the file: a 
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -22,7 +23,14 @@ from pydantic import (
 )
 from pydicom.uid import UID
 
-from plugin.config_types import AETitle, ConfigPath, Seconds, environment_secret
+from plugin.config_types import (
+    AETitle,
+    ConfigPath,
+    DatabaseLocation,
+    EnvName,
+    Seconds,
+    environment_secret,
+)
 from plugin.delivery import Destination
 from plugin.outputs.common import OutputKind
 from plugin.selection import SelectionPolicy
@@ -122,10 +130,23 @@ class ListenerConfig(Section):
 
 class StorageConfig(Section):
     spool: ConfigPath = Path("var/spool")
-    """Received instances and result objects; must be one filesystem (atomic renames)."""
-    database: ConfigPath = Path("var/plugin.sqlite")
+    """Received instances and result objects; must be one filesystem (atomic renames). With
+    several nodes, a shared mount that every node sees (README, "Scaling out")."""
+    database: DatabaseLocation = Path("var/plugin.sqlite")
+    """A SQLite file (one node) or `postgresql://user@host:port/db` (several nodes)."""
+    password_env: EnvName | None = None
+    """The environment variable holding the PostgreSQL password (none: trust, peer, .pgpass)."""
+    lease_seconds: Seconds = 60
+    """How long a claimed job or delivery stays with a process that stops renewing it."""
     min_free_mb: int = Field(1024, ge=0)
     """Disk watermark: below this much free space in the spool, C-STORE answers 0xA700."""
+
+    def password(self) -> str | None:
+        return resolve_secret(self.password_env, "storage.password_env")
+
+    @property
+    def postgres(self) -> bool:
+        return isinstance(self.database, str)
 
 
 class ExamsConfig(Section):
@@ -180,6 +201,15 @@ class WorkerConfig(Section):
     max_attempts: int = Field(3, ge=1)
     """Tries per exam job before it is quarantined with the reason."""
     retry_delay_seconds: Seconds = 10
+    devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda:\d+)$")]] = []
+    """One worker process per device (`[cuda:0, cuda:1]`); empty: one worker on
+    `models.device`, in the serving process."""
+
+
+class NodeConfig(Section):
+    name: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,64}$")
+    """This node in leases, `plugin status`, metrics and the audit trail; unique among the
+    processes that share a database (two `plugin serve` on one host need two names)."""
 
 
 class DeliveryConfig(Section):
@@ -246,6 +276,7 @@ class Config(Section):
     delivery: DeliveryConfig = DeliveryConfig()
     destinations: list[Route] = []
     observability: ObservabilityConfig = ObservabilityConfig()
+    node: NodeConfig = NodeConfig()
     source: Path | None = Field(None, exclude=True)
     """The file this config was read from (set by `load_config`)."""
 

@@ -6,6 +6,7 @@ import os
 import re
 from pathlib import Path
 from typing import Annotated
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, Field, ValidationInfo
 
@@ -26,8 +27,26 @@ def _ae_title(value: str) -> str:
     return value.strip()
 
 
+def _database(value: str, info: ValidationInfo) -> Path | str:
+    if not value.startswith(("postgresql://", "postgres://")):
+        return _relative_to_config(Path(value), info)
+    url = urlsplit(value)
+    if url.password is not None:
+        raise ValueError(
+            "put no password in the URL: name the environment variable that holds it in "
+            "storage.password_env"
+        )
+    if not url.hostname or not url.path.strip("/"):
+        raise ValueError(
+            "a PostgreSQL URL names a host and a database: postgresql://user@host:port/db"
+        )
+    return value
+
+
 ConfigPath = Annotated[Path, AfterValidator(_relative_to_config)]
 """A path in the config; relative paths are taken from the config file's folder."""
+DatabaseLocation = Annotated[str, AfterValidator(_database)]
+"""A SQLite file (a path, relative to the config's folder) or a `postgresql://` URL."""
 AETitle = Annotated[str, AfterValidator(_ae_title)]
 EnvName = Annotated[str, Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")]
 """The name of an environment variable that holds a secret."""

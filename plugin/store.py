@@ -1,9 +1,16 @@
-"""The durable state of the service: one SQLite database (WAL) beside the spool folder.
+"""The durable state of the service: a database (SQLite by default, PostgreSQL for several
+nodes) beside the spool folder.
 
 This module owns every state transition of instances, exams and their analysis jobs, result
 objects and (object, destination) deliveries; other modules call these methods and never run
-SQL. Each method is one transaction, so a crash leaves the database at a step boundary, and
-`recover()` at start-up turns the steps that were in flight back into work to do.
+SQL. Each method is one transaction, so a crash leaves the database at a step boundary.
+
+Jobs and deliveries are claimed under a lease held by a claimant (one process of one node):
+the claimant renews it (`heartbeat`) while it works; a lease that runs out returns the row to
+the queue (`reclaim`), so work of a node that died is taken over, and a claimant whose lease
+was taken can no longer settle the row. Every claim is kept in `claims`, the proof that no
+row was ever held by two claimants at once. Paths under the spool are stored relative to it,
+so nodes that mount a shared spool at different places read the same files.
 
 States:
   exam:      collecting → queued → running → analysed | quarantined | skipped
@@ -15,7 +22,8 @@ States:
 from __future__ import annotations
 
 import json
-import sqlite3
+import os
+import socket
 import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -23,88 +31,16 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-SCHEMA_VERSION = 1
+from plugin.store_db import Database, describe, is_postgres
+from plugin.store_schema import SCHEMA_VERSION, NewerSchema, current_version, migrate
 
-_SCHEMA = """
-CREATE TABLE instances (
-    id INTEGER PRIMARY KEY,
-    sop_instance_uid TEXT NOT NULL,
-    sha256 TEXT NOT NULL,
-    study_instance_uid TEXT NOT NULL,
-    series_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    transfer_syntax_uid TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    path TEXT,
-    calling_ae TEXT NOT NULL,
-    received_at REAL NOT NULL,
-    status TEXT NOT NULL CHECK (status IN ('accepted', 'ignored')),
-    reason TEXT,
-    description TEXT NOT NULL DEFAULT '{}',
-    superseded_by INTEGER REFERENCES instances(id),
-    UNIQUE (sop_instance_uid, sha256)
-);
-CREATE INDEX instances_study ON instances(study_instance_uid);
-CREATE TABLE exams (
-    id INTEGER PRIMARY KEY,
-    study_instance_uid TEXT NOT NULL UNIQUE,
-    state TEXT NOT NULL CHECK (state IN
-        ('collecting', 'queued', 'running', 'analysed', 'quarantined', 'skipped')),
-    first_seen REAL NOT NULL,
-    last_seen REAL NOT NULL,
-    round_started REAL NOT NULL,
-    dirty INTEGER NOT NULL DEFAULT 0,
-    version INTEGER NOT NULL DEFAULT 0,
-    reason TEXT
-);
-CREATE TABLE jobs (
-    id INTEGER PRIMARY KEY,
-    exam_id INTEGER NOT NULL REFERENCES exams(id),
-    version INTEGER NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'done', 'quarantined')),
-    instance_ids TEXT NOT NULL,
-    selection TEXT NOT NULL,
-    partial INTEGER NOT NULL,
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    created_at REAL NOT NULL,
-    started_at REAL,
-    finished_at REAL,
-    reason TEXT,
-    UNIQUE (exam_id, version)
-);
-CREATE TABLE results (
-    id INTEGER PRIMARY KEY,
-    job_id INTEGER NOT NULL REFERENCES jobs(id),
-    exam_id INTEGER NOT NULL REFERENCES exams(id),
-    version INTEGER NOT NULL,
-    kind TEXT NOT NULL,
-    sop_instance_uid TEXT NOT NULL,
-    sop_class_uid TEXT NOT NULL,
-    path TEXT NOT NULL,
-    size INTEGER NOT NULL,
-    created_at REAL NOT NULL,
-    UNIQUE (job_id, sop_instance_uid)
-);
-CREATE TABLE deliveries (
-    id INTEGER PRIMARY KEY,
-    result_id INTEGER NOT NULL REFERENCES results(id),
-    destination TEXT NOT NULL,
-    state TEXT NOT NULL CHECK (state IN ('pending', 'sending', 'delivered', 'dead')),
-    attempts INTEGER NOT NULL DEFAULT 0,
-    next_attempt_at REAL NOT NULL,
-    last_error TEXT,
-    created_at REAL NOT NULL,
-    delivered_at REAL,
-    UNIQUE (result_id, destination)
-);
-CREATE INDEX deliveries_due ON deliveries(state, next_attempt_at);
-"""
+if TYPE_CHECKING:
+    from plugin.config import StorageConfig
 
-# Migrations from version N to N+1, applied in order; empty while there is one version.
-_MIGRATIONS: dict[int, str] = {}
+MAX_TEXT = 1024
+"""Characters kept of a free-text column (a reason, a peer's error) at write."""
 
 
 class StoreError(RuntimeError):
@@ -214,70 +150,149 @@ class Finished:
     job_state: str
 
 
-class Store:
-    """Thread-safe: one connection, one lock, one transaction per call."""
+@dataclass(frozen=True)
+class Node:
+    """A process that registered with the store (`plugin status` lists them)."""
 
-    def __init__(self, database: Path, spool: Path) -> None:
-        self.database = Path(database)
+    claimant: str
+    roles: str
+    pid: int
+    started_at: float
+    heartbeat_at: float
+    stopped_at: float | None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """A job or delivery held by a claimant."""
+
+    kind: str
+    row_id: int
+    owner: str
+    expires: float
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One claim of a row, from the claim to its release (None while held)."""
+
+    kind: str
+    row_id: int
+    owner: str
+    claimed_at: float
+    released_at: float | None
+    outcome: str | None
+
+
+def default_claimant() -> str:
+    return socket.gethostname()
+
+
+class Store:
+    """Thread-safe: one connection, one lock, one transaction per call.
+
+    `database` is a SQLite file or a `postgresql://user@host:port/db` URL (the password comes
+    separately, from the environment); `claimant` names this process in leases, unique among
+    the processes that share the database and stable across its restarts; `lease_seconds` is
+    how long a claim lasts without a `heartbeat`."""
+
+    def __init__(
+        self,
+        database: Path | str,
+        spool: Path,
+        *,
+        password: str | None = None,
+        claimant: str | None = None,
+        lease_seconds: float = 60.0,
+    ) -> None:
+        self.database: Path | str = database if is_postgres(database) else Path(database)
         self.spool = Path(spool)
-        self.database.parent.mkdir(parents=True, exist_ok=True)
+        self.claimant = claimant or default_claimant()
+        self.lease_seconds = lease_seconds
+        self._password = password
+        self._spool_prefix = os.path.abspath(self.spool) + os.sep
+        if isinstance(self.database, Path):
+            self.database.parent.mkdir(parents=True, exist_ok=True)
         self.spool.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
+        self._db = self._connect()
         try:
-            self._db = sqlite3.connect(
-                self.database, isolation_level=None, check_same_thread=False, timeout=30
-            )
-            self._db.row_factory = sqlite3.Row
-            self._db.execute("PRAGMA journal_mode=WAL")
-            # FULL: a commit is on disk before we answer 0x0000 (WAL+NORMAL may lose the last
-            # commits on power loss).
-            self._db.execute("PRAGMA synchronous=FULL")
-            self._db.execute("PRAGMA foreign_keys=ON")
-            self._migrate()
-        except sqlite3.DatabaseError as exc:
-            raise StoreError(f"{self.database}: cannot open the database ({exc})") from exc
+            migrate(self._db, self.spool)
+        except NewerSchema as exc:
+            self._db.close()
+            raise StoreError(
+                f"{describe(self.database)}: database schema {exc.found} is newer than this "
+                f"version of the plugin ({SCHEMA_VERSION}); upgrade the plugin or use another "
+                "database"
+            ) from None
+        except self._db.errors as exc:
+            self._db.close()
+            raise StoreError(
+                f"{describe(self.database)}: cannot open the database ({exc})"
+            ) from exc
+
+    @classmethod
+    def open(cls, storage: StorageConfig, **kw: Any) -> Store:
+        """The store a config's `storage` section names, password from its variable."""
+        return cls(storage.database, storage.spool, password=storage.password(), **kw)
 
     # -- plumbing ---------------------------------------------------------------------------
 
+    def _connect(self) -> Database:
+        try:
+            return Database(self.database, password=self._password)
+        except ConnectionError as exc:
+            raise StoreError(str(exc)) from exc
+        except Exception as exc:  # noqa: BLE001 - sqlite3 errors on a file that is no database
+            raise StoreError(
+                f"{describe(self.database)}: cannot open the database ({exc})"
+            ) from exc
+
+    def _conn(self) -> Database:
+        """The connection, opened again if the server dropped it (PostgreSQL restarted)."""
+        if self._db.broken:
+            self._db = self._connect()
+        return self._db
+
     @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
+    def _tx(self) -> Iterator[Database]:
         """One write transaction. A COMMIT that fails (disk full, I/O error) is rolled back
         too: otherwise the connection stays inside the failed transaction and every later
         call fails with "cannot start a transaction within a transaction"."""
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            db = self._conn()
+            db.begin()
             try:
-                yield self._db
-                self._db.execute("COMMIT")
+                yield db
+                db.commit()
             except BaseException:
                 # SQLite may already have rolled back by itself (SQLITE_FULL, SQLITE_IOERR).
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                if not db.broken:
+                    db.rollback()
                 raise
 
-    def _migrate(self) -> None:
-        with self._tx() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise StoreError(
-                    f"{self.database}: database schema {version} is newer than this version of "
-                    f"the plugin ({SCHEMA_VERSION}); upgrade the plugin or use another database"
-                )
-            if version == 0:
-                for statement in _SCHEMA.split(";"):
-                    if statement.strip():
-                        db.execute(statement)
-            else:
-                for step in range(version, SCHEMA_VERSION):
-                    for statement in _MIGRATIONS[step].split(";"):
-                        if statement.strip():
-                            db.execute(statement)
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    def _read(self, sql: str, params: Sequence[Any] = ()) -> list[Any]:
+        with self._lock:
+            return self._conn().execute(sql, params).fetchall()
+
+    def _stored_path(self, path: Path | None) -> str | None:
+        """Paths under the spool relative to it; others (a file outside it) as given."""
+        if path is None:
+            return None
+        text = os.path.abspath(path)
+        return text[len(self._spool_prefix) :] if text.startswith(self._spool_prefix) else text
+
+    def _path(self, stored: str | None) -> Path | None:
+        return None if stored is None else self.spool / stored
 
     @property
     def schema_version(self) -> int:
         with self._lock:
-            return int(self._db.execute("PRAGMA user_version").fetchone()[0])
+            return current_version(self._conn())
+
+    @property
+    def postgres(self) -> bool:
+        return self._db.postgres
 
     def close(self) -> None:
         with self._lock:
@@ -295,6 +310,9 @@ class Store:
         version) unless `late_images` is "ignore"."""
         now = time.time() if now is None else now
         with self._tx() as db:
+            # Listeners on several nodes may receive the same study (or the same instance)
+            # at once: one at a time per study decides new/duplicate and touches the exam.
+            db.lock_key(new.study_instance_uid)
             same = db.execute(
                 "SELECT id FROM instances WHERE sop_instance_uid=? AND sha256=?",
                 (new.sop_instance_uid, new.sha256),
@@ -305,36 +323,39 @@ class Store:
                 "SELECT id FROM instances WHERE sop_instance_uid=? AND superseded_by IS NULL",
                 (new.sop_instance_uid,),
             ).fetchall()
-            cur = db.execute(
-                "INSERT INTO instances (sop_instance_uid, sha256, study_instance_uid,"
-                " series_instance_uid, sop_class_uid, transfer_syntax_uid, size, path,"
-                " calling_ae, received_at, status, reason, description)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?)",
-                (
-                    new.sop_instance_uid,
-                    new.sha256,
-                    new.study_instance_uid,
-                    new.series_instance_uid,
-                    new.sop_class_uid,
-                    new.transfer_syntax_uid,
-                    new.size,
-                    None if new.path is None else str(new.path),
-                    new.calling_ae,
-                    now,
-                    new.status,
-                    new.reason,
-                    json.dumps(new.description, sort_keys=True, default=str),
-                ),
+            row_id = _inserted(
+                db.execute(
+                    "INSERT INTO instances (sop_instance_uid, sha256, study_instance_uid,"
+                    " series_instance_uid, sop_class_uid, transfer_syntax_uid, size, path,"
+                    " calling_ae, received_at, status, reason, description)"
+                    " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?) RETURNING id",
+                    (
+                        new.sop_instance_uid,
+                        new.sha256,
+                        new.study_instance_uid,
+                        new.series_instance_uid,
+                        new.sop_class_uid,
+                        new.transfer_syntax_uid,
+                        new.size,
+                        self._stored_path(new.path),
+                        new.calling_ae,
+                        now,
+                        new.status,
+                        _cap(new.reason),
+                        json.dumps(new.description, sort_keys=True, default=str),
+                    ),
+                )
             )
-            row_id = int(cur.lastrowid or 0)
             for old in older:
                 db.execute("UPDATE instances SET superseded_by=? WHERE id=?", (row_id, old["id"]))
             if new.status == "accepted":
                 self._touch_exam(db, new.study_instance_uid, now, late_images)
             return (Recorded.REPLACED if older else Recorded.NEW), row_id
 
-    def _touch_exam(self, db: sqlite3.Connection, study: str, now: float, late_images: str) -> None:
-        exam = db.execute("SELECT * FROM exams WHERE study_instance_uid=?", (study,)).fetchone()
+    def _touch_exam(self, db: Database, study: str, now: float, late_images: str) -> None:
+        exam = db.execute(
+            "SELECT * FROM exams WHERE study_instance_uid=? FOR UPDATE", (study,)
+        ).fetchone()
         if exam is None:
             db.execute(
                 "INSERT INTO exams (study_instance_uid, state, first_seen, last_seen,"
@@ -361,44 +382,41 @@ class Store:
         sql = "SELECT * FROM instances WHERE study_instance_uid=?"
         if current_only:
             sql += " AND superseded_by IS NULL"
-        with self._lock:
-            rows = self._db.execute(sql + " ORDER BY id", (study,)).fetchall()
-        return [_instance(r) for r in rows]
+        return [self._instance(r) for r in self._read(sql + " ORDER BY id", (study,))]
 
     def instances_by_id(self, ids: Iterable[int]) -> list[Instance]:
         ids = list(ids)
         if not ids:
             return []
         marks = ",".join("?" * len(ids))
-        with self._lock:
-            rows = self._db.execute(
-                f"SELECT * FROM instances WHERE id IN ({marks}) ORDER BY id", ids
-            ).fetchall()
-        return [_instance(r) for r in rows]
+        rows = self._read(f"SELECT * FROM instances WHERE id IN ({marks}) ORDER BY id", ids)
+        return [self._instance(r) for r in rows]
 
     def known_instance(self, sop_instance_uid: str, sha256: str) -> bool:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT 1 FROM instances WHERE sop_instance_uid=? AND sha256=?",
+        return bool(
+            self._read(
+                "SELECT 1 AS known FROM instances WHERE sop_instance_uid=? AND sha256=?",
                 (sop_instance_uid, sha256),
-            ).fetchone()
-        return row is not None
+            )
+        )
+
+    def _instance(self, row: Any) -> Instance:
+        return _from_row(
+            Instance,
+            row,
+            path=self._path(row["path"]),
+            description=json.loads(row["description"]),
+        )
 
     # -- exams and jobs ---------------------------------------------------------------------
 
     def collecting_exams(self) -> list[Exam]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM exams WHERE state='collecting' ORDER BY last_seen"
-            ).fetchall()
+        rows = self._read("SELECT * FROM exams WHERE state='collecting' ORDER BY last_seen")
         return [_exam(r) for r in rows]
 
     def exam(self, study: str) -> Exam | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM exams WHERE study_instance_uid=?", (study,)
-            ).fetchone()
-        return None if row is None else _exam(row)
+        rows = self._read("SELECT * FROM exams WHERE study_instance_uid=?", (study,))
+        return _exam(rows[0]) if rows else None
 
     def exams(self, *, last: int | None = None) -> list[Exam]:
         """Every exam in id order, or only the `last` ones (`plugin status` on a site with a
@@ -406,11 +424,9 @@ class Store:
         sql = "SELECT * FROM exams ORDER BY id"
         params: tuple[int, ...] = ()
         if last is not None:
-            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) ORDER BY id"
+            sql = f"SELECT * FROM ({sql} DESC LIMIT ?) AS recent ORDER BY id"
             params = (last,)
-        with self._lock:
-            rows = self._db.execute(sql, params).fetchall()
-        return [_exam(r) for r in rows]
+        return [_exam(r) for r in self._read(sql, params)]
 
     def queue_job(
         self,
@@ -433,31 +449,34 @@ class Store:
             if seen is not None and exam["last_seen"] != seen:
                 return None
             version = int(exam["version"]) + 1
-            cur = db.execute(
-                "INSERT INTO jobs (exam_id, version, state, instance_ids, selection, partial,"
-                " next_attempt_at, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)",
-                (
-                    exam_id,
-                    version,
-                    json.dumps(list(instance_ids)),
-                    json.dumps(selection, sort_keys=True, default=str),
-                    int(partial),
-                    now,
-                    now,
-                ),
+            job_id = _inserted(
+                db.execute(
+                    "INSERT INTO jobs (exam_id, version, state, instance_ids, selection, partial,"
+                    " next_attempt_at, created_at) VALUES (?, ?, 'queued', ?, ?, ?, ?, ?)"
+                    " RETURNING id",
+                    (
+                        exam_id,
+                        version,
+                        json.dumps(list(instance_ids)),
+                        json.dumps(selection, sort_keys=True, default=str),
+                        int(partial),
+                        now,
+                        now,
+                    ),
+                )
             )
             db.execute(
                 "UPDATE exams SET state='queued', version=?, dirty=0, reason=NULL WHERE id=?",
                 (version, exam_id),
             )
-            return self._job(db, int(cur.lastrowid or 0))
+            return self._job(db, job_id)
 
     def skip_exam(self, exam_id: int, reason: str, *, seen: float | None = None) -> bool:
         """Nothing in the exam can be analysed (e.g. only For Processing images). False when
         the exam is no longer collecting, or (with `seen`, as in `queue_job`) an image
         arrived after the caller looked: that image may be analysable."""
         sql = "UPDATE exams SET state='skipped', reason=? WHERE id=? AND state='collecting'"
-        params: list[Any] = [reason, exam_id]
+        params: list[Any] = [_cap(reason), exam_id]
         if seen is not None:
             sql += " AND last_seen=?"
             params.append(seen)
@@ -465,22 +484,25 @@ class Store:
             return db.execute(sql, params).rowcount == 1
 
     def claim_job(self, *, now: float | None = None) -> Job | None:
-        """The oldest due queued job, now running (its attempt counted before it runs, so a
-        job that kills the process still reaches its attempt limit)."""
+        """The oldest due queued job, now running under this claimant's lease (its attempt
+        counted before it runs, so a job that kills the process still reaches its attempt
+        limit). Claimants on other nodes skip the row while it is being claimed."""
         now = time.time() if now is None else now
         with self._tx() as db:
             row = db.execute(
                 "SELECT id, exam_id FROM jobs WHERE state='queued' AND next_attempt_at<=?"
-                " ORDER BY next_attempt_at, id LIMIT 1",
+                " ORDER BY next_attempt_at, id LIMIT 1 FOR UPDATE SKIP LOCKED",
                 (now,),
             ).fetchone()
             if row is None:
                 return None
             db.execute(
-                "UPDATE jobs SET state='running', attempts=attempts+1, started_at=? WHERE id=?",
-                (now, row["id"]),
+                "UPDATE jobs SET state='running', attempts=attempts+1, started_at=?,"
+                " lease_owner=?, lease_expires=? WHERE id=?",
+                (now, self.claimant, now + self.lease_seconds, row["id"]),
             )
             db.execute("UPDATE exams SET state='running' WHERE id=?", (row["exam_id"],))
+            self._claimed(db, "job", int(row["id"]), now)
             return self._job(db, int(row["id"]))
 
     def finish_job(
@@ -490,33 +512,38 @@ class Store:
         per (object, destination), all in one transaction."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            job = _row_in_state(db, "jobs", job_id, "running", "finish")
+            job = self._held(db, "jobs", job_id, "running", "finish")
             for res in results:
-                cur = db.execute(
-                    "INSERT INTO results (job_id, exam_id, version, kind, sop_instance_uid,"
-                    " sop_class_uid, path, size, created_at) VALUES (?,?,?,?,?,?,?,?,?)",
-                    (
-                        job_id,
-                        job["exam_id"],
-                        job["version"],
-                        res.kind,
-                        res.sop_instance_uid,
-                        res.sop_class_uid,
-                        str(res.path),
-                        res.size,
-                        now,
-                    ),
+                result_id = _inserted(
+                    db.execute(
+                        "INSERT INTO results (job_id, exam_id, version, kind, sop_instance_uid,"
+                        " sop_class_uid, path, size, created_at) VALUES (?,?,?,?,?,?,?,?,?)"
+                        " RETURNING id",
+                        (
+                            job_id,
+                            job["exam_id"],
+                            job["version"],
+                            res.kind,
+                            res.sop_instance_uid,
+                            res.sop_class_uid,
+                            self._stored_path(res.path),
+                            res.size,
+                            now,
+                        ),
+                    )
                 )
                 for dest in res.destinations:
                     db.execute(
                         "INSERT INTO deliveries (result_id, destination, state, next_attempt_at,"
                         " created_at) VALUES (?, ?, 'pending', ?, ?)",
-                        (cur.lastrowid, dest, now, now),
+                        (result_id, dest, now, now),
                     )
             db.execute(
-                "UPDATE jobs SET state='done', finished_at=?, reason=NULL WHERE id=?",
+                "UPDATE jobs SET state='done', finished_at=?, reason=NULL, lease_owner=NULL,"
+                " lease_expires=NULL WHERE id=?",
                 (now, job_id),
             )
+            self._released(db, "job", job_id, now, "done")
             return self._end_round(db, int(job["exam_id"]), "analysed", None, "done", now)
 
     def fail_job(
@@ -525,32 +552,41 @@ class Store:
         """A failed attempt: queued again at `retry_at`, or quarantined when it is None."""
         now = time.time() if now is None else now
         with self._tx() as db:
-            job = _row_in_state(db, "jobs", job_id, "running", "fail")
-            if retry_at is not None:
-                db.execute(
-                    "UPDATE jobs SET state='queued', next_attempt_at=?, reason=? WHERE id=?",
-                    (retry_at, reason, job_id),
-                )
-                db.execute("UPDATE exams SET state='queued' WHERE id=?", (job["exam_id"],))
-                return Finished("queued", "queued")
+            job = self._held(db, "jobs", job_id, "running", "fail")
+            return self._fail_job(db, job, reason, retry_at, now, "failed")
+
+    def _fail_job(
+        self, db: Database, job: Any, reason: str, retry_at: float | None, now: float, why: str
+    ) -> Finished:
+        job_id = int(job["id"])
+        self._released(db, "job", job_id, now, why)
+        if retry_at is not None:
             db.execute(
-                "UPDATE jobs SET state='quarantined', finished_at=?, reason=? WHERE id=?",
-                (now, reason, job_id),
+                "UPDATE jobs SET state='queued', next_attempt_at=?, reason=?, lease_owner=NULL,"
+                " lease_expires=NULL WHERE id=?",
+                (retry_at, _cap(reason), job_id),
             )
-            return self._end_round(
-                db, int(job["exam_id"]), "quarantined", reason, "quarantined", now
-            )
+            db.execute("UPDATE exams SET state='queued' WHERE id=?", (job["exam_id"],))
+            return Finished("queued", "queued")
+        db.execute(
+            "UPDATE jobs SET state='quarantined', finished_at=?, reason=?, lease_owner=NULL,"
+            " lease_expires=NULL WHERE id=?",
+            (now, _cap(reason), job_id),
+        )
+        return self._end_round(
+            db, int(job["exam_id"]), "quarantined", _cap(reason), "quarantined", now
+        )
 
     def _end_round(
         self,
-        db: sqlite3.Connection,
+        db: Database,
         exam_id: int,
         state: str,
         reason: str | None,
         job: str,
         now: float,
     ) -> Finished:
-        exam = db.execute("SELECT dirty FROM exams WHERE id=?", (exam_id,)).fetchone()
+        exam = db.execute("SELECT dirty FROM exams WHERE id=? FOR UPDATE", (exam_id,)).fetchone()
         if exam["dirty"]:
             # Images arrived during the analysis: start the next round from now.
             db.execute(
@@ -565,7 +601,7 @@ class Store:
     def requeue_quarantined(self, exam_ids: Sequence[int] | None = None) -> int:
         """Give quarantined exams a fresh round (`plugin retry --quarantined`)."""
         with self._tx() as db:
-            sql = "SELECT id FROM exams WHERE state='quarantined'"
+            sql = "SELECT id FROM exams WHERE state='quarantined' FOR UPDATE"
             rows = db.execute(sql).fetchall()
             wanted = [r["id"] for r in rows if exam_ids is None or r["id"] in exam_ids]
             # Back-date the round so the exam is due at the next assembly pass.
@@ -580,15 +616,16 @@ class Store:
 
     def job(self, job_id: int) -> Job:
         with self._lock:
-            return self._job(self._db, job_id)
+            return self._job(self._conn(), job_id)
 
     def jobs(self, state: str | None = None) -> list[Job]:
         with self._lock:
+            db = self._conn()
             sql = "SELECT id FROM jobs" + (" WHERE state=?" if state else "") + " ORDER BY id"
-            ids = [r["id"] for r in self._db.execute(sql, (state,) if state else ())]
-            return [self._job(self._db, i) for i in ids]
+            ids = [r["id"] for r in db.execute(sql, (state,) if state else ()).fetchall()]
+            return [self._job(db, i) for i in ids]
 
-    def _job(self, db: sqlite3.Connection, job_id: int) -> Job:
+    def _job(self, db: Database, job_id: int) -> Job:
         row = db.execute(
             "SELECT jobs.*, exams.study_instance_uid FROM jobs JOIN exams"
             " ON exams.id=jobs.exam_id WHERE jobs.id=?",
@@ -615,45 +652,63 @@ class Store:
         if destination is not None:
             sql += " AND d.destination=?"
             params.append(destination)
-        with self._lock:
-            rows = self._db.execute(
-                sql + " ORDER BY d.next_attempt_at, d.id LIMIT ?", (*params, limit)
-            ).fetchall()
-        return [_delivery(r) for r in rows]
+        rows = self._read(sql + " ORDER BY d.next_attempt_at, d.id LIMIT ?", (*params, limit))
+        return [self._delivery(r) for r in rows]
 
-    def claim_delivery(self, delivery_id: int) -> Delivery | None:
-        """Mark one pending delivery as being sent; None when another caller took it."""
+    def claim_delivery(self, delivery_id: int, *, now: float | None = None) -> Delivery | None:
+        """Mark one pending delivery as being sent under this claimant's lease; None when
+        another claimant took it (or is taking it: its row lock is skipped, not waited for)."""
+        now = time.time() if now is None else now
         with self._tx() as db:
-            cur = db.execute(
-                "UPDATE deliveries SET state='sending', attempts=attempts+1"
-                " WHERE id=? AND state='pending'",
+            row = db.execute(
+                "SELECT id FROM deliveries WHERE id=? AND state='pending' FOR UPDATE SKIP LOCKED",
                 (delivery_id,),
-            )
-            if cur.rowcount != 1:
+            ).fetchone()
+            if row is None:
                 return None
-            return _delivery(
+            db.execute(
+                "UPDATE deliveries SET state='sending', attempts=attempts+1, lease_owner=?,"
+                " lease_expires=? WHERE id=?",
+                (self.claimant, now + self.lease_seconds, delivery_id),
+            )
+            self._claimed(db, "delivery", delivery_id, now)
+            return self._delivery(
                 db.execute(_DELIVERY_SELECT + " WHERE d.id=?", (delivery_id,)).fetchone()
             )
 
     def delivery_succeeded(self, delivery_id: int, *, now: float | None = None) -> None:
         now = time.time() if now is None else now
         with self._tx() as db:
-            db.execute(
-                "UPDATE deliveries SET state='delivered', delivered_at=?, last_error=NULL"
-                " WHERE id=? AND state='sending'",
-                (now, delivery_id),
-            )
+            if self._settle(db, delivery_id, now, "delivered"):
+                db.execute(
+                    "UPDATE deliveries SET state='delivered', delivered_at=?, last_error=NULL,"
+                    " lease_owner=NULL, lease_expires=NULL WHERE id=?",
+                    (now, delivery_id),
+                )
 
     def delivery_failed(self, delivery_id: int, error: str, *, retry_at: float | None) -> str:
         """Back to pending at `retry_at`, or a dead letter when it is None; returns the state."""
         state = "pending" if retry_at is not None else "dead"
         with self._tx() as db:
-            db.execute(
-                "UPDATE deliveries SET state=?, next_attempt_at=?, last_error=?"
-                " WHERE id=? AND state='sending'",
-                (state, retry_at if retry_at is not None else 0.0, error, delivery_id),
-            )
+            if self._settle(db, delivery_id, time.time(), state):
+                db.execute(
+                    "UPDATE deliveries SET state=?, next_attempt_at=?, last_error=?,"
+                    " lease_owner=NULL, lease_expires=NULL WHERE id=?",
+                    (state, retry_at if retry_at is not None else 0.0, _cap(error), delivery_id),
+                )
         return state
+
+    def _settle(self, db: Database, delivery_id: int, now: float, outcome: str) -> bool:
+        """Whether this claimant still holds the delivery (its lease may have run out and the
+        row gone to another dispatcher, whose outcome then counts)."""
+        row = db.execute(
+            "SELECT id FROM deliveries WHERE id=? AND state='sending' AND lease_owner=? FOR UPDATE",
+            (delivery_id, self.claimant),
+        ).fetchone()
+        if row is None:
+            return False
+        self._released(db, "delivery", delivery_id, now, outcome)
+        return True
 
     def retry_dead_letters(self, ids: Sequence[int] | None = None) -> int:
         """Requeue dead letters (all, or the given delivery ids) with a fresh attempt count."""
@@ -668,9 +723,7 @@ class Store:
 
     def deliveries(self, state: str | None = None) -> list[Delivery]:
         sql = _DELIVERY_SELECT + (" WHERE d.state=?" if state else "") + " ORDER BY d.id"
-        with self._lock:
-            rows = self._db.execute(sql, (state,) if state else ()).fetchall()
-        return [_delivery(r) for r in rows]
+        return [self._delivery(r) for r in self._read(sql, (state,) if state else ())]
 
     def results(self, study: str | None = None) -> list[dict[str, Any]]:
         sql = "SELECT r.*, e.study_instance_uid FROM results r JOIN exams e ON e.id=r.exam_id"
@@ -678,67 +731,177 @@ class Store:
         if study is not None:
             sql += " WHERE e.study_instance_uid=?"
             params = (study,)
-        with self._lock:
-            return [dict(r) for r in self._db.execute(sql + " ORDER BY r.id", params)]
+        rows = [dict(r) for r in self._read(sql + " ORDER BY r.id", params)]
+        for row in rows:
+            row["path"] = str(self._path(row["path"]))
+        return rows
 
-    # -- start-up and reporting -------------------------------------------------------------
+    def _delivery(self, row: Any) -> Delivery:
+        return _from_row(Delivery, row, path=self._path(row["path"]))
+
+    # -- leases -----------------------------------------------------------------------------
+
+    def _claimed(self, db: Database, kind: str, row_id: int, now: float) -> None:
+        db.execute(
+            "INSERT INTO claims (kind, row_id, owner, claimed_at) VALUES (?, ?, ?, ?)",
+            (kind, row_id, self.claimant, now),
+        )
+
+    def _released(self, db: Database, kind: str, row_id: int, now: float, outcome: str) -> None:
+        db.execute(
+            "UPDATE claims SET released_at=?, outcome=? WHERE kind=? AND row_id=?"
+            " AND released_at IS NULL",
+            (now, outcome, kind, row_id),
+        )
+
+    def _held(self, db: Database, table: str, row_id: int, state: str, action: str) -> Any:
+        """The row in `state` under this claimant's lease, for a transition it makes."""
+        row = _row_in_state(db, table, row_id, state, action)
+        if row["lease_owner"] != self.claimant:
+            raise StoreError(
+                f"{table.rstrip('s')} {row_id} is no longer held by {self.claimant} (its lease "
+                f"ran out and {row['lease_owner'] or 'the queue'} has it); cannot {action} it"
+            )
+        return row
+
+    def heartbeat(self, roles: Sequence[str], *, now: float | None = None) -> int:
+        """This claimant is alive: register it with its roles and extend the leases it holds.
+        Returns how many leases were extended."""
+        now = time.time() if now is None else now
+        expires = now + self.lease_seconds
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO nodes (claimant, roles, pid, started_at, heartbeat_at)"
+                " VALUES (?, ?, ?, ?, ?) ON CONFLICT (claimant) DO UPDATE SET"
+                " roles=excluded.roles, pid=excluded.pid, heartbeat_at=excluded.heartbeat_at,"
+                " stopped_at=NULL",
+                (self.claimant, ",".join(roles), os.getpid(), now, now),
+            )
+            renewed = 0
+            for table, state in (("jobs", "running"), ("deliveries", "sending")):
+                renewed += db.execute(
+                    f"UPDATE {table} SET lease_expires=? WHERE state=? AND lease_owner=?",
+                    (expires, state, self.claimant),
+                ).rowcount
+            return renewed
+
+    def register(self, roles: Sequence[str], *, now: float | None = None) -> None:
+        """A (re)start of this claimant: it holds nothing from a former life."""
+        now = time.time() if now is None else now
+        self.heartbeat(roles, now=now)
+        with self._tx() as db:
+            db.execute("UPDATE nodes SET started_at=? WHERE claimant=?", (now, self.claimant))
+
+    def unregister(self) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE nodes SET stopped_at=? WHERE claimant=?", (time.time(), self.claimant)
+            )
+
+    def reclaim(self, max_attempts: int, *, mine: bool = False) -> dict[str, int]:
+        """Return to the queue the rows whose lease ran out (their claimant died or hung), and
+        with `mine` those this claimant held before it restarted. A job is queued again (its
+        attempt already counted) or quarantined when it has used all its attempts; a delivery
+        is pending again (the destination may see the object twice; result UIDs are
+        deterministic, so it sees the same instance again, not a new one)."""
+        now = time.time()
+        out = {"jobs_requeued": 0, "jobs_quarantined": 0, "deliveries_requeued": 0}
+        taken = "(lease_owner IS NULL OR lease_expires<?" + (" OR lease_owner=?)" if mine else ")")
+        params: tuple[Any, ...] = (now, self.claimant) if mine else (now,)
+        with self._tx() as db:
+            jobs = db.execute(
+                f"SELECT * FROM jobs WHERE state='running' AND {taken} FOR UPDATE SKIP LOCKED",
+                params,
+            ).fetchall()
+            for job in jobs:
+                why = "restart" if job["lease_owner"] == self.claimant else "expired"
+                if job["attempts"] >= max_attempts:
+                    reason = f"the process stopped during each of {max_attempts} analysis attempts"
+                    self._fail_job(db, job, reason, None, now, why)
+                    out["jobs_quarantined"] += 1
+                else:
+                    self._fail_job(db, job, _TAKEN_BACK[why], now, now, why)
+                    out["jobs_requeued"] += 1
+            rows = db.execute(
+                f"SELECT id, lease_owner FROM deliveries WHERE state='sending' AND {taken}"
+                " FOR UPDATE SKIP LOCKED",
+                params,
+            ).fetchall()
+            for row in rows:
+                why = "restart" if row["lease_owner"] == self.claimant else "expired"
+                self._released(db, "delivery", int(row["id"]), now, why)
+                db.execute(
+                    "UPDATE deliveries SET state='pending', next_attempt_at=?, lease_owner=NULL,"
+                    " lease_expires=NULL WHERE id=?",
+                    (now, row["id"]),
+                )
+            out["deliveries_requeued"] = len(rows)
+        return out
 
     def recover(self, max_attempts: int) -> dict[str, int]:
-        """Turn work that was in flight when the process died back into work to do.
+        """At start-up: take back what this claimant held when it died, and whatever is left
+        over from claimants whose leases ran out."""
+        return self.reclaim(max_attempts, mine=True)
 
-        A job that was running is queued again (its attempt already counted) or quarantined
-        when it has used all its attempts; a delivery that was being sent is pending again
-        (it may reach the destination twice; result UIDs are deterministic, so the
-        destination sees the same instance again, not a new one)."""
-        now = time.time()
-        with self._tx() as db:
-            exhausted = db.execute(
-                "SELECT id FROM jobs WHERE state='running' AND attempts>=?", (max_attempts,)
-            ).fetchall()
-            requeued = db.execute(
-                "UPDATE jobs SET state='queued', next_attempt_at=? WHERE state='running'"
-                " AND attempts<?",
-                (now, max_attempts),
-            ).rowcount
-            db.execute(
-                "UPDATE exams SET state='queued' WHERE state='running' AND id IN"
-                " (SELECT exam_id FROM jobs WHERE state='queued')"
-            )
-        for row in exhausted:
-            self.fail_job(
-                int(row["id"]),
-                f"the process stopped during each of {max_attempts} analysis attempts",
-                retry_at=None,
-            )
-        with self._tx() as db:
-            resent = db.execute(
-                "UPDATE deliveries SET state='pending', next_attempt_at=? WHERE state='sending'",
-                (now,),
-            ).rowcount
-        return {
-            "jobs_requeued": requeued,
-            "jobs_quarantined": len(exhausted),
-            "deliveries_requeued": resent,
-        }
+    def try_singleton(self, key: tuple[int, int]) -> Database | None:
+        """A connection holding the advisory lock `key`, or None while another process holds
+        it. The lock lasts as long as the connection: until `close`, or the process dies."""
+        db = self._connect()
+        if db.try_lock(key):
+            return db
+        db.close()
+        return None
+
+    # -- reporting --------------------------------------------------------------------------
+
+    def nodes(self) -> list[Node]:
+        return [_from_row(Node, r) for r in self._read("SELECT * FROM nodes ORDER BY claimant")]
+
+    def leases(self) -> list[Lease]:
+        rows = self._read(
+            "SELECT 'job' AS kind, id AS row_id, lease_owner AS owner, lease_expires AS expires"
+            " FROM jobs WHERE state='running' UNION ALL"
+            " SELECT 'delivery', id, lease_owner, lease_expires FROM deliveries"
+            " WHERE state='sending' ORDER BY 1, 2"
+        )
+        return [Lease(r["kind"], r["row_id"], r["owner"] or "", r["expires"] or 0.0) for r in rows]
+
+    def claims(self, kind: str | None = None) -> list[Claim]:
+        sql = "SELECT * FROM claims" + (" WHERE kind=?" if kind else "") + " ORDER BY id"
+        return [_from_row(Claim, r) for r in self._read(sql, (kind,) if kind else ())]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows per state, per table: what `plugin status` and the queue gauges show."""
         out: dict[str, dict[str, int]] = {}
-        with self._lock:
-            for table in ("instances", "exams", "jobs", "deliveries"):
-                column = "status" if table == "instances" else "state"
-                rows = self._db.execute(
-                    f"SELECT {column} AS s, COUNT(*) AS n FROM {table} GROUP BY {column}"
-                ).fetchall()
-                out[table] = {r["s"]: r["n"] for r in rows}
+        for table in ("instances", "exams", "jobs", "deliveries"):
+            column = "status" if table == "instances" else "state"
+            rows = self._read(f"SELECT {column} AS s, COUNT(*) AS n FROM {table} GROUP BY {column}")
+            out[table] = {r["s"]: int(r["n"]) for r in rows}
         return out
 
 
-def _row_in_state(
-    db: sqlite3.Connection, table: str, row_id: int, state: str, action: str
-) -> sqlite3.Row:
-    """The row, which must be in `state` for the transition the caller is about to make."""
-    row = db.execute(f"SELECT * FROM {table} WHERE id=?", (row_id,)).fetchone()
+_TAKEN_BACK = {
+    "restart": "the process running it restarted",
+    "expired": "the lease of the process running it ran out",
+}
+
+
+def _cap(text: str | None, limit: int = MAX_TEXT) -> str | None:
+    """Free text as stored: at most `limit` characters, saying how much was cut."""
+    if text is None or len(text) <= limit:
+        return text
+    note = f"…[{len(text) - limit} more chars]"
+    return text[: limit - len(note)] + note
+
+
+def _inserted(cursor: Any) -> int:
+    return int(cursor.fetchone()["id"])
+
+
+def _row_in_state(db: Database, table: str, row_id: int, state: str, action: str) -> Any:
+    """The row, locked, which must be in `state` for the transition the caller is about to
+    make."""
+    row = db.execute(f"SELECT * FROM {table} WHERE id=? FOR UPDATE", (row_id,)).fetchone()
     if row is None or row["state"] != state:
         noun = table.rstrip("s")
         raise StoreError(f"{noun} {row_id} is not {state}; cannot {action} it")
@@ -754,25 +917,12 @@ _DELIVERY_SELECT = (
 R = TypeVar("R")
 
 
-def _from_row(cls: type[R], row: sqlite3.Row, **converted: Any) -> R:
+def _from_row(cls: type[R], row: Any, **converted: Any) -> R:
     """The dataclass `cls` from the row's columns of the same names; `converted` gives the
     fields whose column needs decoding (JSON, paths)."""
     plain = {f.name: row[f.name] for f in fields(cls) if f.name not in converted}
     return cls(**plain, **converted)
 
 
-def _instance(row: sqlite3.Row) -> Instance:
-    return _from_row(
-        Instance,
-        row,
-        path=None if row["path"] is None else Path(row["path"]),
-        description=json.loads(row["description"]),
-    )
-
-
-def _exam(row: sqlite3.Row) -> Exam:
+def _exam(row: Any) -> Exam:
     return _from_row(Exam, row)
-
-
-def _delivery(row: sqlite3.Row) -> Delivery:
-    return _from_row(Delivery, row, path=Path(row["path"]))

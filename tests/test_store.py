@@ -45,7 +45,7 @@ def result(n: int, destinations: tuple[str, ...] = ("pacs",)) -> NewResult:
 
 def test_schema_is_versioned_and_a_newer_one_is_refused(tmp_path: Path) -> None:
     s = Store(tmp_path / "db.sqlite", tmp_path / "spool")
-    assert s.schema_version == 1
+    assert s.schema_version == 2
     s.close()
     with sqlite3.connect(tmp_path / "db.sqlite") as db:
         assert db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"

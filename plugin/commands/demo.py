@@ -72,7 +72,7 @@ def _demo(args: argparse.Namespace) -> int:
     finally:
         assoc.release()
 
-    store = Store(config.storage.database, config.storage.spool)
+    store = Store.open(config.storage)
     try:
         return _wait_and_show(store, study, config, args.timeout)
     finally:

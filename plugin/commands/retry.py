@@ -41,7 +41,7 @@ def _retry(args: argparse.Namespace) -> int:
         print("give either delivery IDs or --dead-letters, not both")
         return 2
     config = load_config(args.config)
-    store = Store(config.storage.database, config.storage.spool)
+    store = Store.open(config.storage)
     try:
         if args.ids or args.dead_letters:
             n = store.retry_dead_letters(args.ids or None)

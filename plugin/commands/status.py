@@ -23,10 +23,10 @@ def _status(args: argparse.Namespace) -> int:
     from plugin.store import Store
 
     config = load_config(args.config)
-    if not config.storage.database.exists():
+    if not config.storage.postgres and not config.storage.database.exists():
         print(f"no database at {config.storage.database} yet: the service has not run")
         return 0
-    store = Store(config.storage.database, config.storage.spool)
+    store = Store.open(config.storage)
     try:
         counts = store.counts()
         exams = store.exams(last=args.exams)
