@@ -7,6 +7,7 @@ from pathlib import Path
 
 from .. import objectives
 from ..finetune import FinetuneOptions, finetune
+from ..glimpsenet import cli as glimpsenet_cli
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -97,10 +98,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--intended-use", help="intended-use statement for the card")
     p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for test CIs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    glimpsenet_cli.add_arguments(p)
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
+    if glimpsenet_cli.wanted(args):
+        return glimpsenet_cli.run(args)
     options = FinetuneOptions(
         site_data=args.site_data,
         out=args.out,
