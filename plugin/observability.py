@@ -14,6 +14,7 @@ redacted before a line is written.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -21,7 +22,7 @@ import re
 import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -238,8 +239,10 @@ _LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300,
 class Metrics:
     """The Prometheus series of one service; each service owns its registry."""
 
-    def __init__(self) -> None:
+    def __init__(self, node: str | None = None) -> None:
         self.registry = CollectorRegistry()
+        self.node = node
+        """Added as a `node` label to every series, so nodes' series stay apart."""
         r = self.registry
         self.instances = Counter(
             "mammo_instances_total",
@@ -290,7 +293,25 @@ class Metrics:
         self.queue_depth.labels("dead_letters").set(counts["deliveries"].get("dead", 0))
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        if self.node is None:
+            return generate_latest(self.registry)
+        return generate_latest(_Labelled(self.registry, {"node": self.node}))
+
+
+class _Labelled:
+    """A registry's series with extra labels, as `generate_latest` reads them."""
+
+    def __init__(self, registry: CollectorRegistry, labels: dict[str, str]) -> None:
+        self.registry = registry
+        self.labels = labels
+
+    def collect(self) -> Iterator[Any]:
+        for family in self.registry.collect():
+            family = copy.copy(family)
+            family.samples = [
+                s._replace(labels={**s.labels, **self.labels}) for s in family.samples
+            ]
+            yield family
 
 
 class HealthServer:
