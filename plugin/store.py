@@ -798,13 +798,15 @@ class Store:
                 "UPDATE nodes SET stopped_at=? WHERE claimant=?", (time.time(), self.claimant)
             )
 
-    def reclaim(self, max_attempts: int, *, mine: bool = False) -> dict[str, int]:
+    def reclaim(
+        self, max_attempts: int, *, mine: bool = False, now: float | None = None
+    ) -> dict[str, int]:
         """Return to the queue the rows whose lease ran out (their claimant died or hung), and
         with `mine` those this claimant held before it restarted. A job is queued again (its
         attempt already counted) or quarantined when it has used all its attempts; a delivery
         is pending again (the destination may see the object twice; result UIDs are
         deterministic, so it sees the same instance again, not a new one)."""
-        now = time.time()
+        now = time.time() if now is None else now
         out = {"jobs_requeued": 0, "jobs_quarantined": 0, "deliveries_requeued": 0}
         taken = "(lease_owner IS NULL OR lease_expires<?" + (" OR lease_owner=?)" if mine else ")")
         params: tuple[Any, ...] = (now, self.claimant) if mine else (now,)

@@ -4,11 +4,16 @@ that was in flight when the process died."""
 from __future__ import annotations
 
 import sqlite3
+import threading
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from pg_server import PostgresServer
 
 from plugin.store import NewInstance, NewResult, Recorded, Store, StoreError
+from plugin.store_schema import MIGRATIONS
 
 STUDY = "1.2.3.4"
 
@@ -30,9 +35,25 @@ def instance(n: int, sha: str = "aa", study: str = STUDY, status: str = "accepte
     )
 
 
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[PostgresServer]:
+    with PostgresServer.start() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Store]:
+    """Opens the test's database (each backend in turn) as a new process would."""
+    if request.param == "sqlite":
+        return lambda **kw: Store(tmp_path / "db.sqlite", tmp_path / "spool", **kw)
+    server = request.getfixturevalue("postgres")
+    url = server.create_database(f"t{uuid.uuid4().hex[:12]}")
+    return lambda **kw: Store(url, tmp_path / "spool", password=server.password, **kw)
+
+
 @pytest.fixture
-def store(tmp_path: Path) -> Store:
-    s = Store(tmp_path / "db.sqlite", tmp_path / "spool")
+def store(opener: Callable[..., Store]) -> Iterator[Store]:
+    s = opener(claimant="node-a")
     yield s
     s.close()
 
@@ -118,7 +139,7 @@ def test_failed_jobs_retry_then_quarantine_and_can_be_requeued(store: Store) -> 
     assert store.exam(STUDY).state == "collecting"
 
 
-def test_recover_requeues_running_work(store: Store, tmp_path: Path) -> None:
+def test_recover_requeues_running_work(store: Store, opener: Callable[..., Store]) -> None:
     for n, study in ((1, "1.1"), (2, "2.2")):
         store.record_instance(instance(n, study=study), now=100.0)
         store.queue_job(store.exam(study).id, [n], {}, partial=True, now=100.0)
@@ -134,7 +155,7 @@ def test_recover_requeues_running_work(store: Store, tmp_path: Path) -> None:
     store.claim_delivery(delivery.id)
 
     # The process dies here; a new one opens the same database.
-    reopened = Store(tmp_path / "db.sqlite", tmp_path / "spool")
+    reopened = opener(claimant="node-a")
     recovered = reopened.recover(max_attempts=2)
     assert recovered == {"jobs_requeued": 1, "jobs_quarantined": 1, "deliveries_requeued": 1}
     assert reopened.exam("1.1").state == "quarantined"
@@ -170,7 +191,8 @@ def test_deliveries_retry_dead_letter_and_requeue(store: Store) -> None:
     assert (again.id, again.attempts, again.last_error) == (web.id, 0, "refused 0xC000")
 
 
-def test_a_failed_commit_leaves_the_store_usable(store: Store) -> None:
+def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path) -> None:
+    store = Store(tmp_path / "db.sqlite", tmp_path / "spool")
     # A deferred foreign-key violation fails at COMMIT, like a full disk or an I/O error
     # would: the transaction must be rolled back, not left open for the next caller.
     with pytest.raises(sqlite3.IntegrityError):
@@ -182,3 +204,117 @@ def test_a_failed_commit_leaves_the_store_usable(store: Store) -> None:
             )
     assert store.record_instance(instance(1))[0] is Recorded.NEW
     assert store.jobs() == []
+
+
+def _queued(store: Store, n: int, now: float = 100.0) -> int:
+    study = f"7.{n}"
+    store.record_instance(instance(n, study=study), now=now)
+    return store.queue_job(store.exam(study).id, [n], {}, partial=True, now=now).id
+
+
+def test_an_expired_lease_returns_the_job_and_its_old_holder_cannot_settle_it(
+    store: Store, opener: Callable[..., Store]
+) -> None:
+    other = opener(claimant="node-b", lease_seconds=60)
+    job_id = _queued(store, 1)
+    assert store.claim_job(now=100.0).id == job_id
+    assert other.claim_job(now=100.0) is None  # held: nobody else gets it
+    store.heartbeat(["worker"], now=150.0)  # renewed to 210
+    assert other.reclaim(3, now=200.0) == {
+        "jobs_requeued": 0,
+        "jobs_quarantined": 0,
+        "deliveries_requeued": 0,
+    }
+    assert [(lease.owner, lease.expires) for lease in other.leases()] == [("node-a", 210.0)]
+    # node-a stops renewing (hung, or cut off): at 211 its lease has run out.
+    assert other.reclaim(3, now=211.0)["jobs_requeued"] == 1
+    assert other.claim_job(now=211.0).id == job_id
+    with pytest.raises(StoreError, match="no longer held by node-a"):
+        store.finish_job(job_id, [result(1)])
+    other.finish_job(job_id, [result(1)])
+    assert len(other.results()) == 1
+    claims = [(c.owner, c.claimed_at, c.released_at, c.outcome) for c in other.claims("job")]
+    assert claims == [("node-a", 100.0, 211.0, "expired"), ("node-b", 211.0, claims[1][2], "done")]
+    assert {n.claimant for n in other.nodes()} == {"node-a"}
+    other.close()
+
+
+def test_an_expired_delivery_lease_goes_back_to_pending(
+    store: Store, opener: Callable[..., Store]
+) -> None:
+    job_id = _queued(store, 1)
+    store.claim_job()
+    store.finish_job(job_id, [result(1)])
+    (delivery,) = store.due_deliveries()
+    store.claim_delivery(delivery.id, now=100.0)
+    other = opener(claimant="node-b")
+    assert other.claim_delivery(delivery.id) is None
+    assert other.reclaim(3, now=100.0 + store.lease_seconds + 1)["deliveries_requeued"] == 1
+    assert other.claim_delivery(delivery.id) is not None
+    store.delivery_succeeded(delivery.id)  # no longer its row: no effect
+    assert other.deliveries()[0].state == "sending"
+    other.delivery_succeeded(delivery.id)
+    assert other.deliveries()[0].state == "delivered"
+    other.close()
+
+
+def test_concurrent_claimants_never_share_a_job(store: Store, opener: Callable[..., Store]) -> None:
+    ids = {_queued(store, n, now=1.0) for n in range(40)}
+    claimed: dict[str, list[int]] = {}
+
+    def work(name: str) -> None:
+        s = opener(claimant=name)
+        mine = claimed.setdefault(name, [])
+        while (job := s.claim_job()) is not None:
+            mine.append(job.id)
+            s.finish_job(job.id, [])
+        s.close()
+
+    threads = [threading.Thread(target=work, args=(f"w{i}",)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    every = [i for mine in claimed.values() for i in mine]
+    assert sorted(every) == sorted(ids)  # each job once, none lost
+    assert {j.state for j in store.jobs()} == {"done"}
+
+
+def test_spool_paths_are_stored_relative_and_free_text_is_capped(store: Store) -> None:
+    new = instance(1)
+    new = NewInstance(**{**new.__dict__, "path": store.spool / "instances/a/1.dcm"})
+    store.record_instance(new)
+    (inst,) = store.instances(STUDY)
+    assert inst.path == store.spool / "instances/a/1.dcm"
+    with store._tx() as db:
+        assert db.execute("SELECT path FROM instances").fetchone()["path"] == "instances/a/1.dcm"
+    job = store.queue_job(store.exam(STUDY).id, [inst.id], {}, partial=True)
+    store.claim_job()
+    store.fail_job(job.id, "x" * 100_000, retry_at=None)
+    reason = store.jobs()[0].reason
+    assert len(reason) == 1024 and reason.endswith("more chars]")
+
+
+def test_a_version_1_database_is_migrated_with_relative_paths(tmp_path: Path) -> None:
+    from plugin.store_db import Database
+
+    spool = tmp_path / "spool"
+    db = Database(tmp_path / "db.sqlite")
+    db.begin()
+    MIGRATIONS[0](db, spool)
+    db.execute(
+        "INSERT INTO instances (sop_instance_uid, sha256, study_instance_uid,"
+        " series_instance_uid, sop_class_uid, transfer_syntax_uid, size, path, calling_ae,"
+        " received_at, status) VALUES ('1', 'aa', '2', '3', '4', '5', 1, ?, 'PACS', 0,"
+        " 'accepted')",
+        (str(spool / "instances/x.dcm"),),
+    )
+    db.execute("PRAGMA user_version=1")
+    db.commit()
+    db.close()
+    s = Store(tmp_path / "db.sqlite", spool)
+    assert s.schema_version == 2
+    assert s.instances("2")[0].path == spool / "instances/x.dcm"
+    with s._tx() as conn:
+        assert conn.execute("SELECT path FROM instances").fetchone()["path"] == "instances/x.dcm"
+    s.close()
