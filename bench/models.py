@@ -1,7 +1,8 @@
 """Model benchmark: seconds per four-view exam, images per second and peak memory, per member
 model and for the full flip-TTA ensemble, on CPU and on CUDA when present.
 
-Weights are random (the published architectures at full size): speed does not depend on them.
+Weights are random (the published architectures at full size; GlimpseNet's paper preset and
+its CPU demo): speed does not depend on them.
 Ratios are against the first row (GMIC, one pass per view, fp32) measured in the same run.
 
     python -m bench.models [--device cpu|cuda|auto] [--precision fp32 bf16] [--repeats 2]
@@ -109,6 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--image-size", default="2048x1664", help="source image rows x cols")
     parser.add_argument("--gmic-preset", default="published")
     parser.add_argument("--allconv-preset", default="resnet50")
+    parser.add_argument(
+        "--glimpsenet-presets",
+        nargs="*",
+        default=["paper", "demo"],
+        help="GlimpseNet presets to time (none: skip GlimpseNet)",
+    )
     args = parser.parse_args(argv)
 
     rows, cols = (int(v) for v in args.image_size.split("x"))
@@ -116,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         gmic = write_model(Path(tmp), "gmic", args.gmic_preset)
         allconv = write_model(Path(tmp), "allconv", args.allconv_preset)
+        glimpsenets = {p: write_model(Path(tmp), "glimpsenet", p) for p in args.glimpsenet_presets}
         plans = [
             ("GMIC, 1 pass", [MemberSpec(gmic)]),
             ("GMIC, hflip TTA", [MemberSpec(gmic, ("none", "hflip"))]),
@@ -126,6 +134,19 @@ def main(argv: list[str] | None = None) -> int:
                 [MemberSpec(gmic, ("none", "hflip")), MemberSpec(allconv, ALL_FLIPS)],
             ),
         ]
+        for preset, path in glimpsenets.items():
+            plans.append((f"GlimpseNet {preset}, 1 pass", [MemberSpec(path)]))
+        if "paper" in glimpsenets:
+            plans.append(
+                (
+                    "ensemble + GlimpseNet paper x2",
+                    [
+                        MemberSpec(gmic, ("none", "hflip")),
+                        MemberSpec(allconv, ALL_FLIPS),
+                        MemberSpec(glimpsenets["paper"], ("none", "hflip")),
+                    ],
+                )
+            )
         results = [
             measure(what, members, args.device, precision, exam, args.repeats)
             for precision in args.precision
