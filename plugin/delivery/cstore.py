@@ -58,15 +58,21 @@ class CStoreSender:
         contexts = sorted({(h.sop_class_uid, h.transfer_syntax_uid) for h in chunk.values()})
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, [syntax])
-        opened: list[bool] = []
-        assoc = ae.associate(
-            dest.host,
-            dest.port,
-            ae_title=dest.called_ae,
-            max_pdu=dest.max_pdu,
-            tls_args=self._tls_args,
-            evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event: opened.append(True))],
-        )
+        for _ in range(2):
+            opened: list[bool] = []
+            assoc = ae.associate(
+                dest.host,
+                dest.port,
+                ae_title=dest.called_ae,
+                max_pdu=dest.max_pdu,
+                tls_args=self._tls_args,
+                evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event, o=opened: o.append(True))],
+            )
+            if assoc.is_established or assoc.is_rejected or not opened:
+                break
+            # Aborted during negotiation: a peer that rejects and closes at once (Orthanc)
+            # can lose its A-ASSOCIATE-RJ to a TCP reset, and an abort reads as transient.
+            # Asking once more gets the peer's real answer, permanent or not.
         if not assoc.is_established:
             retryable, detail = _association_failure(assoc, dest, connected=bool(opened))
             return {
