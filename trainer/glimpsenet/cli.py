@@ -8,7 +8,7 @@ import argparse
 from models.modelfile import read_card
 
 from .objectives import FCGN_LOSSES, PAPER_LAMBDA
-from .train import STAGES, GlimpseNetOptions, train
+from .train import FCGN_MASKS, STAGES, GlimpseNetOptions, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -27,6 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         default="weighted",
         help="weighted: lesion pixels weigh λ (the paper's stated intent, default); printed: "
         "(Î − λI)² as printed in the paper",
+    )
+    g.add_argument(
+        "--fcgn-masks",
+        choices=FCGN_MASKS,
+        default="all",
+        help="all: every lesion mask, as the paper (default); malignant: malignant masks only, "
+        "so the mask (the ensemble's SEG) marks malignancy",
     )
     g.add_argument("--fcgn-lambda", type=float, default=PAPER_LAMBDA, help="λ (default 100)")
 
@@ -52,6 +59,7 @@ def run(args: argparse.Namespace) -> int:
         fcgn_epochs=args.fcgn_epochs,
         fcgn_lr=args.fcgn_lr,
         fcgn_loss=args.fcgn_loss,
+        fcgn_masks=args.fcgn_masks,
         lam=args.fcgn_lambda,
         epochs=given("epochs", 20),
         lr=given("lr", 1e-4),

@@ -3,7 +3,8 @@
 1. **fcgn**: the FCGN regresses the lesion masks of labels.csv (union of benign and malignant
    masks, as the paper trains on every annotated lesion; images labelled normal have an empty
    mask, positive images without a mask are left out), λ-penalised squared error, Adam 1e-3.
-   The epoch with the lowest validation loss is kept.
+   The epoch with the lowest validation loss is kept. `fcgn_masks="malignant"` (ours) fits
+   the malignant masks only, so the mask the ensemble turns into a SEG marks malignancy.
 2. **mil**: with the FCGN frozen, each image's glimpses are selected and cropped once; the
    Inception V3 classifier and its head learn the image labels through MIL pooling: Adam 1e-4
    halved every 30 epochs, dropout 0.4 (in the architecture), weight decay 0.01, class-balanced
@@ -52,6 +53,7 @@ from .localisation import mask_peaks
 from .objectives import FCGN_LOSSES, PAPER_LAMBDA, fcgn_loss, mil_loss
 
 STAGES = ("fcgn", "mil", "both")
+FCGN_MASKS = ("all", "malignant")
 CHECKPOINT_FORMAT = 1
 LR_HALVING_EPOCHS = 30
 DEMO_INTENDED_USE = (
@@ -63,6 +65,12 @@ BWC_HANDLING = (
     "labels.csv has no benign-without-callback label; BWC target 0 for every image, so "
     "p(benign) = 1 - (1 - p_BWC)(1 - p_BENIGN) is in effect the BENIGN class"
 )
+
+
+MASK_WORDS = {
+    "all": "union of benign and malignant lesion masks",
+    "malignant": "malignant lesion masks only",
+}
 
 
 class GlimpseNetTrainingError(ValueError):
@@ -80,6 +88,9 @@ class GlimpseNetOptions:
     fcgn_epochs: int = 30
     fcgn_lr: float = 1e-3
     fcgn_loss: str = "weighted"
+    fcgn_masks: str = "all"
+    """"all": the union of benign and malignant masks (the paper); "malignant": malignant
+    masks only, so the mask (the ensemble's malignancy map) ignores benign findings."""
     lam: float = PAPER_LAMBDA
     epochs: int = 20
     """Epochs of the MIL stage."""
@@ -138,6 +149,8 @@ def _check(o: GlimpseNetOptions) -> None:
             "--stage mil trains the classifier on the glimpses of a trained FCGN: give --base "
             "with a model file from --stage fcgn (or use --stage both)"
         )
+    if o.fcgn_masks not in FCGN_MASKS:
+        raise GlimpseNetTrainingError(f"--fcgn-masks must be one of {', '.join(FCGN_MASKS)}")
     if o.fcgn_loss not in FCGN_LOSSES:
         raise GlimpseNetTrainingError(f"--fcgn-loss must be one of {', '.join(FCGN_LOSSES)}")
     if min(o.fcgn_epochs, o.epochs, o.batch_size) < 1 or o.lam <= 0:
@@ -181,16 +194,17 @@ class _Checkpoint:
         os.replace(tmp, self.path)
 
 
-def _mask_target(cache: InputCache, im: SiteImage, size: int) -> torch.Tensor | None:
-    """(1, size, size) lesion fraction on the FCGN grid; zeros for a normal image; None for a
-    positive image without masks (unknown where its lesion is)."""
+def _mask_target(
+    cache: InputCache, im: SiteImage, size: int, which: str = "all"
+) -> torch.Tensor | None:
+    """(1, size, size) lesion fraction on the FCGN grid; zeros where the label says there is
+    no such lesion; None for a positive image without its mask (unknown where it is)."""
+    positive = bool(im.malignant) if which == "malignant" else bool(im.malignant or im.benign)
     masks = cache.masks(im)
-    if masks is None:
-        if im.malignant or im.benign:
-            return None
-        return torch.zeros(1, size, size)
-    union = masks.float().amax(dim=0, keepdim=True) / 255.0
-    return F.adaptive_avg_pool2d(union[None], size)[0]
+    if masks is None or (which == "malignant" and im.malignant_mask is None):
+        return None if positive else torch.zeros(1, size, size)
+    chosen = masks[1:] if which == "malignant" else masks.amax(dim=0, keepdim=True)
+    return F.adaptive_avg_pool2d(chosen.float()[None] / 255.0, size)[0]
 
 
 def _flip_pairs(x: torch.Tensor, y: torch.Tensor | None, g: torch.Generator):
@@ -316,8 +330,12 @@ def _resume_stage(state: dict[str, Any], stage: str, module, optimizer, schedule
 
 def _fcgn_stage(o, module, cache, train_set, val, device, checkpoint, state) -> None:
     size = module.config.fcgn_size
-    train_known = [im for im in train_set if _mask_target(cache, im, size) is not None]
-    val_known = [im for im in val if _mask_target(cache, im, size) is not None]
+
+    def target(im: SiteImage) -> torch.Tensor | None:
+        return _mask_target(cache, im, size, o.fcgn_masks)
+
+    train_known = [im for im in train_set if target(im) is not None]
+    val_known = [im for im in val if target(im) is not None]
     if not any(im.lesion_masks for im in train_known):
         raise GlimpseNetTrainingError(
             "the FCGN stage needs lesion masks: add malignant_mask/benign_mask columns to "
@@ -329,7 +347,7 @@ def _fcgn_stage(o, module, cache, train_set, val, device, checkpoint, state) -> 
 
     def batch(images):
         x = module.fcgn_input(cache.batch(images).to(device))
-        y = torch.stack([_mask_target(cache, im, size) for im in images]).to(device)
+        y = torch.stack([target(im) for im in images]).to(device)
         return x, y
 
     for epoch in range(first, o.fcgn_epochs):
@@ -471,7 +489,7 @@ def _card(o, data: SiteData, split, architecture, spec, base_card, base_info, de
     if "fcgn" in done:
         stages.append({"name": "fcgn", "epochs": o.fcgn_epochs, "optimizer": "Adam",
                        "lr": o.fcgn_lr, "loss": o.fcgn_loss, "lambda": o.lam,
-                       "masks": "union of benign and malignant lesion masks"})  # fmt: skip
+                       "masks": MASK_WORDS[o.fcgn_masks]})  # fmt: skip
     if "mil" in done:
         stages.append({"name": "mil", "epochs": o.epochs, "optimizer": "Adam", "lr": o.lr,
                        "lr_halved_every_epochs": LR_HALVING_EPOCHS,
