@@ -95,9 +95,13 @@ class Dispatcher:
         claimed = [d for d in (self.store.claim_delivery(d.id) for d in due) if d is not None]
         if not claimed:
             return 0
+        sender = self.senders[destination]
+        claimed = self._skip_delivered(sender, claimed)
+        if not claimed:
+            return 1
         started = time.perf_counter()
         try:
-            outcomes = self.senders[destination].send([d.path for d in claimed])
+            outcomes = sender.send([d.path for d in claimed])
         except Exception as exc:  # noqa: BLE001 - senders should not raise; treat as transient
             log.exception("sender raised", extra={"fields": {"destination": destination}})
             outcomes = [
@@ -117,6 +121,28 @@ class Dispatcher:
             self.metrics.stage_seconds.labels("deliver").observe(elapsed / len(claimed))
             self._settle(delivery, outcome)
         return len(claimed)
+
+    def _skip_delivered(self, sender: Sender, claimed: list[Delivery]) -> list[Delivery]:
+        """Rows sent before (attempts > 1) may have reached the destination even though the
+        outcome was never recorded (a crash, a lost response): ask the destination, settle
+        what it already holds, and send only the rest. Delivery stays at-least-once; this
+        keeps duplicates rare."""
+        again = [d for d in claimed if d.attempts > 1]
+        if not again:
+            return claimed
+        try:
+            there = sender.present([d.path for d in again])
+        except Exception:  # noqa: BLE001 - asking is an optimisation: send when it fails
+            log.warning("could not ask the destination what it holds", exc_info=True)
+            return claimed
+        rest = []
+        for d in claimed:
+            if d.attempts > 1 and d.sop_instance_uid in there:
+                detail = "already at the destination (an earlier attempt reached it); not resent"
+                self._settle(d, SendOutcome(d.sop_instance_uid, True, False, detail))
+            else:
+                rest.append(d)
+        return rest
 
     def _settle(self, delivery: Delivery, outcome: SendOutcome) -> None:
         fields = {

@@ -134,3 +134,13 @@ def test_read_only_folder_is_not_retryable(tmp_path: Path) -> None:
     (outcome,) = send_on_tmpfs(tmp_path / "ro", "ro,size=64k", [sc])["outcomes"]
     assert outcome["ok"] is False and outcome["retryable"] is False
     assert "EROFS" in outcome["detail"] and "plugin retry" in outcome["detail"]
+
+
+def test_present_names_what_the_folder_holds(tmp_path: Path) -> None:
+    batch = write_sample_batch(tmp_path / "batch")
+    out = tmp_path / "results"
+    sender = folder_sender(out)
+    assert sender.present([b.path for b in batch]) == set()
+    assert sender.send([batch[0].path])[0].ok
+    (out / f"{batch[1].sop_instance_uid}.dcm.tmp").write_bytes(b"half")  # not complete
+    assert sender.present([b.path for b in batch]) == {batch[0].sop_instance_uid}

@@ -212,3 +212,34 @@ def test_stow_report_is_read_per_instance() -> None:
     assert (got["1.4"].ok, got["1.4"].retryable) == (False, False)
     assert (got["1.5"].ok, got["1.5"].retryable) == (False, True)
     assert _instance_outcome("1.6", Dataset()).ok  # a bare 200 without a report
+
+
+def test_senders_ask_orthanc_what_it_already_holds(orthanc, tmp_path: Path) -> None:
+    # Before re-sending an object an earlier attempt may have delivered, the outbox asks:
+    # Orthanc REST (/tools/lookup), QIDO-RS and C-FIND each answer for Orthanc.
+    objects = batch(tmp_path, seed=27)
+    held, new = objects[:2], objects[2:]
+    rest = rest_sender(orthanc.url)
+    assert all(o.ok for o in rest.send([b.path for b in held]))
+    senders = {
+        "rest": rest,
+        "qido": stow_sender(orthanc.dicomweb_url),
+        "c-find": cstore_sender(orthanc, "AISCU"),
+    }
+    for name, sender in senders.items():
+        found = sender.present([b.path for b in objects])
+        sender.close()
+        assert found == {b.sop_instance_uid for b in held}, name
+    assert new and all(orthanc.find_instance(b.sop_instance_uid) is None for b in new)
+    # A peer that cannot answer (nothing listening) knows of nothing: everything is resent.
+    down = make_sender(
+        DicomDestination(
+            type="dicom",
+            name="down",
+            host="127.0.0.1",
+            port=free_port(),
+            called_ae="NOBODY",
+            calling_ae="AISCU",
+        )
+    )
+    assert down.present([b.path for b in held]) == set()

@@ -36,6 +36,35 @@ class Sender(Protocol):
         """Release connections; the sender is not used afterwards."""
         ...
 
+    def present(self, paths: Sequence[Path]) -> set[str]:
+        """The SOP Instance UIDs of these files that the destination already holds, asked
+        before re-sending objects an earlier attempt may have delivered (a crash between
+        the send and its record). Never raises: what cannot be asked is simply sent again,
+        which is harmless since result UIDs are stable."""
+        ...
+
+
+@dataclass(frozen=True)
+class InstanceUids:
+    study: str
+    series: str
+    sop_instance: str
+
+
+def read_uids(path: Path) -> InstanceUids | None:
+    """The study, series and SOP Instance UIDs of a result file; None when unreadable."""
+    try:
+        ds = dcmread(
+            path,
+            stop_before_pixels=True,
+            specific_tags=["StudyInstanceUID", "SeriesInstanceUID", "SOPInstanceUID"],
+        )
+        return InstanceUids(
+            str(ds.StudyInstanceUID), str(ds.SeriesInstanceUID), str(ds.SOPInstanceUID)
+        )
+    except Exception:  # noqa: BLE001 - an unreadable file is simply not "present"
+        return None
+
 
 @dataclass(frozen=True)
 class InstanceHeader:

@@ -11,8 +11,10 @@ import ssl
 from collections.abc import Sequence
 from pathlib import Path
 
+from pydicom import Dataset
 from pynetdicom import AE, evt
 from pynetdicom.association import Association
+from pynetdicom.sop_class import StudyRootQueryRetrieveInformationModelFind
 
 from plugin.delivery.base import (
     InstanceHeader,
@@ -20,6 +22,7 @@ from plugin.delivery.base import (
     UnreadableInstance,
     classify_status,
     read_header,
+    read_uids,
     unreadable,
 )
 from plugin.delivery.destinations import DestinationError, DicomDestination
@@ -44,6 +47,52 @@ class CStoreSender:
         for chunk in _chunks_by_context(headers):
             outcomes.update(self._send_chunk(chunk))
         return [outcomes[i] for i in range(len(paths))]
+
+    def present(self, paths: Sequence[Path]) -> set[str]:
+        """C-FIND at IMAGE level (Study Root): only peers that offer Query/Retrieve answer;
+        for the others nothing is known and everything is sent again."""
+        wanted = [u for u in map(read_uids, map(Path, paths)) if u is not None]
+        if not wanted:
+            return set()
+        dest = self.destination
+        ae = AE(ae_title=dest.calling_ae)
+        ae.connection_timeout = dest.connect_timeout_seconds
+        ae.acse_timeout = dest.acse_timeout_seconds
+        ae.dimse_timeout = dest.dimse_timeout_seconds
+        ae.network_timeout = dest.network_timeout_seconds
+        ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
+        out: set[str] = set()
+        try:
+            assoc = ae.associate(
+                dest.host,
+                dest.port,
+                ae_title=dest.called_ae,
+                max_pdu=dest.max_pdu,
+                tls_args=self._tls_args,
+            )
+        except Exception:  # noqa: BLE001 - cannot ask: send again
+            return out
+        if not assoc.is_established:
+            return out
+        try:
+            for uids in wanted:
+                query = Dataset()
+                query.QueryRetrieveLevel = "IMAGE"
+                query.StudyInstanceUID = uids.study
+                query.SeriesInstanceUID = uids.series
+                query.SOPInstanceUID = uids.sop_instance
+                for status, identifier in assoc.send_c_find(
+                    query, StudyRootQueryRetrieveInformationModelFind
+                ):
+                    if status is not None and status.get("Status") in (0xFF00, 0xFF01):
+                        if identifier is not None and identifier.get("SOPInstanceUID"):
+                            out.add(uids.sop_instance)
+        except Exception:  # noqa: BLE001 - a peer that breaks off: what we learnt stands
+            pass
+        finally:
+            if assoc.is_established:
+                assoc.release()
+        return out
 
     def close(self) -> None:
         """Associations live only inside `send`; nothing stays open."""

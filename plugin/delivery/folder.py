@@ -14,7 +14,13 @@ from collections.abc import Sequence
 from functools import partial
 from pathlib import Path
 
-from plugin.delivery.base import SendOutcome, UnreadableInstance, read_header, unreadable
+from plugin.delivery.base import (
+    SendOutcome,
+    UnreadableInstance,
+    read_header,
+    read_uids,
+    unreadable,
+)
 from plugin.delivery.destinations import FolderDestination
 from plugin.durable import write_atomically
 
@@ -41,6 +47,16 @@ class FolderSender:
 
     def send(self, paths: Sequence[Path]) -> list[SendOutcome]:
         return [self._send_one(Path(p)) for p in paths]
+
+    def present(self, paths: Sequence[Path]) -> set[str]:
+        """Written files only appear under their final name once complete."""
+        out = set()
+        for path in paths:
+            uids = read_uids(Path(path))
+            uid = uids.sop_instance if uids else ""
+            if _UID.match(uid) and len(uid) <= 64 and (self.folder / f"{uid}.dcm").is_file():
+                out.add(uid)
+        return out
 
     def close(self) -> None:
         """Nothing to release."""

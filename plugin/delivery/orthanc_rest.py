@@ -19,6 +19,7 @@ from plugin.delivery.base import (
     UnreadableInstance,
     classify_http,
     read_header,
+    read_uids,
     unreadable,
 )
 from plugin.delivery.destinations import OrthancDestination, secret
@@ -63,6 +64,22 @@ class OrthancSender:
                 )
                 outcomes.append(SendOutcome(uid, False, True, unreachable))
         return outcomes
+
+    def present(self, paths: Sequence[Path]) -> set[str]:
+        """Orthanc's /tools/lookup finds an instance by its SOP Instance UID."""
+        out = set()
+        for path in paths:
+            uids = read_uids(Path(path))
+            if uids is None:
+                continue
+            try:
+                response = self._client.post_tools_lookup(data=uids.sop_instance)
+                found = response.json() if response.status_code == 200 else []
+            except Exception:  # noqa: BLE001 - cannot ask: send again
+                continue
+            if any(item.get("Type") == "Instance" for item in found):
+                out.add(uids.sop_instance)
+        return out
 
     def close(self) -> None:
         self._client.close()

@@ -21,6 +21,7 @@ from plugin.delivery.base import (
     classify_http,
     classify_status,
     read_header,
+    read_uids,
     unreadable,
 )
 from plugin.delivery.destinations import DicomwebDestination, secret
@@ -61,6 +62,24 @@ class StowSender:
         if batch:
             outcomes.update(self._post(batch))
         return [outcomes[i] for i in range(len(paths))]
+
+    def present(self, paths: Sequence[Path]) -> set[str]:
+        """QIDO-RS: the instance, searched by its UID within its study."""
+        out = set()
+        for path in paths:
+            uids = read_uids(Path(path))
+            if uids is None:
+                continue
+            try:
+                found = self._client.search_for_instances(
+                    study_instance_uid=uids.study,
+                    search_filters={"SOPInstanceUID": uids.sop_instance},
+                )
+            except Exception:  # noqa: BLE001 - cannot ask: send again
+                continue
+            if found:
+                out.add(uids.sop_instance)
+        return out
 
     def close(self) -> None:
         self._session.close()
