@@ -1,5 +1,5 @@
 """Everything from a mammogram to predictions: reading, preprocessing, GMIC, the
-all-convolutional classifier, model files and the flip-TTA ensemble. No networking, and no
+all-convolutional classifier, GlimpseNet, model files and the flip-TTA ensemble. No networking, and no
 imports from `plugin` or `trainer`."""
 
 from .family import Prepared, ScoreMaps, get_family

@@ -39,7 +39,7 @@ class ModelFileError(ValueError):
 @dataclass
 class ModelCard:
     family: str
-    """"gmic" or "allconv"; picks the module class and preprocessing."""
+    """"gmic", "allconv" or "glimpsenet"; picks the module class and preprocessing."""
     architecture: dict[str, Any]
     preprocessing: dict[str, Any]
     name: str
