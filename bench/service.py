@@ -1,8 +1,9 @@
 """Service benchmark: listener ingest throughput against dcmtk's storescp on the same files in
-the same run, and exam turnaround (last image acknowledged → every result delivered) of
-`plugin serve`.
+the same run, exam turnaround (last image acknowledged → every result delivered) of
+`plugin serve`, and scale-out: ingest MB/s and exams/s with 1 and 2 worker processes on
+PostgreSQL against SQLite, in the same run.
 
-    python bench/service.py [--images 16] [--size 2048x1664] [--exams 8]
+    python bench/service.py [--images 16] [--size 2048x1664] [--exams 8] [--scale-exams 8]
 
 Prints a table; the ingest ratio (ours / storescp) is the figure to compare across machines.
 Needs dcmtk (storescu, storescp).
@@ -215,6 +216,98 @@ def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dic
     }
 
 
+def scale_out(
+    work: Path, backend: str, workers: int, exams: list[list[Path]], device: str
+) -> dict[str, float]:
+    """One listener + assembler + dispatcher process and `workers` worker processes on one
+    store: ingest MB/s (every exam sent back to back) and exams/s (first image sent to the
+    last result delivered)."""
+    folder = work / f"scale-{backend}-{workers}"
+    folder.mkdir()
+    env = dict(os.environ)
+    server = None
+    if backend == "postgresql":
+        sys.path.insert(0, str(REPO / "tests"))
+        from pg_server import PASSWORD_ENV, PostgresServer
+
+        server = PostgresServer.start()
+        env[PASSWORD_ENV] = server.password
+        os.environ[PASSWORD_ENV] = server.password
+        storage = {"database": server.create_database("bench"), "password_env": PASSWORD_ENV}
+    else:
+        storage = {"database": str(folder / "db.sqlite")}
+    procs: list[subprocess.Popen] = []
+    port = free_port()
+    roles = [("core", "listener,assembler,dispatcher")] + [
+        (f"worker-{i}", "worker") for i in range(workers)
+    ]
+    try:
+        for name, role in roles:
+            config = {
+                "listener": {"port": port},
+                "storage": {"spool": str(folder / "spool"), "min_free_mb": 1, **storage},
+                "exams": {"settle_seconds": 0.5, "quiet_seconds": 30, "max_wait_seconds": 120},
+                "models": {
+                    "members": [{"path": str(p)} for p in model_files(work)],
+                    "device": device,
+                },
+                "destinations": [{"type": "folder", "name": "folder", "path": "results"}],
+                "delivery": {"poll_seconds": 0.1},
+                "observability": {"http_port": None, "audit_log": str(folder / "audit.jsonl")},
+                "node": {"name": name},
+            }
+            path = folder / f"{name}.yml"
+            path.write_text(yaml.safe_dump(config))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "plugin.cli", "serve", "--config", str(path)]
+                    + ["--roles", role],
+                    cwd=REPO,
+                    env=env,
+                    stdout=subprocess.DEVNULL,
+                    stderr=(folder / f"{name}.log").open("wb"),
+                )
+            )
+        wait_port(port, 120)
+        deadline = time.monotonic() + 180
+        for name, _ in roles:  # every worker has loaded its models
+            log = folder / f"{name}.log"
+            while "plugin serve:" not in log.read_text(errors="replace"):
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"{name} did not start: {log.read_text()[-2000:]}")
+                time.sleep(0.2)
+        files = [f for exam in exams for f in exam]
+        megabytes = sum(f.stat().st_size for f in files) / 1e6
+        started = time.perf_counter()
+        sent = send(files, port, "MAMMO_AI")
+        password = server.password if server else None
+        store = Store(storage["database"], folder / "spool", password=password, claimant="bench")
+        c: dict = {}
+        try:
+            deadline = time.monotonic() + 1200
+            while time.monotonic() < deadline:
+                c = store.counts()
+                if c["jobs"].get("done", 0) == len(exams) and set(c["deliveries"]) == {"delivered"}:
+                    break
+                time.sleep(0.1)
+            else:
+                raise RuntimeError(f"scale-out run {backend}/{workers} did not finish: {c}")
+        finally:
+            store.close()
+        elapsed = time.perf_counter() - started
+        return {"ingest_mb_s": megabytes / sent, "exams_s": len(exams) / elapsed}
+    finally:
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        if server is not None:
+            server.stop()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=16, help="files for the ingest test")
@@ -222,6 +315,10 @@ def main() -> int:
     parser.add_argument("--exams", type=int, default=8, help="exams for the turnaround test")
     parser.add_argument("--exam-size", default="1024x832", help="turnaround image size")
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--scale-exams", type=int, default=8, help="exams for the scale-out runs (0: skip)"
+    )
+    parser.add_argument("--scale-size", default="1024x832", help="scale-out image size")
     args = parser.parse_args()
     rows, cols = map(int, args.size.lower().split("x"))
     erows, ecols = map(int, args.exam_size.lower().split("x"))
@@ -242,6 +339,28 @@ def main() -> int:
                 out.append(megabytes / fn(files, sub))
                 shutil.rmtree(sub)
         times = turnaround(work, args.exams, erows, ecols, args.device)
+        scale: dict[tuple[str, int], dict[str, float]] = {}
+        if args.scale_exams:
+            srows, scols = map(int, args.scale_size.lower().split("x"))
+            exams = []
+            for seed in range(args.scale_exams):
+                exam = []
+                for image in synth_exam(2000 + seed, rows=srows, cols=scols).images:
+                    path = work / "scale-in" / f"{seed}-{image.view_key}.dcm"
+                    path.parent.mkdir(exist_ok=True)
+                    image.dataset.save_as(path, enforce_file_format=True)
+                    exam.append(path)
+                exams.append(exam)
+            backends = ["sqlite"]
+            if _postgres_installed():
+                backends.append("postgresql")
+            else:
+                print("PostgreSQL server binaries not found: scale-out on SQLite only")
+            for workers in (1, 2):
+                for backend in backends:
+                    scale[(backend, workers)] = scale_out(
+                        work, backend, workers, exams, args.device
+                    )
 
     import torch
 
@@ -268,7 +387,23 @@ def main() -> int:
     print(f"{'turnaround p95 s':52} {p95(ta):12.2f}")
     print(f"{'  of which analysis median s':52} {statistics.median(an):12.2f}")
     print(f"{'  (settle time, included above, s)':52} {1.0:12.2f}")
+    if scale:
+        print(f"\nscale-out: {args.scale_exams} exams of {args.scale_size}, one listener process")
+        print(f"{'store':12} {'workers':>8} {'ingest MB/s':>12} {'exams/s':>10} {'vs SQLite':>10}")
+        for (backend, workers), fig in scale.items():
+            base = scale[("sqlite", workers)]["exams_s"]
+            print(
+                f"{backend:12} {workers:8d} {fig['ingest_mb_s']:12.1f} {fig['exams_s']:10.3f}"
+                f" {fig['exams_s'] / base:10.2f}"
+            )
     return 0
+
+
+def _postgres_installed() -> bool:
+    sys.path.insert(0, str(REPO / "tests"))
+    from pg_server import postgres_bindir
+
+    return postgres_bindir() is not None
 
 
 if __name__ == "__main__":

@@ -23,6 +23,7 @@ from typing import Any
 import yaml
 from dcmtk_peer import free_port, require_dcmtk, wait_for_port
 
+from plugin.config import load_config
 from plugin.store import Store
 from trainer.synth import encode, synth_exam
 
@@ -101,21 +102,34 @@ class Serve:
     process: subprocess.Popen = field(repr=False)
 
     @classmethod
-    def start(cls, config: Path, *, timeout: float = 90) -> Serve:
+    def start(
+        cls,
+        config: Path,
+        *,
+        timeout: float = 90,
+        roles: Sequence[str] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> Serve:
+        """Start and wait until it listens (or, without the listener role, has started)."""
         port = int(yaml.safe_load(config.read_text())["listener"]["port"])
         log_path = config.parent / f"serve-{time.monotonic_ns()}.log"
-        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        command = [sys.executable, "-m", "plugin.cli", "serve", "--config", str(config)]
+        if roles is not None:
+            command += ["--roles", ",".join(roles)]
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [sys.executable, "-m", "plugin.cli", "serve", "--config", str(config)],
+                command,
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPO,
-                env=env,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
             )
         service = cls(config, port, log_path, process)
         try:
-            wait_for_port(port, process, timeout, log_path)
+            if roles is None or "listener" in roles:
+                wait_for_port(port, process, timeout, log_path)
+            else:
+                wait_until(lambda: "plugin serve:" in service.log, timeout, "start-up", service)
         except BaseException:
             service.kill()
             raise
@@ -126,13 +140,12 @@ class Serve:
         return self.log_path.read_text(errors="replace")
 
     def store(self) -> Store:
-        folder = self.config.parent / "var"
-        return Store(folder / "db.sqlite", folder / "spool")
+        return Store.open(load_config(self.config).storage, claimant="test-observer")
 
     def audit(self) -> list[dict[str, Any]]:
         import json
 
-        path = self.config.parent / "var" / "audit.jsonl"
+        path = load_config(self.config).observability.audit_log
         return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
     def running(self) -> bool:

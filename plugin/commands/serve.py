@@ -71,9 +71,10 @@ def _serve(args: argparse.Namespace) -> int:
     where = f"listening as {cfg.ae_title} on {cfg.host}:{service.port}" if service.port else ""
     http = f"health http://{obs.http_host}:{service.http.port}/health" if service.http else ""
     workers = f"workers on {', '.join(c.device for c in children)}" if children else ""
+    parts = [f"node {service.node}, roles {','.join(service.roles)}", where, http, workers]
     print(
-        f"plugin serve: node {service.node}, roles {','.join(service.roles)}; "
-        + "; ".join(x for x in (where, http, workers) if x)
+        "plugin serve: "
+        + "; ".join(x for x in parts if x)
         + "; SIGTERM or Ctrl-C drains and stops",
         file=sys.stderr,
         flush=True,

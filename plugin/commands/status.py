@@ -1,4 +1,5 @@
-"""`plugin status`: queues, exams and dead letters, read from the service's database."""
+"""`plugin status`: nodes and their roles, leases, queues, exams and dead letters, read from
+the service's database (any node's view is the whole cluster's)."""
 
 from __future__ import annotations
 
@@ -9,10 +10,11 @@ from pathlib import Path
 
 from plugin.config import DEFAULT_CONFIG, load_config
 from plugin.observability import hash_uid, scrub_uids
+from plugin.store import Node
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("status", help="show queues, recent exams and dead letters")
+    p = sub.add_parser("status", help="show nodes, leases, queues, recent exams and dead letters")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--exams", type=int, default=10, metavar="N", help="recent exams to list")
@@ -29,16 +31,39 @@ def _status(args: argparse.Namespace) -> int:
     store = Store.open(config.storage)
     try:
         counts = store.counts()
+        nodes = store.nodes()
+        leases = store.leases()
         exams = store.exams(last=args.exams)
         dead = store.deliveries("dead")
         quarantined = [j for j in store.jobs("quarantined")]
     finally:
         store.close()
+    now = time.time()
+    lease = config.storage.lease_seconds
     if args.json:
         print(
             json.dumps(
                 {
                     "counts": counts,
+                    "nodes": [
+                        {
+                            "node": n.claimant,
+                            "roles": n.roles.split(","),
+                            "pid": n.pid,
+                            "state": _node_state(n, now, lease),
+                            "heartbeat_age_s": round(now - n.heartbeat_at, 1),
+                        }
+                        for n in nodes
+                    ],
+                    "leases": [
+                        {
+                            "kind": x.kind,
+                            "id": x.row_id,
+                            "node": x.owner,
+                            "expires_in_s": round(x.expires - now, 1),
+                        }
+                        for x in leases
+                    ],
                     "exams": [
                         {
                             "id": e.id,
@@ -71,6 +96,17 @@ def _status(args: argparse.Namespace) -> int:
     for table, states in counts.items():
         text = ", ".join(f"{k} {v}" for k, v in sorted(states.items())) or "none"
         print(f"{table:11} {text}")
+    if nodes:
+        print("\nnodes")
+        for n in nodes:
+            print(
+                f"  {n.claimant:24} {_node_state(n, now, lease):8} {n.roles:36}"
+                f" pid {n.pid:<7} heartbeat {now - n.heartbeat_at:,.0f} s ago"
+            )
+    if leases:
+        print("\nleases (work in progress)")
+        for x in leases:
+            print(f"  {x.kind:8} #{x.row_id:<6} {x.owner:24} expires in {x.expires - now:,.0f} s")
     if exams:
         print("\nrecent exams (study shown as hash)")
         for e in exams:
@@ -98,3 +134,10 @@ def _scrub(text: str | None) -> str | None:
     """Stored reasons quote exceptions and peers verbatim (spool paths hold the study's
     UIDs); the console shows them pseudonymised, like the logs."""
     return None if text is None else scrub_uids(text)
+
+
+def _node_state(node: Node, now: float, lease: float) -> str:
+    """up (heartbeat within a lease), stopped (drained), or lost (died; its leases run out)."""
+    if node.stopped_at is not None:
+        return "stopped"
+    return "up" if now - node.heartbeat_at <= lease else "lost"
