@@ -201,7 +201,7 @@ class Worker:
                 )
             )
         summary = {
-            "views": sorted(m.view_key for m in decoded.mammograms),
+            "views": sorted(m.view_key for m in usable),
             "missing": list(prediction.missing_views),
             "left_out": [
                 {"sop_instance": uid, "stage": stage, "reason": reason}

@@ -12,11 +12,19 @@ from pathlib import Path
 import pytest
 from pydicom.dataset import FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
-from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, generate_uid
+from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless, generate_uid
 from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
-from service_harness import Serve, counts, demo_models, free_port, wait_until, write_config
+from service_harness import (
+    Serve,
+    counts,
+    demo_models,
+    free_port,
+    storescu,
+    wait_until,
+    write_config,
+)
 
 from trainer.synth import synth_exam
 
@@ -122,3 +130,77 @@ def test_bad_input_gets_specific_answers_and_loses_nothing(service: Serve, tmp_p
     refused = sorted(e["status"] for e in audit if e["event"] == "refused")
     assert refused == ["0xC100", "0xC102", "0xC103"]
     assert [e["calling_ae"] for e in audit if e["event"] == "association_rejected"] == ["STRANGER"]
+
+
+@pytest.fixture(scope="module")
+def service_all_outputs(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("bad-views")
+    config = write_config(
+        tmp / "svc",
+        port=free_port(),
+        models=demo_models(tmp / "models"),
+        destinations=[
+            {"type": "folder", "name": "folder", "path": "results", "outputs": ["cad_sr", "seg"]}
+        ],
+    )
+    with Serve.start(config) as running:
+        yield running
+
+
+def _raw(ds, tag: int, vr: str, value: bytes):
+    from pydicom.dataelem import RawDataElement
+    from pydicom.tag import Tag
+
+    value += b" " if len(value) % 2 else b""
+    ds[tag] = RawDataElement(Tag(tag), vr, len(value), value, 0, False, True)
+    return ds
+
+
+def test_one_bad_view_never_sinks_the_exam(service_all_outputs: Serve, tmp_path) -> None:
+    """Accepted with 0x0000, failing later: a header the outputs cannot copy is repaired; a
+    view whose pixels cannot be decoded is left out with its reason and the exam delivered
+    as partial. Only the bad view is lost."""
+    from pydicom.encaps import encapsulate, generate_frames
+
+    from trainer.synth import encode
+
+    service = service_all_outputs
+    # Exam 1: PatientName received as LO with two values (the SEG/SR builders copy it).
+    first = synth_exam(61, rows=512, cols=416).datasets
+    _raw(first[0], 0x00100010, "LO", b"DOE\\JANE")
+    # Exam 2: one view a JPEG 2000 codestream cut short (its start is well formed).
+    second = synth_exam(64, rows=512, cols=416).datasets
+    cut = encode(second[1], "jpeg2000")
+    fragment = next(generate_frames(cut.PixelData, number_of_frames=1))
+    cut.PixelData = encapsulate([fragment[: len(fragment) // 3]])
+    second[1] = cut
+    paths = []
+    for n, ds in enumerate(first + second):
+        path = tmp_path / f"{n}.dcm"
+        ds.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    storescu(paths[:5] + paths[6:], service.port)
+    ae = AE(ae_title="PACS")
+    ae.add_requested_context(MG, [JPEG2000Lossless])
+    assoc = ae.associate("127.0.0.1", service.port, ae_title="MAMMO_AI")
+    try:
+        assert assoc.send_c_store(cut).Status == 0x0000  # its start is well formed
+    finally:
+        assoc.release()
+    wait_until(
+        lambda: counts(service)["jobs"].get("done", 0) == 2, 180, "both exams analysed", service
+    )
+    wait_until(
+        lambda: counts(service)["deliveries"].get("delivered", 0) == 2 + 4 + 3,
+        60,
+        "CAD SRs and one SEG per usable view",
+        service,
+    )
+    analysed = {e["study"]: e for e in service.audit() if e["event"] == "analysed"}
+    assert sorted(len(e["views"]) for e in analysed.values()) == [3, 4]
+    (partial,) = [e for e in analysed.values() if e["left_out"]]
+    assert partial["outcome"] == "partial"
+    ((left,),) = [partial["left_out"]]
+    assert left["stage"] == "decode" and "truncated" in left["reason"]
+    assert "DOE" not in service.log and "JANE" not in service.log
+    assert counts(service)["exams"].get("quarantined", 0) == 0
