@@ -26,6 +26,7 @@ from service_harness import (
     write_config,
 )
 
+from plugin.observability import hash_uid
 from trainer.synth import synth_exam
 
 
@@ -140,7 +141,12 @@ def service_all_outputs(tmp_path_factory: pytest.TempPathFactory):
         port=free_port(),
         models=demo_models(tmp / "models"),
         destinations=[
-            {"type": "folder", "name": "folder", "path": "results", "outputs": ["cad_sr", "seg"]}
+            {
+                "type": "folder",
+                "name": "folder",
+                "path": "results",
+                "outputs": ["cad_sr", "seg", "sc"],
+            }
         ],
     )
     with Serve.start(config) as running:
@@ -168,6 +174,8 @@ def test_one_bad_view_never_sinks_the_exam(service_all_outputs: Serve, tmp_path)
     # Exam 1: PatientName received as LO with two values (the SEG/SR builders copy it).
     first = synth_exam(61, rows=512, cols=416).datasets
     _raw(first[0], 0x00100010, "LO", b"DOE\\JANE")
+    # … and one view with WindowWidth 0, which the heat-map's windowing rejects.
+    first[2].WindowCenter, first[2].WindowWidth = 2048, 0
     # Exam 2: one view a JPEG 2000 codestream cut short (its start is well formed).
     second = synth_exam(64, rows=512, cols=416).datasets
     cut = encode(second[1], "jpeg2000")
@@ -190,17 +198,27 @@ def test_one_bad_view_never_sinks_the_exam(service_all_outputs: Serve, tmp_path)
     wait_until(
         lambda: counts(service)["jobs"].get("done", 0) == 2, 180, "both exams analysed", service
     )
+    analysed = {e["study"]: e for e in service.audit() if e["event"] == "analysed"}
+    # One CAD SR per exam, a SEG and a heat-map per analysed view.
+    expected = sum(1 + 2 * len(e["views"]) for e in analysed.values())
     wait_until(
-        lambda: counts(service)["deliveries"].get("delivered", 0) == 2 + 4 + 3,
+        lambda: counts(service)["deliveries"].get("delivered", 0) == expected,
         60,
-        "CAD SRs and one SEG per usable view",
+        "the results of every analysed view",
         service,
     )
-    analysed = {e["study"]: e for e in service.audit() if e["event"] == "analysed"}
-    assert sorted(len(e["views"]) for e in analysed.values()) == [3, 4]
-    (partial,) = [e for e in analysed.values() if e["left_out"]]
-    assert partial["outcome"] == "partial"
-    ((left,),) = [partial["left_out"]]
+    first_uid, second_uid = (str(x[0].StudyInstanceUID) for x in (first, second))
+    by_study = {hash_uid(uid): analysed[hash_uid(uid)] for uid in (first_uid, second_uid)}
+    one, two = by_study[hash_uid(first_uid)], by_study[hash_uid(second_uid)]
+    ((left,),) = [two["left_out"]]
+    assert two["outcome"] == "partial" and len(two["views"]) == 3
     assert left["stage"] == "decode" and "truncated" in left["reason"]
+    # The heat-map of the WindowWidth-0 view fails, or (once the SC builder copes) it does
+    # not: either way the exam is analysed, and only that view can be missing.
+    assert [(x["stage"], x["reason"]) for x in one["left_out"]] in (
+        [],
+        [("output", "sc output failed (ValueError)")],
+    )
+    assert len(one["views"]) == 4 - len(one["left_out"])
     assert "DOE" not in service.log and "JANE" not in service.log
     assert counts(service)["exams"].get("quarantined", 0) == 0
