@@ -101,8 +101,10 @@ class ListenerConfig(Section):
     max_associations_per_address: int = Field(4, ge=1, le=1000)
     """Connections (half-open ones included) one address may hold at once, so that one host
     cannot take every association slot."""
-    max_pdu_size: int = Field(0, ge=0)
-    """Largest PDU we receive, in bytes; 0 means unlimited (fastest for large images)."""
+    max_pdu_size: int = Field(1_048_576, ge=0)
+    """Largest PDU we receive, in bytes, advertised to senders; 0 means unlimited. pynetdicom
+    holds one whole PDU in memory, so this bounds the memory of each association (1 MiB
+    costs large images nothing measurable against unlimited)."""
     transfer_syntaxes: list[str] = list(DEFAULT_TRANSFER_SYNTAXES)
     """Preference order when a sender proposes several in one presentation context."""
     acse_timeout_seconds: Seconds = 30
