@@ -10,6 +10,7 @@ import sys
 COMMANDS = [
     "serve",
     "status",
+    "audit",
     "retry",
     "config",
     "demo",

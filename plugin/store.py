@@ -184,6 +184,18 @@ class Claim:
     outcome: str | None
 
 
+@dataclass(frozen=True)
+class Event:
+    """An audit event as committed: what happened, where (node), to which study."""
+
+    id: int
+    ts: float
+    node: str
+    event: str
+    study_instance_uid: str | None
+    detail: dict[str, Any]
+
+
 def default_claimant() -> str:
     return socket.gethostname()
 
@@ -348,6 +360,17 @@ class Store:
             )
             for old in older:
                 db.execute("UPDATE instances SET superseded_by=? WHERE id=?", (row_id, old["id"]))
+            self._event(
+                db,
+                now,
+                "received" if new.status == "accepted" else "ignored",
+                new.study_instance_uid,
+                sop_instance=new.sop_instance_uid,
+                calling_ae=new.calling_ae,
+                bytes=new.size,
+                replaced=bool(older),
+                reason=_cap(new.reason, 256),
+            )
             if new.status == "accepted":
                 self._touch_exam(db, new.study_instance_uid, now, late_images)
             return (Recorded.REPLACED if older else Recorded.NEW), row_id
@@ -544,6 +567,16 @@ class Store:
                 (now, job_id),
             )
             self._released(db, "job", job_id, now, "done")
+            self._event(
+                db,
+                now,
+                "analysed",
+                self._study(db, int(job["exam_id"])),
+                job_id=job_id,
+                version=job["version"],
+                attempt=job["attempts"],
+                objects=len(results),
+            )
             return self._end_round(db, int(job["exam_id"]), "analysed", None, "done", now)
 
     def fail_job(
@@ -572,6 +605,15 @@ class Store:
             "UPDATE jobs SET state='quarantined', finished_at=?, reason=?, lease_owner=NULL,"
             " lease_expires=NULL WHERE id=?",
             (now, _cap(reason), job_id),
+        )
+        self._event(
+            db,
+            now,
+            "quarantined",
+            self._study(db, int(job["exam_id"])),
+            job_id=job_id,
+            version=job["version"],
+            reason=_cap(reason, 256),
         )
         return self._end_round(
             db, int(job["exam_id"]), "quarantined", _cap(reason), "quarantined", now
@@ -680,6 +722,7 @@ class Store:
         now = time.time() if now is None else now
         with self._tx() as db:
             if self._settle(db, delivery_id, now, "delivered"):
+                self._delivery_event(db, delivery_id, now, "delivered")
                 db.execute(
                     "UPDATE deliveries SET state='delivered', delivered_at=?, last_error=NULL,"
                     " lease_owner=NULL, lease_expires=NULL WHERE id=?",
@@ -690,7 +733,12 @@ class Store:
         """Back to pending at `retry_at`, or a dead letter when it is None; returns the state."""
         state = "pending" if retry_at is not None else "dead"
         with self._tx() as db:
-            if self._settle(db, delivery_id, time.time(), state):
+            now = time.time()
+            if self._settle(db, delivery_id, now, state):
+                if state == "dead":
+                    self._delivery_event(
+                        db, delivery_id, now, "dead_letter", error=_cap(error, 256)
+                    )
                 db.execute(
                     "UPDATE deliveries SET state=?, next_attempt_at=?, last_error=?,"
                     " lease_owner=NULL, lease_expires=NULL WHERE id=?",
@@ -738,6 +786,46 @@ class Store:
 
     def _delivery(self, row: Any) -> Delivery:
         return _from_row(Delivery, row, path=self._path(row["path"]))
+
+    # -- audit events -----------------------------------------------------------------------
+
+    def _event(
+        self, db: Database, now: float, event: str, study: str | None, **detail: Any
+    ) -> None:
+        """An audit event in the transaction it describes: committed with it or not at all
+        (the audit file is written after the commit, so a crash in between loses its line,
+        never this row)."""
+        db.execute(
+            "INSERT INTO events (ts, node, event, study_instance_uid, detail)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (now, self.claimant, event, study, json.dumps(detail, default=str)),
+        )
+
+    def _study(self, db: Database, exam_id: int) -> str:
+        row = db.execute("SELECT study_instance_uid FROM exams WHERE id=?", (exam_id,)).fetchone()
+        return str(row["study_instance_uid"])
+
+    def _delivery_event(
+        self, db: Database, delivery_id: int, now: float, event: str, **extra: Any
+    ) -> None:
+        d = db.execute(_DELIVERY_SELECT + " WHERE d.id=?", (delivery_id,)).fetchone()
+        self._event(
+            db,
+            now,
+            event,
+            d["study_instance_uid"],
+            delivery_id=delivery_id,
+            destination=d["destination"],
+            kind=d["kind"],
+            result=d["sop_instance_uid"],
+            attempt=d["attempts"],
+            **extra,
+        )
+
+    def events(self, *, after: int = 0, limit: int = 10_000) -> list[Event]:
+        """Audit events with ids above `after`, oldest first (`plugin audit`)."""
+        rows = self._read("SELECT * FROM events WHERE id>? ORDER BY id LIMIT ?", (after, limit))
+        return [_from_row(Event, r, detail=json.loads(r["detail"])) for r in rows]
 
     # -- leases -----------------------------------------------------------------------------
 

@@ -94,8 +94,8 @@ CREATE TABLE deliveries (
 CREATE INDEX deliveries_due ON deliveries(state, next_attempt_at);
 """
 
-# Leases on claimed rows, the processes that hold them, and every claim (the proof that no
-# row was held by two claimants at once).
+# Leases on claimed rows, the processes that hold them, every claim (the proof that no row was
+# held by two claimants at once), and the audit events written with the commit they describe.
 _V2 = """
 ALTER TABLE jobs ADD COLUMN lease_owner TEXT;
 ALTER TABLE jobs ADD COLUMN lease_expires DOUBLE PRECISION;
@@ -120,6 +120,14 @@ CREATE TABLE claims (
     outcome TEXT
 );
 CREATE INDEX claims_row ON claims(kind, row_id);
+CREATE TABLE events (
+    id {pk},
+    ts DOUBLE PRECISION NOT NULL,
+    node TEXT NOT NULL,
+    event TEXT NOT NULL,
+    study_instance_uid TEXT,
+    detail TEXT NOT NULL
+);
 """
 
 

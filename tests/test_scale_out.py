@@ -121,7 +121,7 @@ def _send_exams(cluster: Cluster, exams: list[list[Path]], rng: random.Random) -
                 time.sleep(1.0)
             todo = [f for f in todo if f not in done]
         assert not todo, "an exam could not be sent within 4 minutes"
-        time.sleep(rng.uniform(0.2, 1.5))
+        time.sleep(rng.uniform(1.0, 5.0))  # exams keep coming while processes die
 
 
 def _busy(cluster: Cluster, victim: Proc, store: Store) -> bool:
@@ -136,20 +136,25 @@ def _busy(cluster: Cluster, victim: Proc, store: Store) -> bool:
 def _killer(
     cluster: Cluster, kills: int, rng: random.Random, stop: threading.Event, storage: Path
 ) -> None:
-    """SIGKILL a process of each kind in turn, at a random moment while it is busy (or after
-    a few seconds of waiting for that), and start it again: at once, or (a worker, sometimes)
-    only after its lease has run out, so that the other worker takes its job over."""
+    """SIGKILL a process of each kind in turn, at a random moment while one of that kind is
+    busy (or after a few seconds of waiting for that), and start it again: at once, or (a
+    worker, sometimes) only after its lease has run out, so that the other worker takes its
+    job over."""
     store = Store.open(load_config(storage).storage, claimant="test-killer")
     kinds = sorted({p.kind for p in cluster.procs})
     try:
         for n in range(kills):
-            if stop.wait(rng.uniform(0.5, 2.0)):
+            if stop.wait(rng.uniform(0.2, 1.0)):
                 return
-            victim = rng.choice([p for p in cluster.procs if p.kind == kinds[n % len(kinds)]])
-            deadline = time.monotonic() + 8
-            while not _busy(cluster, victim, store) and time.monotonic() < deadline:
-                time.sleep(0.02)
-            time.sleep(rng.uniform(0.0, 0.3))
+            of_kind = [p for p in cluster.procs if p.kind == kinds[n % len(kinds)]]
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                busy = [p for p in of_kind if _busy(cluster, p, store)]
+                if busy:
+                    break
+                time.sleep(0.01)
+            victim = rng.choice(busy or of_kind)
+            time.sleep(rng.uniform(0.0, 0.05 if "listener" in victim.roles else 0.5))
             victim.kill()
             late = "worker" in victim.roles and len(cluster.procs) > 1 and rng.random() < 0.5
             time.sleep(LEASE + 2 if late else rng.uniform(0.0, 1.0))
@@ -233,6 +238,22 @@ def _check(
         trail.sort(key=lambda c: c.claimed_at)
         overlaps += sum(b.claimed_at < a.released_at for a, b in pairwise(trail))
     assert overlaps == 0
+
+    # The committed audit events: one "analysed" per exam version, by a worker.
+    store = observer.store()
+    try:
+        events = store.events()
+    finally:
+        store.close()
+    committed = Counter(
+        (e.study_instance_uid, e.detail["version"]) for e in events if e.event == "analysed"
+    )
+    assert sorted(committed.values()) == [1] * len(done)
+    assert {e.node for e in events if e.event == "analysed"} <= {
+        p.name for p in cluster.procs if "worker" in p.roles
+    }
+    assert sum(e.event == "delivered" for e in events) == len(deliveries)
+    assert {e.detail["sop_instance"] for e in events if e.event == "received"} >= cluster.acked
 
     audit = [json.loads(line) for line in audit_path.read_text().splitlines()]
     analysed_events = Counter((e["study"], e["version"]) for e in audit if e["event"] == "analysed")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import urllib.request
 
@@ -132,21 +133,39 @@ def test_status_health_metrics_and_audit(pipeline, capsys) -> None:
     with urllib.request.urlopen(f"http://127.0.0.1:{pipeline['http']}/health") as rsp:
         health = json.load(rsp)
     assert health["ok"] and health["queues"]["deliveries_pending"] == 0
+    node = socket.gethostname()  # node.name's default
+    assert (health["node"], health["assembler"]) == (node, "active")
+    assert health["roles"] == ["listener", "assembler", "worker", "dispatcher"]
+    assert f"{node}" in out and "listener,assembler,worker,dispatcher" in out  # status: nodes
     with urllib.request.urlopen(f"http://127.0.0.1:{pipeline['http']}/metrics") as rsp:
         metrics = rsp.read().decode()
-    assert 'mammo_instances_total{outcome="accepted"} 12.0' in metrics
-    assert 'mammo_exams_total{outcome="complete"} 3.0' in metrics
-    assert 'mammo_delivery_attempts_total{destination="pacs",outcome="delivered"} 30.0' in metrics
-    assert 'mammo_stage_seconds_count{stage="turnaround"} 3.0' in metrics
+    n = f'node="{node}"'
+    assert f'mammo_instances_total{{{n},outcome="accepted"}} 12.0' in metrics
+    assert f'mammo_exams_total{{{n},outcome="complete"}} 3.0' in metrics
+    assert (
+        f'mammo_delivery_attempts_total{{destination="pacs",{n},outcome="delivered"}} 30.0'
+        in metrics
+    )
+    assert f'mammo_stage_seconds_count{{{n},stage="turnaround"}} 3.0' in metrics
 
     events = [e["event"] for e in service.audit()]
     assert events.count("received") == 12 and events.count("analysed") == 3
+    assert {e["node"] for e in service.audit()} == {node}
+    # The same events as committed with their transitions (`plugin audit`).
+    assert main(["audit", "--config", str(service.config)]) == 0
+    committed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    kinds = [e["event"] for e in committed]
+    assert (kinds.count("received"), kinds.count("analysed"), kinds.count("delivered")) == (
+        12,
+        3,
+        33,
+    )
     assert events.count("delivered") == 33
     # No patient identifiers or UIDs in the logs or the audit trail.
     study = str(dcmread(pipeline["exams"]["explicit"][0], stop_before_pixels=True).StudyInstanceUID)
     patient = str(dcmread(pipeline["exams"]["explicit"][0], stop_before_pixels=True).PatientID)
     audit_text = (service.config.parent / "var" / "audit.jsonl").read_text()
-    for text in (service.log, audit_text):
+    for text in (service.log, audit_text, json.dumps(committed)):
         assert study not in text and patient not in text
 
 

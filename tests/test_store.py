@@ -318,3 +318,23 @@ def test_a_version_1_database_is_migrated_with_relative_paths(tmp_path: Path) ->
     with s._tx() as conn:
         assert conn.execute("SELECT path FROM instances").fetchone()["path"] == "instances/x.dcm"
     s.close()
+
+
+def test_audit_events_are_committed_with_their_transition(store: Store) -> None:
+    job_id = _queued(store, 1)
+    store.claim_job()
+    with pytest.raises(StoreError):  # not this job's state: nothing is written
+        store.finish_job(job_id + 1, [])
+    store.finish_job(job_id, [result(1)])
+    (delivery,) = store.due_deliveries()
+    store.claim_delivery(delivery.id)
+    store.delivery_succeeded(delivery.id)
+    events = store.events()
+    assert [(e.event, e.node) for e in events] == [
+        ("received", "node-a"),
+        ("analysed", "node-a"),
+        ("delivered", "node-a"),
+    ]
+    assert events[1].detail == {"job_id": job_id, "version": 1, "attempt": 1, "objects": 1}
+    assert events[2].detail["destination"] == "pacs"
+    assert store.events(after=events[1].id) == events[2:]
