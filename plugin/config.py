@@ -207,6 +207,13 @@ class WorkerConfig(Section):
     """One worker process per device (`[cuda:0, cuda:1]`); empty: one worker on
     `models.device`, in the serving process."""
 
+    @field_validator("devices")
+    @classmethod
+    def _distinct_devices(cls, value: list[str]) -> list[str]:
+        if len(set(value)) != len(value):
+            raise ValueError("list each device once (one worker process per device)")
+        return value
+
 
 class NodeConfig(Section):
     name: str = Field(default_factory=socket.gethostname, pattern=r"^[A-Za-z0-9._-]{1,64}$")

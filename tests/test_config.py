@@ -63,6 +63,20 @@ def test_default_config_is_embedded_and_complete() -> None:
             "names must be unique, repeated: results-folder",
         ),
         (lambda d: d.update(extra_section={}), "extra_section: unknown key"),
+        (
+            lambda d: d["storage"].update(database="postgresql://u:pw@db/mammo"),
+            "storage.database: put no password in the URL",
+        ),
+        (
+            lambda d: d["storage"].update(database="postgresql://u@db"),
+            "storage.database: a PostgreSQL URL names a host and a database",
+        ),
+        (
+            lambda d: d.setdefault("worker", {}).update(devices=["cuda:0", "cuda:0"]),
+            "worker.devices: list each device once",
+        ),
+        (lambda d: d.setdefault("worker", {}).update(devices=["gpu0"]), "worker.devices.0"),
+        (lambda d: d.update(node={"name": "a b"}), "node.name: String should match"),
     ],
 )
 def test_mistakes_name_the_key(default_data: dict, edit, expected: str) -> None:
@@ -133,3 +147,22 @@ def test_config_check_command(tmp_path: Path, default_data: dict, capsys) -> Non
     path.write_text(yaml.safe_dump(data))
     assert main(["config", "check", str(path)]) == 1
     assert "listener.bogus: unknown key" in capsys.readouterr().out
+
+
+def test_storage_takes_a_sqlite_path_or_a_postgresql_url(
+    tmp_path: Path, default_data: dict, monkeypatch
+) -> None:
+    data = copy.deepcopy(default_data)
+    config = parse_config(data, tmp_path)
+    assert config.storage.database == tmp_path / "var" / "plugin.sqlite"
+    assert not config.storage.postgres and config.storage.password() is None
+    data["storage"].update(
+        database="postgresql://mammo@db.example:5433/mammo", password_env="MAMMO_DB_PW"
+    )
+    config = parse_config(data, tmp_path)
+    assert config.storage.database == "postgresql://mammo@db.example:5433/mammo"
+    assert config.storage.postgres
+    with pytest.raises(ConfigError, match="MAMMO_DB_PW, which is not set"):
+        config.storage.password()
+    monkeypatch.setenv("MAMMO_DB_PW", "pw")
+    assert config.storage.password() == "pw"
