@@ -132,7 +132,9 @@ def _bounded_json(out: dict[str, Any]) -> str:
     line = json.dumps(out, default=str)
     if len(line) <= MAX_LINE:
         return line
-    # Many fields, each within its cap: keep the leading ones that fit.
+    # Many fields, each within its cap: shrink them all (tracebacks keep their end), then
+    # keep the leading ones that fit.
+    out = {k: _shrink(v, 2048 if k == "exc" else 256) for k, v in out.items()}
     kept: dict[str, Any] = {}
     for key, value in out.items():
         kept[key] = value
@@ -141,6 +143,16 @@ def _bounded_json(out: dict[str, Any]) -> str:
             kept["truncated"] = True
             break
     return json.dumps(kept, default=str)
+
+
+def _shrink(value: Any, limit: int) -> Any:
+    if isinstance(value, str):
+        return value if len(value) <= limit else "…" + value[-limit:]
+    if isinstance(value, dict):
+        return {k: _shrink(v, limit) for k, v in list(value.items())[:8]}
+    if isinstance(value, list):
+        return [_shrink(v, limit) for v in value[:8]]
+    return value
 
 
 def configure_logging(level: str = "INFO", fmt: str = "json") -> None:

@@ -12,6 +12,7 @@ from plugin.observability import (
     AuditTrail,
     JsonFormatter,
     TextFormatter,
+    cap,
     hash_uid,
     quiet_pydicom,
     scrub_uids,
@@ -85,3 +86,29 @@ def test_pydicom_value_warnings_are_kept_from_logs_and_console(pydicom_logger_le
 
     assert any("12/04/1961" in m for m in copy_birth_date(quiet=False))  # the leak
     assert not any("12/04/1961" in m for m in copy_birth_date(quiet=True))
+
+
+def test_lines_are_capped_and_library_values_redacted(tmp_path):
+    """A 1 MB value in a message, a field, an audit event or a traceback never makes a line
+    longer than 16 kB, and values quoted by pydicom/pynetdicom messages are taken out."""
+    huge = "PIDLEAK" * 150_000
+    formatter = JsonFormatter()
+    try:
+        raise ValueError(f"Invalid 'Affected SOP Instance UID' value '{huge}'")
+    except ValueError:
+        exc_info = sys.exc_info()
+    record = logging.LogRecord(
+        "pynetdicom", logging.ERROR, __file__, 1, f"Invalid value for VR DA: '{huge}'", None, None
+    )
+    record.exc_info = exc_info
+    record.fields = {"reason": huge, "list": [huge] * 100, "nested": {"k": huge}}
+    line = formatter.format(record)
+    assert len(line) <= 16384 and "PIDLEAK" * 100 not in line
+    assert "value <redacted>" in json.loads(line)["exc"]
+    assert "VR DA: <redacted>" in json.loads(line)["msg"]
+    audit = AuditTrail(tmp_path / "audit.jsonl")
+    audit.record("skipped", reason=huge, sop_instance="1.2.3.4.5.6")
+    audit.close()
+    (event,) = [json.loads(x) for x in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(event["reason"]) <= 512 and event["reason"].endswith("more chars]")
+    assert cap("short") == "short"
