@@ -232,18 +232,54 @@ def test_connections_per_address_are_limited(make_listener, image) -> None:
     assert len(rejected) == 1 and "max_associations_per_address" in rejected[0]["reason"]
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path):
-    """A real 1 MiB filesystem (tmpfs) for the spool and the database; needs root."""
-    mount = tmp_path / "disk"
+def _mount_tmpfs(mount: Path, options: str) -> None:
     mount.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs to fill up needs root")
     result = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(mount)], capture_output=True
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(mount)], capture_output=True
     )
     if result.returncode != 0:
         pytest.skip(f"cannot mount a tmpfs here: {result.stderr.decode().strip()}")
+
+
+@pytest.fixture
+def few_inodes(tmp_path: Path):
+    """A real tmpfs with 64 inodes for the spool: it fills up when files are created."""
+    mount = tmp_path / "inodes"
+    _mount_tmpfs(mount, "size=8m,nr_inodes=64")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_disk_full_while_storing_answers_out_of_resources(make_listener, image, few_inodes):
+    listener = make_listener(spool=few_inodes / "spool")
+    filler = few_inodes / "filler"
+    filler.mkdir()
+    n = 0
+    try:
+        while True:
+            (filler / str(n)).touch()
+            n += 1
+    except OSError:
+        pass
+    (filler / "0").unlink()  # one inode left: the temporary file takes it
+    rsp = store(listener, variant(image, StudyInstanceUID=generate_uid()))
+    # Its study folder cannot be created (ENOSPC): out of resources, the sender retries.
+    assert (rsp.status, rsp.error_comment) == (0xA700, "spool disk full")
+    nothing_left(listener)
+    assert list(listener.instances_dir.rglob("*.dcm")) == []
+    assert listener.store.counts()["instances"] == {}
+    for f in list(filler.iterdir())[:8]:
+        f.unlink()
+    assert store(listener, variant(image)).status == 0x0000
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path):
+    """A real 1 MiB filesystem (tmpfs) for the spool and the database; needs root."""
+    mount = tmp_path / "disk"
+    _mount_tmpfs(mount, "size=1m")
     yield mount
     subprocess.run(["umount", "-l", str(mount)], check=False)
 
