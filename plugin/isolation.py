@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
 
 import pydicom
 
@@ -38,6 +39,53 @@ _PER_IMAGE: dict[OutputKind, Callable[..., pydicom.Dataset]] = {
     OutputKind.SEG: build_seg,
     OutputKind.SC: build_sc,
 }
+
+
+@dataclass(frozen=True)
+class Analysis:
+    prediction: ExamPrediction
+    objects: list[pydicom.Dataset]
+    left_out: list[tuple[str, str, str]]
+    """(SOPInstanceUID, stage: "analyse" or "output", reason) of each image left out."""
+
+
+class NoUsableImage(Exception):
+    """Every image failed; `left_out` says how."""
+
+    def __init__(self, left_out: list[tuple[str, str, str]]) -> None:
+        super().__init__("no usable image in the exam")
+        self.left_out = left_out
+
+
+def analyse_isolated(
+    predict: Callable[[Sequence[Mammogram]], ExamPrediction],
+    mammograms: Sequence[Mammogram],
+    sources: Mapping[str, pydicom.Dataset],
+    kinds: Collection[OutputKind],
+    options: OutputOptions = DEFAULT_OPTIONS,
+) -> Analysis:
+    """Score the exam and build its objects; an image that makes either fail on its own is
+    left out and the exam analysed again without it. The one path of the service's worker
+    and `plugin run`."""
+    left_out: list[tuple[str, str, str]] = []
+    usable = list(mammograms)
+    while usable:
+        try:
+            prediction = predict(usable)
+        except Exception:
+            bad = culprits_of_prediction(predict, usable)
+            if not bad:
+                raise
+            stage = "analyse"
+        else:
+            objects, bad = build_isolated(prediction, sources, kinds, options)
+            if not bad:
+                return Analysis(prediction, objects, left_out)
+            stage = "output"
+        left_out += [(uid, stage, reason) for uid, reason in bad.items()]
+        usable = [m for m in usable if m.sop_instance_uid not in bad]
+        log.warning("left images out of an exam", extra={"fields": {"images": len(bad)}})
+    raise NoUsableImage(left_out)
 
 
 def failure(stage: str, exc: BaseException) -> str:

@@ -23,11 +23,11 @@ from models.ensemble import Ensemble
 from models.results import ExamPrediction
 
 from .decoding import decode
+from .isolation import NoUsableImage, analyse_isolated
 from .outputs import (
     DEFAULT_KINDS,
     OutputKind,
     OutputOptions,
-    build_outputs,
     output_kind,
     source_instance,
 )
@@ -130,10 +130,29 @@ def analyse_study(
         result.seconds = time.perf_counter() - started
         return result
 
-    prediction = ensemble.predict_exam(decoded.mammograms)
+    paths = {str(inst.header.SOPInstanceUID): str(inst.path) for inst in selection.chosen.values()}
+    try:
+        analysis = analyse_isolated(
+            ensemble.predict_exam,
+            decoded.mammograms,
+            decoded.datasets,
+            {OutputKind(k) for k in kinds},
+            options or OutputOptions(),
+        )
+    except NoUsableImage as exc:
+        analysis, left_out = None, exc.left_out
+    else:
+        left_out = analysis.left_out
+    for uid, stage, reason in left_out:
+        result.skipped.append((paths.get(uid, uid), f"{stage}: {reason}"))
+    if analysis is None:
+        result.missing = selection.missing
+        result.error = "no analysable image (see skipped)"
+        result.seconds = time.perf_counter() - started
+        return result
+    prediction, objects = analysis.prediction, analysis.objects
     result.prediction = prediction
     result.missing = prediction.missing_views
-    objects = build_outputs(prediction, decoded.datasets, kinds, options or OutputOptions())
     result.folder.mkdir(parents=True, exist_ok=True)
     written = []
     for ds in objects:

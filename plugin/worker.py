@@ -22,7 +22,7 @@ from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from plugin.config import Config, ModelsConfig
 from plugin.decoding import decode
 from plugin.durable import write_atomically
-from plugin.isolation import build_isolated, culprits_of_prediction
+from plugin.isolation import NoUsableImage, analyse_isolated
 from plugin.observability import AuditTrail, Metrics, cap
 from plugin.outputs import output_kind
 from plugin.outputs.common import OutputKind
@@ -161,29 +161,16 @@ class Worker:
             keep_pixels=OutputKind.SC in self.kinds,
         )
         left_out = [(uid, "decode", reason) for uid, reason in decoded.failed]
-        usable = list(decoded.mammograms)
-        while True:
-            if not usable:
-                reasons = "; ".join(r for _, _, r in left_out) or "no image files"
-                raise UnanalysableExam(cap(f"no usable image in the exam: {reasons}", 2000))
-            try:
-                prediction = self.ensemble.predict_exam(usable)
-            except Exception:
-                bad = culprits_of_prediction(self.ensemble.predict_exam, usable)
-                if not bad:
-                    raise
-                stage = "analyse"
-            else:
-                objects, bad = build_isolated(prediction, decoded.datasets, self.kinds)
-                stage = "output"
-                if not bad:
-                    break
-            left_out += [(uid, stage, reason) for uid, reason in bad.items()]
-            usable = [m for m in usable if m.sop_instance_uid not in bad]
-            log.warning(
-                "left images out of the exam",
-                extra={"fields": {"study": job.study_instance_uid, "images": len(bad)}},
+        try:
+            analysis = analyse_isolated(
+                self.ensemble.predict_exam, decoded.mammograms, decoded.datasets, self.kinds
             )
+        except NoUsableImage as exc:
+            left_out += exc.left_out
+            reasons = "; ".join(r for _, _, r in left_out) or "no image files"
+            raise UnanalysableExam(cap(f"no usable image in the exam: {reasons}", 2000)) from None
+        prediction, objects = analysis.prediction, analysis.objects
+        left_out += analysis.left_out
         folder = self.results_dir / job.study_instance_uid / f"v{job.version}"
         results = []
         for ds in objects:
@@ -201,7 +188,7 @@ class Worker:
                 )
             )
         summary = {
-            "views": sorted(m.view_key for m in usable),
+            "views": sorted(f"{i.laterality}-{i.view}" for i in prediction.images),
             "missing": list(prediction.missing_views),
             "left_out": [
                 {"sop_instance": uid, "stage": stage, "reason": reason}
