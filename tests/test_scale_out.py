@@ -15,10 +15,14 @@ About 2-3 minutes on two busy cores (PostgreSQL variant), 1 minute for SQLite.
 from __future__ import annotations
 
 import json
+import os
 import random
 import re
+import signal
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections import Counter, defaultdict
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -29,7 +33,15 @@ import pytest
 from dcmtk_peer import StoreSCP
 from pg_server import PASSWORD_ENV, PostgresServer
 from pydicom import dcmread
-from service_harness import Serve, demo_models, exam_files, free_port, storescu, write_config
+from service_harness import (
+    Serve,
+    demo_models,
+    exam_files,
+    free_port,
+    storescu,
+    wait_until,
+    write_config,
+)
 
 from plugin.config import load_config
 from plugin.store import Store
@@ -76,6 +88,8 @@ class Cluster:
     """SOP Instance UIDs a listener acknowledged (0x0000)."""
     failed_sends: int = 0
     sending_to: Proc | None = None
+    in_flight_kills: int = 0
+    """Kills that hit a process in the middle of a transfer, a job or a send."""
 
     def listeners(self) -> list[Proc]:
         return [p for p in self.procs if "listener" in p.roles]
@@ -137,29 +151,46 @@ def _killer(
     cluster: Cluster, kills: int, rng: random.Random, stop: threading.Event, storage: Path
 ) -> None:
     """SIGKILL a process of each kind in turn, at a random moment while one of that kind is
-    busy (or after a few seconds of waiting for that), and start it again: at once, or (a
-    worker, sometimes) only after its lease has run out, so that the other worker takes its
-    job over."""
+    busy (or after a few seconds of waiting for that), and start it again in the background:
+    at once, or (a worker, sometimes) only after its lease has run out, so that the other
+    worker takes its job over. Kills go on while the victims restart."""
     store = Store.open(load_config(storage).storage, claimant="test-killer")
     kinds = sorted({p.kind for p in cluster.procs})
+    down: set[str] = set()
+    restarts: list[threading.Thread] = []
+
+    def restart(victim: Proc, delay: float) -> None:
+        time.sleep(delay)
+        victim.start()
+        down.discard(victim.name)
+
     try:
         for n in range(kills):
             if stop.wait(rng.uniform(0.2, 1.0)):
                 return
-            of_kind = [p for p in cluster.procs if p.kind == kinds[n % len(kinds)]]
+            kind = kinds[n % len(kinds)]
+            up: list[Proc] = []
+            while not up:  # one of the kind is running (not still restarting)
+                up = [p for p in cluster.procs if p.kind == kind and p.name not in down]
+                time.sleep(0.05)
             deadline = time.monotonic() + 10
-            while time.monotonic() < deadline:
-                busy = [p for p in of_kind if _busy(cluster, p, store)]
-                if busy:
-                    break
+            busy: list[Proc] = []
+            while not busy and time.monotonic() < deadline:
+                busy = [p for p in up if p.name not in down and _busy(cluster, p, store)]
                 time.sleep(0.01)
+            of_kind = [p for p in up if p.name not in down]
             victim = rng.choice(busy or of_kind)
             time.sleep(rng.uniform(0.0, 0.05 if "listener" in victim.roles else 0.5))
             victim.kill()
+            cluster.in_flight_kills += bool(busy)
+            down.add(victim.name)
             late = "worker" in victim.roles and len(cluster.procs) > 1 and rng.random() < 0.5
-            time.sleep(LEASE + 2 if late else rng.uniform(0.0, 1.0))
-            victim.start()
+            delay = LEASE + 2 if late else rng.uniform(0.0, 1.0)
+            restarts.append(threading.Thread(target=restart, args=(victim, delay)))
+            restarts[-1].start()
     finally:
+        for thread in restarts:
+            thread.join(180)
         store.close()
 
 
@@ -262,6 +293,7 @@ def _check(
     assert {e["node"] for e in audit if e["event"] == "analysed"} <= workers
     return {
         "kills": sum(p.kills for p in cluster.procs),
+        "kills_in_flight": cluster.in_flight_kills,
         "instances": len(cluster.acked),
         "exams": len(studies),
         "versions": len(done),
@@ -271,12 +303,19 @@ def _check(
         "duplicated": duplicated,
         "claims": len(claims),
         "taken_over": sum(c.outcome in ("expired", "restart") for c in claims),
-        "resends": cluster.failed_sends,
+        "incomplete_sends": cluster.failed_sends,
     }
 
 
 def _config(
-    folder: Path, name: str, models: list[Path], pacs: StoreSCP, storage: dict, shared: Path
+    folder: Path,
+    name: str,
+    models: list[Path],
+    pacs: StoreSCP,
+    storage: dict,
+    shared: Path,
+    http_port: int | None = None,
+    **worker: object,
 ) -> Path:
     return write_config(
         folder / name,
@@ -294,8 +333,8 @@ def _config(
         storage={"spool": str(shared / "spool"), "lease_seconds": LEASE, **storage},
         node={"name": name},
         exams={"settle_seconds": 1, "quiet_seconds": 20, "max_wait_seconds": 120},
-        worker={"max_attempts": 20, "retry_delay_seconds": 1},
-        observability={"audit_log": str(shared / "audit.jsonl"), "http_port": None},
+        worker={"max_attempts": 20, "retry_delay_seconds": 1, **worker},
+        observability={"audit_log": str(shared / "audit.jsonl"), "http_port": http_port},
     )
 
 
@@ -327,7 +366,7 @@ def test_kill9_across_processes_loses_and_duplicates_nothing(
     else:
         storage = {"database": str(shared / "db.sqlite")}
         layout = [("all", "all", ("listener", "assembler", "worker", "dispatcher"))]
-        exams, kills = 3, 4
+        exams, kills = 3, 3
     cluster = Cluster(
         [
             Proc(name, kind, roles, _config(tmp_path, name, models, pacs, storage, shared))
@@ -354,4 +393,105 @@ def test_kill9_across_processes_loses_and_duplicates_nothing(
     finally:
         stop.set()
         cluster.stop()
+        pacs.stop()
+
+
+@pytest.mark.slow
+def test_worker_devices_run_as_supervised_processes(tmp_path: Path, models: list[Path]) -> None:
+    """`worker.devices` starts one worker process per device, named NODE.DEVICE; one that
+    dies is started again; SIGTERM to the parent drains the children too."""
+    shared = tmp_path / "shared"
+    pacs = StoreSCP.start(tmp_path / "pacs", ae_title="PACS")
+    storage = {"database": str(shared / "db.sqlite")}
+    config = _config(tmp_path, "gpu-host", models, pacs, storage, shared, devices=["cpu"])
+    service = Serve.start(config)
+    try:
+        wait_until(lambda: "workers on cpu" in service.log, 60, "the device workers", service)
+
+        def analysed(n: int) -> list[str]:
+            store = service.store()
+            try:
+                done = [c.owner for c in store.claims("job") if c.outcome == "done"]
+                return done if len(done) >= n else []
+            finally:
+                store.close()
+
+        def child_pid() -> int | None:
+            store = service.store()
+            try:
+                nodes = {n.claimant: n for n in store.nodes()}
+            finally:
+                store.close()
+            child = nodes.get("gpu-host.cpu")
+            return None if child is None or child.stopped_at else child.pid
+
+        storescu(exam_files(tmp_path / "a", 160), service.port)
+        assert wait_until(lambda: analysed(1), 120, "the first exam", service) == ["gpu-host.cpu"]
+        first = child_pid()
+        os.kill(first, signal.SIGKILL)
+        wait_until(lambda: child_pid() not in (None, first), 120, "the worker restarted", service)
+        storescu(exam_files(tmp_path / "b", 161), service.port)
+        owners = wait_until(lambda: analysed(2), 120, "the second exam", service)
+        assert owners == ["gpu-host.cpu", "gpu-host.cpu"]
+        second = child_pid()
+        assert service.stop() == 0
+        store = service.store()
+        try:
+            assert {n.claimant: n.roles for n in store.nodes()} == {
+                "gpu-host": "listener,assembler,dispatcher",
+                "gpu-host.cpu": "worker",
+            }
+            assert all(n.stopped_at for n in store.nodes())  # both drained
+        finally:
+            store.close()
+        with pytest.raises(ProcessLookupError):
+            os.kill(second, 0)
+    finally:
+        service.stop()
+        pacs.stop()
+
+
+def _health(port: int) -> dict:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as rsp:
+            return json.load(rsp)
+    except urllib.error.HTTPError as exc:  # 503 still carries the report
+        return json.load(exc)
+
+
+def test_one_assembler_is_active_and_a_standby_takes_over(
+    tmp_path: Path,
+    models: list[Path],
+    postgres: PostgresServer,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, postgres.password)
+    storage = {"database": postgres.create_database("assemblers"), "password_env": PASSWORD_ENV}
+    shared = tmp_path / "shared"
+    pacs = StoreSCP.start(tmp_path / "pacs", ae_title="PACS")
+    http = free_port()
+    first = Serve.start(
+        _config(tmp_path, "asm-1", models, pacs, storage, shared), roles=["assembler"]
+    )
+    second = None
+    try:
+        active = "this process is the active assembler"
+        wait_until(lambda: active in first.log, 30, "the first assembler", first)
+        config = _config(tmp_path, "asm-2", models, pacs, storage, shared, http_port=http)
+        second = Serve.start(config, roles=["assembler"])
+        wait_until(lambda: _health(http).get("assembler") == "standby", 30, "standby", second)
+        time.sleep(2 * LEASE / 4)  # it tried the lock again: still standby
+        health = _health(http)
+        assert (health["assembler"], health["ok"], health["roles"]) == (
+            "standby",
+            True,
+            ["assembler"],
+        )
+        first.kill()
+        wait_until(lambda: _health(http).get("assembler") == "active", 30, "takeover", second)
+        assert active in second.log
+    finally:
+        first.stop()
+        if second is not None:
+            second.stop()
         pacs.stop()
