@@ -54,7 +54,9 @@ class PostgresServer:
     @classmethod
     def start(cls) -> PostgresServer:
         bindir = require_postgres()
-        folder = Path(tempfile.mkdtemp(prefix="mammo-pg-"))
+        # Not tempfile's default folder: a listener in this process may have pointed it at
+        # its spool; and `nobody` must be able to reach the folder.
+        folder = Path(tempfile.mkdtemp(prefix="mammo-pg-", dir=os.environ.get("TMPDIR", "/tmp")))
         folder.chmod(0o755)
         password = os.urandom(12).hex()
         (folder / "pw").write_text(password)
