@@ -9,7 +9,8 @@ exactly one analysis and one result set; every result reached the PACS; and the 
 (written in the transactions it describes) shows no job or delivery held by two processes at
 once. The embedded default (SQLite, one process with every role) passes the same check.
 
-About 2-3 minutes on two busy cores (PostgreSQL variant), 1 minute for SQLite.
+Measured on two busy cores: PostgreSQL variant 137 s, SQLite 39 s, device workers 23 s,
+assembler takeover 14 s (the PostgreSQL server itself starts in about 3 s).
 """
 
 from __future__ import annotations
