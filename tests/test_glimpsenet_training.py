@@ -6,6 +6,7 @@ About 40 s on 2 shared cores."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -14,6 +15,7 @@ from safetensors.torch import load_file
 from models import read_card
 from plugin.cli import main as plugin_main
 from trainer.cli import main as trainer_main
+from trainer.glimpsenet.objectives import fcgn_loss, mil_loss
 from trainer.synth import write_dataset
 
 
@@ -85,3 +87,23 @@ def test_wrong_options_are_refused_with_what_to_do(site, tmp_path, capsys):
     args[args.index("glimpsenet-demo")] = "glimpsenet-huge"
     assert trainer_main(args) == 2
     assert "glimpsenet-paper, glimpsenet-demo" in capsys.readouterr().err
+
+
+def test_fcgn_loss_forms_by_hand():
+    raw = torch.tensor([[[[0.5, 0.0]]]])
+    target = torch.tensor([[[[1.0, 0.0]]]])
+    # printed: mean((Î − λI)²) = ((0.5 − 100)² + 0) / 2
+    assert fcgn_loss(raw, target, "printed", 100.0).item() == pytest.approx(99.5**2 / 2)
+    # weighted: a missed lesion pixel weighs λ, a background pixel 1
+    assert fcgn_loss(raw, target, "weighted", 100.0).item() == pytest.approx(100 * 0.25 / 2)
+    assert fcgn_loss(target, target, "weighted").item() == 0.0
+    with pytest.raises(ValueError, match="unknown FCGN loss"):
+        fcgn_loss(raw, target, "l1")
+
+
+def test_mil_loss_ignores_unknown_labels():
+    pooled = torch.tensor([[0.1, 0.5, 0.9]])
+    targets = torch.tensor([[0.0, 1.0, 1.0]])
+    known = torch.tensor([[1.0, 0.0, 1.0]])  # benign label not given
+    want = -(math.log(0.9) + math.log(0.9)) / 2
+    assert mil_loss(pooled, targets, known).item() == pytest.approx(want, rel=1e-5)
