@@ -1,7 +1,8 @@
 """`trainer finetune --arch glimpsenet-demo` end to end on 12 small synthetic exams: both
 stages lower their loss, the model file says what it is (`plugin models info`), a finished run
-resumes from its checkpoint to the same weights, and wrong options get specific errors.
-About 40 s on 2 shared cores."""
+resumes from its checkpoint to the same weights, `trainer evaluate` scores it, and wrong
+options get specific errors.
+About 40 s on 2 idle cores, 100 s on busy ones."""
 
 from __future__ import annotations
 
@@ -107,3 +108,10 @@ def test_mil_loss_ignores_unknown_labels():
     known = torch.tensor([[1.0, 0.0, 1.0]])  # benign label not given
     want = -(math.log(0.9) + math.log(0.9)) / 2
     assert mil_loss(pooled, targets, known).item() == pytest.approx(want, rel=1e-5)
+
+
+def test_trainer_evaluate_scores_a_glimpsenet(site, trained, capsys):
+    args = ["evaluate", "--model", str(trained), "--site-data", str(site), "--n-boot", "20"]
+    assert trainer_main(args) == 0
+    out = capsys.readouterr().out
+    assert "demo-glimpsenet" in out and "image" in out
