@@ -201,7 +201,7 @@ def test_evaluate_reports_cis_plots_and_writes_an_operating_point(
     )
     assert code == 0
     result = json.loads(report_json.read_text())
-    assert set(result) == {"image", "breast", "exam"}
+    assert set(result) == {"image", "breast", "exam", "localisation"}
     assert [result[k]["n"] for k in ("image", "breast", "exam")] == [96, 48, 24]
 
     with (out_dir / "scores.csv").open() as f:

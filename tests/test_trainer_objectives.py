@@ -48,12 +48,12 @@ def test_gmic_loss_is_bce_on_three_heads_plus_beta_l1_of_the_saliency():
 
 
 def test_allconv_schedule_is_top_layers_then_all_at_a_tenth():
-    stages = objectives.plan_stages("allconv", 10, 1e-4, None, from_scratch=False)
+    stages = objectives.plan_stages("allconv", 10, 1e-4, None, staged=True)
     assert [(s.name, s.epochs) for s in stages] == [("top", 3), ("all", 7)]
     assert stages[1].lr == pytest.approx(1e-5)
-    assert objectives.plan_stages("allconv", 10, 1e-3, None, from_scratch=True)[0].name == "all"
+    assert objectives.plan_stages("allconv", 10, 1e-3, None, staged=False)[0].name == "all"
     with pytest.raises(ValueError, match="all-conv models only"):
-        objectives.plan_stages("gmic", 10, 1e-5, 2, from_scratch=False)
+        objectives.plan_stages("gmic", 10, 1e-5, 2, staged=True)
 
 
 def test_augmentation_is_seeded_and_keeps_the_background():

@@ -1,9 +1,14 @@
-"""Scoring site images with one model file and reporting AUC per image, breast and exam.
+"""Scoring site images and reporting AUC per image, breast and exam, honestly.
 
-Scores are the family's malignancy probability for each image, without test-time flips (the
-model as trained). Aggregation follows the ensemble (DESIGN §3): a breast's score is the mean
-of its images, an exam's the max over its breasts; a breast or exam is malignant when any of its
-images is.
+One model file is scored as trained: the family's malignancy probability per image, without
+test-time flips, from the same cached inputs `trainer finetune` validates on. Several members,
+or flips, are scored as the service scores them (`models.ensemble`), which also gives the maps
+on the source grid for the localisation figure. Aggregation follows the ensemble (DESIGN §3): a
+breast's score is the mean of its images, an exam's the max over its breasts; a breast or exam
+is malignant when any of its images is.
+
+A figure that cannot bear weight says so: every level report carries warnings for too few
+cases of a class, scores that are all equal, or a bootstrap interval that collapsed to a point.
 """
 
 from __future__ import annotations
@@ -19,17 +24,22 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
+from models.ensemble import Ensemble, EnsembleSpec
 from models.family import ModelFamily
+from models.reading import read_mammogram_file
 
 from . import metrics, plots
+from .localisation import LocalisationReport, PeakDistance, peak_distance
 from .prepare import InputCache
+from .progress import progress as progress_bar
 from .sitedata import SiteImage
 
 LEVELS = ("image", "breast", "exam")
 TABLE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TABLE_SENSITIVITIES = (0.8, 0.85, 0.9, 0.95)
+MIN_CLASS_CASES = 10
+"""Below this many malignant or non-malignant cases an AUC and its interval are anecdotes."""
 
 
 def autocast(device: torch.device, precision: str):
@@ -55,12 +65,33 @@ def score_images(
     module.eval()
     out = []
     starts = range(0, len(images), batch_size)
-    for start in tqdm(starts, desc="score", unit="batch", disable=not progress, leave=False):
+    for start in progress_bar(starts, "score", "batch", enabled=progress):
         x = cache.batch(images[start : start + batch_size]).to(device)
         with autocast(device, precision):
             result = module(x)
         out.append(family.score_maps(result).malignant.float().cpu())
     return torch.cat(out).numpy().astype(np.float64) if out else np.zeros(0)
+
+
+def ensemble_scores(
+    spec: EnsembleSpec, images: Sequence[SiteImage], progress: bool = False
+) -> tuple[np.ndarray, list[PeakDistance]]:
+    """Score each image as the service does (members, flips, maps on the source grid) and
+    measure, for each malignant image with a lesion mask, how far its map's peak lies from the
+    lesion. Scores are in `images` order. An image's score and map do not depend on the other
+    views of its exam, so images are scored one at a time (bounded memory)."""
+    ensemble = Ensemble(spec)
+    scores = np.zeros(len(images))
+    distances = []
+    for i, im in enumerate(progress_bar(images, "score", "img", enabled=progress)):
+        mammogram = read_mammogram_file(im.path)
+        prediction = ensemble.predict_exam([mammogram]).images[0]
+        scores[i] = prediction.malignant
+        if im.malignant and im.malignant_mask is not None:
+            distances.append(
+                peak_distance(im, prediction.malignant_map, mammogram.pixel_spacing_mm)
+            )
+    return scores, distances
 
 
 @dataclass(frozen=True)
@@ -108,6 +139,7 @@ class LevelReport:
     auc: float | None
     ci95: tuple[float, float] | None
     note: str = ""
+    warnings: tuple[str, ...] = ()
 
     def to_json(self) -> dict:
         return {
@@ -116,10 +148,37 @@ class LevelReport:
             "n": self.n,
             "positives": self.positives,
             **({"note": self.note} if self.note else {}),
+            **({"warnings": list(self.warnings)} if self.warnings else {}),
         }
 
 
-def level_report(level: str, cases: list[Case], n_boot: int = 2000, seed: int = 0) -> LevelReport:
+def _warnings(
+    level: str, labels: np.ndarray, scores: np.ndarray, ci: tuple[float, float] | None
+) -> tuple[str, ...]:
+    found = []
+    positives = int(labels.sum())
+    for count, kind in ((positives, "malignant"), (labels.size - positives, "non-malignant")):
+        if count < MIN_CLASS_CASES:
+            found.append(
+                f"{level}: only {count} {kind} case(s) (fewer than {MIN_CLASS_CASES}); the AUC "
+                "and its interval rest on too few cases to trust: evaluate on more data"
+            )
+    if scores.size and np.all(scores == scores[0]):
+        found.append(
+            f"{level}: every score is {scores[0]:.6g}; the model does not rank these cases at "
+            "all (wrong model file, preprocessing or data?)"
+        )
+    if ci is not None and ci[0] == ci[1]:
+        found.append(
+            f"{level}: the 95% CI collapsed to {ci[0]:.3f}; every resample gave the same AUC, "
+            "which shows too few or tied cases, not certainty"
+        )
+    return tuple(found)
+
+
+def level_report(
+    level: str, cases: list[Case], n_boot: int = metrics.DEFAULT_N_BOOT
+) -> LevelReport:
     labels = np.array([c.label for c in cases], dtype=np.int64)
     scores = np.array([c.score for c in cases])
     positives = int(labels.sum())
@@ -131,17 +190,20 @@ def level_report(level: str, cases: list[Case], n_boot: int = 2000, seed: int = 
             None,
             None,
             "AUC undefined: every case has the same label",
+            _warnings(level, labels, scores, None),
         )
     auc = metrics.roc_auc(labels, scores)
-    ci = metrics.bootstrap_auc_ci(labels, scores, n_boot=n_boot, seed=seed)
-    return LevelReport(level, len(cases), positives, auc, ci)
+    ci = metrics.bootstrap_auc_ci(labels, scores, n_boot=n_boot)
+    return LevelReport(
+        level, len(cases), positives, auc, ci, "", _warnings(level, labels, scores, ci)
+    )
 
 
 def report(
-    images: Sequence[SiteImage], scores: np.ndarray, n_boot: int = 2000, seed: int = 0
+    images: Sequence[SiteImage], scores: np.ndarray, n_boot: int = metrics.DEFAULT_N_BOOT
 ) -> dict[str, LevelReport]:
     cases = aggregate(images, scores)
-    return {level: level_report(level, cases[level], n_boot, seed) for level in LEVELS}
+    return {level: level_report(level, cases[level], n_boot) for level in LEVELS}
 
 
 def reports_to_json(reports: dict[str, LevelReport]) -> dict[str, dict]:
@@ -154,8 +216,13 @@ def write_outputs(
     scores: np.ndarray,
     reports: dict[str, LevelReport],
     title: str,
+    threshold: float | None = None,
+    localisation: LocalisationReport | None = None,
 ) -> list[Path]:
-    """ROC and calibration PNGs, the sens/spec table, per-image scores and metrics.json."""
+    """ROC and calibration PNGs, the sens/spec table, per-image scores and metrics.json.
+
+    The ROC legend gives each level's n; the image-level curve gets its bootstrap band and,
+    with `threshold` (the model's image-level operating point), that point marked."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = aggregate(images, scores)
     written = []
@@ -166,9 +233,18 @@ def write_outputs(
         labels = np.array([c.label for c in cases[level]])
         s = np.array([c.score for c in cases[level]])
         fpr, tpr, _ = metrics.roc_curve(labels, s)
-        curves[f"{level} AUC {reports[level].auc:.3f}"] = (fpr, tpr)
+        r = reports[level]
+        curves[f"{level} AUC {r.auc:.3f}, n={r.n} ({r.positives} malignant)"] = (fpr, tpr)
     if curves:
-        written.append(plots.roc_png(out_dir / "roc.png", curves, title))
+        band = point = None
+        if reports["image"].auc is not None:
+            labels = np.array([c.label for c in cases["image"]])
+            s = np.array([c.score for c in cases["image"]])
+            band = metrics.bootstrap_roc_band(labels, s)
+            if threshold is not None:
+                p = metrics.at_threshold(labels, s, threshold)
+                point = (1 - p.specificity, p.sensitivity, f"operating point {threshold:.3g}")
+        written.append(plots.roc_png(out_dir / "roc.png", curves, title, band, point))
     image_labels = np.array([c.label for c in cases["image"]])
     image_scores = np.array([c.score for c in cases["image"]])
     bins = metrics.calibration_bins(image_labels, image_scores)
@@ -225,6 +301,7 @@ def write_outputs(
     calibration = [asdict(b) for b in bins]
     payload = {
         **reports_to_json(reports),
+        **({"localisation": localisation.to_json()} if localisation else {}),
         "calibration": {
             "bins": calibration,
             "expected_calibration_error": metrics.expected_calibration_error(bins),

@@ -21,7 +21,7 @@ import os
 import platform
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,6 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 import trainer
 from models.ensemble import resolve_device
@@ -45,9 +44,10 @@ from .evaluate import (
     reports_to_json,
     score_images,
 )
-from .metrics import roc_auc
+from .metrics import DEFAULT_N_BOOT, roc_auc
 from .patch_head import patch_head
 from .prepare import InputCache, mask_grid
+from .progress import progress as progress_bar
 from .sitedata import SiteData, SiteDataError, SiteImage, load_site_data
 from .split import Split, split_site_data
 
@@ -70,8 +70,15 @@ class FinetuneOptions:
     base: Path | None = None
     arch: str | None = None
     """"FAMILY-PRESET" (e.g. gmic-demo, allconv-resnet50) to train from scratch."""
-    epochs: int = 20
-    batch_size: int = 4
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    """From scratch: entries that replace the preset's default preprocessing (e.g. GMIC's
+    `scale: "fit"`, which fills the input window with the breast whatever the image size)."""
+    recipe: str | None = None
+    """A name in `objectives.RECIPES`; default "adapt" with a base model, "scratch" with an
+    architecture. It supplies epochs, batch size, augmentation, learning rate and stages for
+    whatever is left None here."""
+    epochs: int | None = None
+    batch_size: int | None = None
     accumulate: int = 1
     lr: float | None = None
     weight_decay: float | None = None
@@ -82,7 +89,7 @@ class FinetuneOptions:
     bn_momentum: float = 0.1
     """BatchNorm running-statistics momentum while training (PyTorch convention)."""
     patience: int = 5
-    augment: str = "full"
+    augment: str | None = None
     """"full" (flips, rotation, zoom, intensity), "flips" or "none"; see `trainer.augment`."""
     seed: int = 0
     device: str = "auto"
@@ -95,11 +102,14 @@ class FinetuneOptions:
     name: str | None = None
     version: str | None = None
     intended_use: str | None = None
-    n_boot: int = 1000
+    n_boot: int = DEFAULT_N_BOOT
     overwrite: bool = False
 
     def training_key(self) -> str:
-        """Hash of everything that shapes the weights; a checkpoint only resumes under it."""
+        """Hash of everything that shapes the weights; a checkpoint only resumes under it.
+
+        The run's length is left out: `--resume` with another `--epochs` or `--patience`
+        extends a run, or ends it now and writes the best epoch so far."""
         keep = {
             k: str(v)
             for k, v in asdict(self).items()
@@ -115,6 +125,8 @@ class FinetuneOptions:
                 "version",
                 "intended_use",
                 "out",
+                "epochs",
+                "patience",
             }
         }
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()
@@ -148,12 +160,41 @@ def parse_arch(text: str) -> tuple[str, str, dict[str, Any]]:
     return family, preset, copy.deepcopy(presets[preset])
 
 
+def _preprocessing(
+    family_name: str, architecture: dict[str, Any], overrides: dict[str, Any]
+) -> dict[str, Any]:
+    """The preset's default preprocessing with `overrides` applied; an unknown key fails here,
+    a bad value when the family reads the spec (the first image preprocessed)."""
+    spec = get_family(family_name).default_preprocessing(architecture)
+    unknown = sorted(set(overrides) - set(spec))
+    if unknown:
+        raise FinetuneError(
+            f"--preprocessing: unknown key(s) {unknown} for {family_name}; known: {sorted(spec)}"
+        )
+    return {**spec, **overrides}
+
+
 def sha256_file(path: Path) -> str:
     h = hashlib.sha256()
     with path.open("rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()
+
+
+def with_recipe(options: FinetuneOptions) -> FinetuneOptions:
+    """`options` with the recipe named and every setting it leaves open filled from it."""
+    name = options.recipe or ("adapt" if options.base is not None else "scratch")
+    if name not in objectives.RECIPES:
+        raise FinetuneError(f"unknown recipe {name!r}; known: {', '.join(objectives.RECIPES)}")
+    recipe = objectives.RECIPES[name]
+    return replace(
+        options,
+        recipe=name,
+        epochs=options.epochs if options.epochs is not None else recipe.epochs,
+        batch_size=options.batch_size if options.batch_size is not None else recipe.batch_size,
+        augment=options.augment if options.augment is not None else recipe.augment,
+    )
 
 
 def _precision(device: torch.device, precision: str) -> str:
@@ -254,7 +295,7 @@ def finetune(
     """
     torch.set_flush_denormal(True)
     try:
-        return _finetune(options, on_epoch_end)
+        return _finetune(with_recipe(options), on_epoch_end)
     finally:
         torch.set_flush_denormal(False)
 
@@ -266,6 +307,11 @@ def _finetune(
     o = options
     if (o.base is None) == (o.arch is None):
         raise FinetuneError("give exactly one of --base MODEL.safetensors or --arch FAMILY-PRESET")
+    if o.base is not None and o.preprocessing:
+        raise FinetuneError(
+            "--preprocessing applies to --arch (from scratch) only: a base model keeps the "
+            "preprocessing it was trained with"
+        )
     if o.epochs < 1 or o.batch_size < 1 or o.accumulate < 1:
         raise FinetuneError("--epochs, --batch-size and --accumulate must be at least 1")
     out = Path(o.out)
@@ -307,18 +353,17 @@ def _finetune(
         base_card = None
         family_name, preset, architecture = parse_arch(str(o.arch))
         module = get_family(family_name).build(architecture)
-        spec = get_family(family_name).default_preprocessing(architecture)
+        spec = _preprocessing(family_name, architecture, o.preprocessing)
         base_info = {"from_scratch": f"{family_name}-{preset}", "init_seed": o.seed}
     family = get_family(family_name)
     from_scratch = base_card is None
     defaults = objectives.DEFAULTS[family_name]
-    lr = (
-        o.lr
-        if o.lr is not None
-        else (defaults.lr_scratch if from_scratch else defaults.lr_finetune)
-    )
+    recipe = objectives.RECIPES[str(o.recipe)]
+    lr = o.lr if o.lr is not None else recipe.lr[family_name]
     weight_decay = o.weight_decay if o.weight_decay is not None else defaults.weight_decay
-    stages = objectives.plan_stages(family_name, o.epochs, lr, o.top_epochs, from_scratch)
+    stages = objectives.plan_stages(
+        family_name, o.epochs, lr, o.top_epochs, recipe.staged and not from_scratch
+    )
     device = resolve_device(o.device)
     precision = _precision(device, o.precision)
     module.to(device)
@@ -338,7 +383,7 @@ def _finetune(
     base_test = None
     if base_card is not None:
         base_scores = score_images(module, family, cache, test, device, o.batch_size, precision)
-        base_test = report(test, base_scores, n_boot=o.n_boot, seed=o.seed)
+        base_test = report(test, base_scores, n_boot=o.n_boot)
 
     # Training state, fresh or from the checkpoint.
     history: list[dict[str, Any]] = []
@@ -406,12 +451,8 @@ def _finetune(
         batches = [order[i : i + o.batch_size] for i in range(0, len(order), o.batch_size)]
         total_loss = 0.0
         optimizer.zero_grad(set_to_none=True)
-        bar = tqdm(
-            batches,
-            desc=f"epoch {epoch + 1}/{o.epochs} ({stage.name})",
-            unit="batch",
-            disable=not o.progress,
-            leave=False,
+        bar = progress_bar(
+            batches, f"epoch {epoch + 1}/{o.epochs} ({stage.name})", "batch", o.progress
         )
         for step, idx in enumerate(bar):
             x = cache.batch([train[i] for i in idx])
@@ -453,11 +494,12 @@ def _finetune(
             "seconds": round(time.monotonic() - epoch_started, 2),
         }
         history.append(row)
-        tqdm.write(
+        print(
             f"epoch {epoch + 1}/{o.epochs} ({stage.name}): loss {row['train_loss']:.4f}  "
             f"val AUC {val_auc:.3f}  {row['seconds']:.0f} s"
             + ("  (best)" if best_epoch == epoch else "")
-            + ("  early stop" if stopped else "")
+            + ("  early stop" if stopped else ""),
+            flush=True,
         )
         checkpoint.save(
             {
@@ -484,7 +526,7 @@ def _finetune(
     for p in module.parameters():
         p.requires_grad_(True)
     test_scores = score_images(module, family, cache, test, device, o.batch_size, precision)
-    test_report = report(test, test_scores, n_boot=o.n_boot, seed=o.seed)
+    test_report = report(test, test_scores, n_boot=o.n_boot)
 
     card = _card(
         o,
@@ -565,6 +607,7 @@ def _card(
             "split": {"source": split.source, "seed": o.seed, "counts": split.counts(data)},
         },
         "training": {
+            "recipe": o.recipe,
             "stages": [asdict(s) for s in stages],
             "epochs_run": len(history),
             "history": history,

@@ -13,6 +13,11 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.stats import rankdata
 
+DEFAULT_N_BOOT = 2000
+BOOTSTRAP_SEED = 0
+"""`trainer finetune` and `trainer evaluate` draw the same resamples, so the same model on the
+same split reports the same interval in both (and in the model card)."""
+
 
 class MetricError(ValueError):
     """Labels or scores that a metric cannot be computed on."""
@@ -59,8 +64,8 @@ def bootstrap_indices(n: int, n_boot: int, seed: int) -> np.ndarray:
 def bootstrap_auc_ci(
     labels: np.ndarray,
     scores: np.ndarray,
-    n_boot: int = 2000,
-    seed: int = 0,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = BOOTSTRAP_SEED,
     level: float = 0.95,
 ) -> tuple[float, float]:
     """Percentile bootstrap interval of the AUC, resampling cases; resamples that miss a
@@ -82,6 +87,30 @@ def bootstrap_auc_ci(
     alpha = (1.0 - level) / 2.0
     lo, hi = np.quantile(np.asarray(aucs), [alpha, 1.0 - alpha])
     return float(lo), float(hi)
+
+
+def bootstrap_roc_band(
+    labels: np.ndarray,
+    scores: np.ndarray,
+    n_boot: int = DEFAULT_N_BOOT,
+    seed: int = BOOTSTRAP_SEED,
+    points: int = 101,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(fpr grid, lower, upper) pointwise 95% band of the ROC curve's sensitivity, from the
+    same resamples as `bootstrap_auc_ci`."""
+    labels, scores = _check(labels, scores)
+    grid = np.linspace(0.0, 1.0, points)
+    curves = []
+    for idx in bootstrap_indices(labels.size, n_boot, seed):
+        y = labels[idx]
+        if y.sum() == 0 or y.sum() == y.size:
+            continue
+        fpr, tpr, _ = roc_curve(y, scores[idx])
+        curves.append(np.interp(grid, fpr, tpr))
+    if not curves:
+        return grid, np.zeros(points), np.ones(points)
+    lo, hi = np.quantile(np.stack(curves), [0.025, 0.975], axis=0)
+    return grid, lo, hi
 
 
 def roc_curve(labels: np.ndarray, scores: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -55,14 +55,34 @@ class _Frame:
         return path
 
 
-def roc_png(path: Path, curves: dict[str, tuple[np.ndarray, np.ndarray]], title: str) -> Path:
-    """One ROC curve per entry: label → (fpr, tpr)."""
+def roc_png(
+    path: Path,
+    curves: dict[str, tuple[np.ndarray, np.ndarray]],
+    title: str,
+    band: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    point: tuple[float, float, str] | None = None,
+) -> Path:
+    """One ROC curve per entry: label → (fpr, tpr). `band` (fpr grid, lower tpr, upper tpr)
+    shades the first curve's 95% bootstrap band; `point` (fpr, tpr, label) marks the operating
+    point."""
     frame = _Frame(f"ROC - {title}", "1 - specificity", "sensitivity")
     legend = []
+    if band is not None:
+        grid, lo, hi = band
+        shade = tuple(int(255 - 0.25 * (255 - c)) for c in COLOURS[0])
+        outline = [frame.xy(float(x), float(y)) for x, y in zip(grid, hi, strict=True)]
+        outline += [frame.xy(float(x), float(y)) for x, y in zip(grid[::-1], lo[::-1], strict=True)]
+        frame.draw.polygon(outline, fill=shade)
+        frame.draw.line([frame.xy(0, 0), frame.xy(1, 1)], fill=(160, 160, 160), width=1)
+        legend.append(("95% CI band (bootstrap)", shade))
     for (label, (fpr, tpr)), colour in zip(curves.items(), COLOURS, strict=False):
         points = [frame.xy(float(x), float(y)) for x, y in zip(fpr, tpr, strict=True)]
         frame.draw.line(points, fill=colour, width=2)
-        legend.append((label, colour))
+        legend.insert(len(legend) - (band is not None), (label, colour))
+    if point is not None:
+        x, y = frame.xy(point[0], point[1])
+        frame.draw.ellipse([x - 6, y - 6, x + 6, y + 6], outline="black", width=2)
+        legend.append((point[2], (0, 0, 0)))
     frame.legend(legend)
     return frame.save(path)
 

@@ -22,11 +22,11 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from tqdm import tqdm
 
 from models.family import ModelFamily, Prepared
 from models.reading import read_mammogram_file
 
+from .progress import progress as progress_bar
 from .sitedata import MaskFileError, SiteImage
 
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
@@ -59,7 +59,7 @@ class InputCache:
         """Preprocess every image not yet cached (with a progress bar), and with `masks` its
         lesion masks too."""
         todo = [im for im in images if not self._cached(im, masks)]
-        for im in tqdm(todo, desc="preprocess", unit="img", disable=not progress or not todo):
+        for im in progress_bar(todo, "preprocess", "img", enabled=progress and bool(todo)):
             if masks:
                 self.masks(im)
             self.get(im)

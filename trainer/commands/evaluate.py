@@ -8,18 +8,20 @@ from pathlib import Path
 
 import numpy as np
 
-from models.ensemble import resolve_device
+from models.ensemble import FLIPS, EnsembleSpec, MemberSpec, resolve_device
 from models.family import get_family
 from models.modelfile import load_model, read_card
 
 from ..evaluate import (
     LEVELS,
     aggregate,
+    ensemble_scores,
     report,
     reports_to_json,
     score_images,
     write_outputs,
 )
+from ..localisation import DEFAULT_WITHIN_MM, localisation_report
 from ..metrics import at_threshold
 from ..operating import Criterion, write_operating_point
 from ..prepare import InputCache
@@ -36,7 +38,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "bootstrap 95%% confidence intervals per image, breast (mean of its views) and exam "
         "(max over breasts). The split is recomputed exactly as `trainer finetune` made it.",
     )
-    p.add_argument("--model", type=Path, required=True, help="model file (.safetensors)")
+    p.add_argument(
+        "--model",
+        type=_member,
+        action="append",
+        required=True,
+        metavar="FILE[:FLIPS]",
+        help="model file (.safetensors), with optional test-time flips (none,hflip,vflip,"
+        "hvflip); repeat for an ensemble, scored as the service scores it (e.g. config.yml's "
+        "members). One file without flips is scored as `trainer finetune` scores it",
+    )
     p.add_argument("--site-data", type=Path, required=True, help="DICOM folder with labels.csv")
     p.add_argument(
         "--split",
@@ -71,6 +82,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         choices=LEVELS,
         help="which scores the operating point applies to (default image)",
     )
+    p.add_argument(
+        "--allow-test-split",
+        action="store_true",
+        help="let --set-operating-point choose a threshold on the test split (which then no "
+        "longer measures the model honestly); choose it on the validation split instead",
+    )
+    p.add_argument(
+        "--within-mm",
+        type=float,
+        default=DEFAULT_WITHIN_MM,
+        help="localisation: a malignant image counts as found when its map's peak on the "
+        f"source grid lies within this many mm of its lesion mask (default {DEFAULT_WITHIN_MM:g})",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--n-boot", type=int, default=2000, help="bootstrap resamples for the CIs")
@@ -92,27 +116,62 @@ def _split_seed(card_provenance: dict, fingerprint: str, given: int | None) -> i
     return 0
 
 
+def _member(text: str) -> MemberSpec:
+    path, _, flips = text.partition(":")
+    names = tuple(f.strip() for f in flips.split(",") if f.strip()) or ("none",)
+    unknown = [f for f in names if f not in FLIPS]
+    if unknown:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: unknown flip(s) {unknown}; use {', '.join(FLIPS)}"
+        )
+    return MemberSpec(Path(path), names)
+
+
 def run(args: argparse.Namespace) -> int:
-    card = read_card(args.model)
-    family = get_family(card.family)
+    members: list[MemberSpec] = args.model
+    single = len(members) == 1 and members[0].flips == ("none",)
+    if args.set_operating_point is not None:
+        if len(members) > 1:
+            raise ValueError(
+                "--set-operating-point writes into one model file; evaluate that model alone"
+            )
+        if args.split == "test" and not args.allow_test_split:
+            raise ValueError(
+                "--set-operating-point on the test split would tune the threshold on the data "
+                "that is meant to measure it; choose it on the validation split (--split val), "
+                "or pass --allow-test-split if this test set is never used to report results"
+            )
+    cards = [read_card(m.path) for m in members]
+    card = cards[0]
     data = load_site_data(args.site_data)
     seed = _split_seed(card.provenance, data.fingerprint(), args.seed)
     split = split_site_data(data, seed=seed)
     images = split.images(data, args.split)
     if not images:
         raise ValueError(f"the {args.split} split is empty; use --split all or another split")
-    device = resolve_device(args.device)
-    module = load_model(args.model, device=device)
-    cache = InputCache(family, card.preprocessing, args.cache_dir)
-    cache.prepare(images, progress=not args.no_progress)
-    scores = score_images(
-        module, family, cache, images, device, args.batch_size, progress=not args.no_progress
-    )
-    reports = report(images, scores, n_boot=args.n_boot, seed=seed)
+    progress = not args.no_progress
+    spec = EnsembleSpec(tuple(members), device=args.device, max_batch=args.batch_size)
+    if single:
+        family = get_family(card.family)
+        device = resolve_device(args.device)
+        module = load_model(members[0].path, device=device)
+        cache = InputCache(family, card.preprocessing, args.cache_dir)
+        cache.prepare(images, progress=progress)
+        scores = score_images(
+            module, family, cache, images, device, args.batch_size, progress=progress
+        )
+        lesions = [im for im in images if im.malignant and im.malignant_mask is not None]
+        _, distances = ensemble_scores(spec, lesions, progress) if lesions else (None, [])
+    else:
+        scores, distances = ensemble_scores(spec, images, progress)
+    reports = report(images, scores, n_boot=args.n_boot)
+    located = localisation_report(distances, args.within_mm)
 
-    print(
-        f"{card.name} {card.version} on {args.split} split ({split.source}): {len(images)} images"
+    title = " + ".join(
+        f"{c.name} {c.version}" + ("" if m.flips == ("none",) else f" [{','.join(m.flips)}]")
+        for c, m in zip(cards, members, strict=True)
     )
+    print(f"{title} on {args.split} split ({split.source}): {len(images)} images")
     for level, r in reports.items():
         if r.auc is None:
             print(f"  {level:6s} n={r.n:5d}  {r.note}")
@@ -121,10 +180,19 @@ def run(args: argparse.Namespace) -> int:
                 f"  {level:6s} n={r.n:5d} ({r.positives} malignant)  AUC {r.auc:.3f} "
                 f"[95% CI {r.ci95[0]:.3f}-{r.ci95[1]:.3f}]"
             )
+    print(f"  {located.line()}")
+    for r in reports.values():
+        for warning in r.warnings:
+            print(f"  warning: {warning}")
+    operating = card.operating_points.get("default") if single else None
     if args.json:
-        args.json.write_text(json.dumps(reports_to_json(reports), indent=2) + "\n")
+        payload = {**reports_to_json(reports), "localisation": located.to_json()}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
     if args.out:
-        for path in write_outputs(args.out, images, scores, reports, f"{card.name} {args.split}"):
+        written = write_outputs(
+            args.out, images, scores, reports, f"{title} {args.split}", operating, located
+        )
+        for path in written:
             print(f"  wrote {path}")
     if args.set_operating_point is not None:
         level = args.operating_point_level
@@ -139,7 +207,7 @@ def run(args: argparse.Namespace) -> int:
         threshold = criterion.threshold(labels, level_scores)
         achieved = at_threshold(labels, level_scores, threshold)
         write_operating_point(
-            args.model,
+            members[0].path,
             threshold,
             {
                 "criterion": str(criterion),
@@ -155,6 +223,6 @@ def run(args: argparse.Namespace) -> int:
         print(
             f"  operating point ({criterion}, {level} level): threshold {threshold:.4f}, "
             f"sensitivity {achieved.sensitivity:.3f}, specificity {achieved.specificity:.3f}; "
-            f"written to {args.model}"
+            f"written to {members[0].path}"
         )
     return 0

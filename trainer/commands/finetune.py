@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from .. import objectives
 from ..finetune import FinetuneOptions, finetune
 from ..glimpsenet import cli as glimpsenet_cli
+from ..metrics import DEFAULT_N_BOOT
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -28,8 +30,28 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "allconv-demo, allconv-resnet50, allconv-vgg16, allconv-vgg16_hybrid",
     )
     p.add_argument("--out", type=Path, required=True, help="new model file (.safetensors)")
-    p.add_argument("--epochs", type=int, default=20)
-    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument(
+        "--preprocessing",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        type=_key_value,
+        help="with --arch: replace one entry of the preset's preprocessing, e.g. scale=fit "
+        "for GMIC (the breast fills the input window whatever the image size); repeatable",
+    )
+    p.add_argument(
+        "--recipe",
+        choices=list(objectives.RECIPES),
+        help="training schedule that supplies the defaults below; "
+        + "; ".join(
+            f"{r.name}: {r.summary} ({r.epochs} epochs, batch {r.batch_size}, augment "
+            f"{r.augment}, lr all-conv {r.lr['allconv']:g} / GMIC {r.lr['gmic']:g})"
+            for r in objectives.RECIPES.values()
+        )
+        + ". Default: adapt with --base, scratch with --arch",
+    )
+    p.add_argument("--epochs", type=int, help="default: the recipe's")
+    p.add_argument("--batch-size", type=int, help="default: the recipe's")
     p.add_argument(
         "--accumulate",
         type=int,
@@ -39,15 +61,15 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--lr",
         type=float,
-        help="learning rate (default: gmic 1e-5, allconv 1e-4 when fine-tuning; "
-        "1e-3 from scratch); all-conv's all-layers stage uses a tenth of it",
+        help="learning rate (default: the recipe's); after a top-layers stage, all-conv's "
+        "all-layers stage uses a tenth of it",
     )
     p.add_argument("--weight-decay", type=float, help="Adam weight decay (gmic 1e-5, allconv 1e-4)")
     p.add_argument(
         "--top-epochs",
         type=int,
         help="all-conv: epochs training only the top layers before all layers "
-        "(default 30%% of --epochs when fine-tuning, 0 from scratch)",
+        "(default 0; 30%% of --epochs with --recipe paper when fine-tuning)",
     )
     p.add_argument(
         "--beta",
@@ -77,10 +99,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument(
         "--augment",
-        default="full",
         choices=["full", "flips", "none"],
-        help="full: flips, rotation ±25°, zoom 0.8-1.2, intensity shift (default); flips: "
-        "mirror images only; none",
+        help="full: flips, rotation ±25°, zoom 0.8-1.2, intensity shift; flips: mirror "
+        "images only; none (default: the recipe's)",
     )
     p.add_argument("--seed", type=int, default=0, help="split, initialisation and sampling seed")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
@@ -96,7 +117,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--name", help="model name in the card")
     p.add_argument("--version", help="model version in the card (default date-datahash)")
     p.add_argument("--intended-use", help="intended-use statement for the card")
-    p.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples for test CIs")
+    p.add_argument(
+        "--n-boot",
+        type=int,
+        default=DEFAULT_N_BOOT,
+        help=f"bootstrap resamples for test CIs (default {DEFAULT_N_BOOT}, as `trainer evaluate`)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     glimpsenet_cli.add_arguments(p)
     p.set_defaults(func=run)
@@ -110,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         out=args.out,
         base=args.base,
         arch=args.arch,
+        preprocessing=dict(args.preprocessing),
+        recipe=args.recipe,
         epochs=args.epochs,
         batch_size=args.batch_size,
         accumulate=args.accumulate,
@@ -150,3 +178,14 @@ def run(args: argparse.Namespace) -> int:
         else:
             print(f"  test {level:6s} n={r.n}: {r.note}")
     return 0
+
+
+def _key_value(text: str) -> tuple[str, object]:
+    """KEY=VALUE with VALUE read as JSON where it parses (numbers, lists), else as text."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value

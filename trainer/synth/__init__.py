@@ -23,10 +23,10 @@ import numpy as np
 from PIL import Image
 from pydicom import Dataset
 from pydicom.uid import generate_uid
-from tqdm import tqdm
 
 from models.mammogram import Laterality, View
 
+from ..progress import progress as progress_bar
 from .dicom import SYNTAXES, Identity, encode, mammogram_dataset
 from .look import LOOKS, DetectorLook, get_look
 from .phantom import Breast, Lesion, LesionType, quantize, random_breast, random_lesion, render_view
@@ -260,7 +260,7 @@ def write_dataset(
         writer = csv.DictWriter(fh, fieldnames=LABEL_COLUMNS)
         writer.writeheader()
         image_index = 0
-        for i in tqdm(range(n_exams), desc="synth", unit="exam", disable=not progress):
+        for i in progress_bar(range(n_exams), "synth", "exam", enabled=progress):
             exam = synth_exam(
                 np.random.default_rng([seed, i]),
                 rows=rows,
