@@ -120,7 +120,9 @@ class Listener:
         self.audit = audit
         self.metrics = metrics
         self.late_images = late_images
-        self.incoming = store.spool / ".incoming"
+        # One folder per process: on a shared spool the sweep must never touch another
+        # node's transfers in flight.
+        self.incoming = store.spool / ".incoming" / _folder_name(store.claimant)
         self.instances_dir = store.spool / "instances"
         self._server: Any = None
         self._ae: AE | None = None
@@ -595,3 +597,8 @@ def _jsonable(value: Any) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     return str(value)
+
+
+def _folder_name(claimant: str) -> str:
+    """A claimant (host, node, device) as one safe folder name."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in claimant) or "node"

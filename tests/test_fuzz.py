@@ -221,7 +221,12 @@ def test_fuzzed_data_sets(service: Serve, tmp_path: Path) -> None:
     assert service.running()
 
     incoming = service.config.parent / "var" / "spool" / ".incoming"
-    wait_until(lambda: not list(incoming.iterdir()), 10, "the temporary files to go", service)
+    wait_until(
+        lambda: not [f for f in incoming.rglob("*") if f.is_file()],
+        10,
+        "the temporary files to go",
+        service,
+    )
 
     log_lines = service.log.splitlines()
     audit_lines = (service.config.parent / "var" / "audit.jsonl").read_text().splitlines()

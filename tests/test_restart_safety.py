@@ -135,7 +135,8 @@ def test_sigkill_during_receive(tmp_path: Path, models: list[Path]) -> None:
         )
         assert_exactly_once(service, pacs, exams=2)
         assert receptions(pacs) == 2 * OBJECTS
-        assert list((config.parent / "var/spool/.incoming").iterdir()) == []
+        incoming = config.parent / "var/spool/.incoming"
+        assert [f for f in incoming.rglob("*") if f.is_file()] == []
     finally:
         service.stop()
         pacs.stop()
