@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from torch import nn
 
 from .family import ModelFamily, Prepared, ScoreMaps, get_family
 from .mammogram import Laterality, Mammogram, View
-from .modelfile import ModelCard, load_model
+from .modelfile import ModelCard, file_sha256, load_model
 from .results import (
     BreastPrediction,
     ExamPrediction,
@@ -109,6 +109,8 @@ class _Member:
     card: ModelCard
     family: ModelFamily
     flips: tuple[str, ...]
+    sha256: str
+    """Of the model file: names this exact model in the result objects (IHE AIR Device UID)."""
 
 
 @dataclass
@@ -145,7 +147,8 @@ class Ensemble:
         for m in spec.members:
             module = load_model(m.path, device=self.device)
             card: ModelCard = module.card
-            self._members.append(_Member(module, card, get_family(card.family), m.flips))
+            family = get_family(card.family)
+            self._members.append(_Member(module, card, family, m.flips, file_sha256(Path(m.path))))
         names = [m.card.name for m in self._members]
         if len(set(names)) != len(names):
             raise ValueError(
@@ -156,7 +159,7 @@ class Ensemble:
 
     @property
     def models(self) -> tuple[ModelInfo, ...]:
-        return tuple(m.card.info() for m in self._members)
+        return tuple(replace(m.card.info(), file_sha256=m.sha256) for m in self._members)
 
     def predict_exam(self, images: Sequence[Mammogram]) -> ExamPrediction:
         """Score 1–4 images of one study: at most one per (laterality, view)."""

@@ -38,6 +38,10 @@ class ModelInfo:
     licence: str
     operating_point: float | None
     """Malignancy threshold above which a finding must be presented, if one was set."""
+    file_sha256: str = ""
+    """sha256 of the model file the member was loaded from ("" when not loaded from a file):
+    result objects derive the algorithm's IHE AIR Device UID from it, so a retrained model
+    gets a new one even if nobody bumped its version."""
 
 
 @dataclass(frozen=True)

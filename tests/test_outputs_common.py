@@ -3,9 +3,15 @@ equipment, algorithm identification and the "not for clinical use" label on ever
 
 from __future__ import annotations
 
+import hashlib
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
 import pytest
 from outputs_samples import model_info, prediction_for
 
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from plugin import __version__
 from plugin.outputs import (
     DEFAULT_KINDS,
@@ -16,6 +22,7 @@ from plugin.outputs import (
     output_kind,
     source_instance,
 )
+from plugin.outputs.common import model_device_uid
 
 ALL = list(OutputKind)
 
@@ -64,14 +71,76 @@ def test_equipment_and_label(objects):
         assert o.ManufacturerModelName == "mammo-ai-plugin"
         assert __version__ in list(o.SoftwareVersions) or o.SoftwareVersions == __version__
         assert o.SeriesDescription.startswith(NOT_FOR_CLINICAL_USE)
-        # IHE AIR: this software as processing equipment, with the models' versions.
-        processing = [
-            e
-            for e in o.ContributingEquipmentSequence
-            if e.Manufacturer == "mammo-ai-plugin"
-            and e.PurposeOfReferenceCodeSequence[0].CodeValue == "109102"
-        ][0]
-        assert "test-gmic 1.0" in list(processing.SoftwareVersions)
+
+
+def _algorithms(ds) -> list:
+    """IHE AIR: the Contributing Equipment items that name a processing algorithm."""
+    return [
+        e
+        for e in ds.ContributingEquipmentSequence
+        if (
+            e.PurposeOfReferenceCodeSequence[0].CodeValue,
+            e.PurposeOfReferenceCodeSequence[0].CodingSchemeDesignator,
+        )
+        == ("1630", "99IHE")
+    ]
+
+
+def test_ihe_air_one_contributing_item_per_algorithm_in_every_object(synth_exam_small):
+    members = [
+        replace(model_info(), file_sha256=hashlib.sha256(b"gmic weights").hexdigest()),
+        replace(
+            model_info("test-allconv", "2.3", family="allconv"),
+            file_sha256=hashlib.sha256(b"allconv weights").hexdigest(),
+        ),
+    ]
+    prediction, sources = prediction_for(synth_exam_small, models=members, rois=True)
+    built = build_outputs(prediction, sources, ALL)
+    items = [_algorithms(o) for o in built]
+    first = [(e.ManufacturerModelName, e.DeviceUID) for e in items[0]]
+    for o, algorithms in zip(built, items, strict=True):
+        # Each member, then the ensemble; the same items (and Device UIDs) in every object.
+        assert [(e.ManufacturerModelName, e.DeviceUID) for e in algorithms] == first, o.Modality
+        for e in algorithms:
+            assert e.Manufacturer == "mammo-ai-plugin"
+            assert e.PurposeOfReferenceCodeSequence[0].CodeMeaning == "Processing Algorithm"
+            assert e.ContributionDescription
+    gmic, allconv, ensemble = items[0]
+    assert (gmic.ManufacturerModelName, gmic.SoftwareVersions) == ("test-gmic", "1.0")
+    assert (allconv.ManufacturerModelName, allconv.SoftwareVersions) == ("test-allconv", "2.3")
+    assert "member 2 of 2" in allconv.ContributionDescription
+    assert ensemble.ManufacturerModelName == "mammo-ai-plugin ensemble"
+    assert ensemble.SoftwareVersions == __version__
+    assert len({gmic.DeviceUID, allconv.DeviceUID, ensemble.DeviceUID}) == 3
+    # The TID 1500 observer device is the ensemble.
+    tid1500 = next(o for o in built if output_kind(o) is OutputKind.TID1500)
+    uids = [e.value for e in tid1500.iterall() if e.keyword == "UID" and e.tag.group == 0x0040]
+    assert str(ensemble.DeviceUID) in [str(u) for u in uids]
+
+    # Retrained (new file content, same name and version): new member and ensemble UIDs; the
+    # untouched member keeps its own.
+    retrained = [replace(members[0], file_sha256=hashlib.sha256(b"retrained").hexdigest())]
+    again, _ = prediction_for(synth_exam_small, models=retrained + members[1:], rois=True)
+    new_gmic, new_allconv, new_ensemble = _algorithms(
+        build_outputs(again, sources, [OutputKind.CAD_SR])[0]
+    )
+    assert new_gmic.DeviceUID != gmic.DeviceUID
+    assert new_allconv.DeviceUID == allconv.DeviceUID
+    assert new_ensemble.DeviceUID != ensemble.DeviceUID
+
+
+def test_device_uid_is_the_model_files_content_hash(tmp_path):
+    """What the service loads: Ensemble reports each member's file hash."""
+    weights = (
+        Path(__file__).resolve().parents[1] / "models" / "weights" / "demo-allconv.safetensors"
+    )
+    copy = tmp_path / "renamed.safetensors"
+    shutil.copyfile(weights, copy)
+    (info,) = Ensemble(EnsembleSpec((MemberSpec(copy),), device="cpu")).models
+    assert info.file_sha256 == hashlib.sha256(weights.read_bytes()).hexdigest()
+    # Same content under another path: the same Device UID.
+    (original,) = Ensemble(EnsembleSpec((MemberSpec(weights),), device="cpu")).models
+    assert model_device_uid(info) == model_device_uid(original)
 
 
 def test_rerun_gives_identical_uids(objects):

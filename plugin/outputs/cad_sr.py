@@ -155,7 +155,7 @@ def build_cad_sr(
         sop_instance_uid=derive_uid(exam, "cad_sr", "instance", prefix=options.uid_prefix),
         instance_number=1,
         is_complete=not exam.partial,
-        **equipment(exam),
+        **equipment(exam, options),
     )
     if exam.partial:
         sr.CompletionFlagDescription = "Partial exam: no image analysed for " + ", ".join(

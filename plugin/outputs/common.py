@@ -121,23 +121,85 @@ def series_info(kind: OutputKind, exam: ExamPrediction) -> SeriesInfo:
     return SeriesInfo(info.number, f"{NOT_FOR_CLINICAL_USE} - {info.description}")
 
 
-def equipment(exam: ExamPrediction) -> dict[str, object]:
+IHE_PROCESSING_ALGORITHM = Code("1630", "99IHE", "Processing Algorithm")
+"""IHE AI Results (AIR) Purpose of Reference for an algorithm that contributed to an object."""
+
+
+def equipment(exam: ExamPrediction, options: OutputOptions = DEFAULT_OPTIONS) -> dict[str, object]:
     """General Equipment attributes naming this software (keyword arguments of highdicom's
-    SOP classes), plus IHE AIR contributing equipment with the models' versions."""
+    SOP classes), and IHE AIR Contributing Equipment: one item per algorithm."""
     return {
         "manufacturer": MANUFACTURER,
         "manufacturer_model_name": MODEL_NAME,
         "software_versions": __version__,
-        "contributing_equipment": [
-            hd.ContributingEquipment(
-                manufacturer=MANUFACTURER,
-                purpose_of_reference=Code("109102", "DCM", "Processing Equipment"),
-                manufacturer_model_name=MODEL_NAME,
-                software_versions=[__version__, *(f"{m.name} {m.version}" for m in exam.models)],
-                contribution_description=_limit(f"AI analysis by {algorithm_name(exam)}", 64),
-            )
-        ],
+        "contributing_equipment": contributing_algorithms(exam, options),
     }
+
+
+def contributing_algorithms(
+    exam: ExamPrediction, options: OutputOptions = DEFAULT_OPTIONS
+) -> list[hd.ContributingEquipment]:
+    """Per IHE AIR, each ensemble member and then the ensemble itself as a "Processing
+    Algorithm", with a Device UID that names the exact model: derived from the model file's
+    sha256, so a retrained model gets a new one even under an unchanged name and version."""
+    items = []
+    count = len(exam.models)
+    for n, m in enumerate(exam.models, start=1):
+        use = "validated for clinical use" if m.clinical_use else NOT_FOR_CLINICAL_USE.lower()
+        items.append(
+            _algorithm_item(
+                model_name=_limit(m.name, 64),
+                versions=[_limit(m.version, 64)],
+                description=_limit(f"{m.family} model, ensemble member {n} of {count}; {use}", 64),
+                device_uid=model_device_uid(m, options),
+            )
+        )
+    items.append(
+        _algorithm_item(
+            model_name=_limit(f"{MODEL_NAME} ensemble", 64),
+            versions=[__version__],
+            description=_limit(f"mean of {count} member probabilities and maps", 64),
+            device_uid=ensemble_device_uid(exam, options),
+        )
+    )
+    return items
+
+
+def ensemble_device_uid(exam: ExamPrediction, options: OutputOptions = DEFAULT_OPTIONS) -> UID:
+    """The ensemble's AIR Device UID (also the SR observer device): its members' Device
+    UIDs and this software's version, which implements the combination."""
+    members = [model_device_uid(m, options) for m in exam.models]
+    return _uid(["ensemble", __version__, *members], options)
+
+
+def model_device_uid(model: ModelInfo, options: OutputOptions = DEFAULT_OPTIONS) -> UID:
+    """The member's AIR Device UID: from its file's content hash (name, family and version
+    only for a model that was not loaded from a file)."""
+    if model.file_sha256:
+        return _uid(["model file", model.file_sha256], options)
+    return _uid(["model", model.family, model.name, model.version], options)
+
+
+def _uid(entropy: list[str], options: OutputOptions) -> UID:
+    prefix = options.uid_prefix or pydicom.uid.PYDICOM_ROOT_UID
+    return generate_uid(prefix=prefix, entropy_srcs=[MANUFACTURER, "device", *entropy])
+
+
+def _algorithm_item(
+    *, model_name: str, versions: list[str], description: str, device_uid: UID
+) -> hd.ContributingEquipment:
+    item = hd.ContributingEquipment(
+        manufacturer=MANUFACTURER,
+        purpose_of_reference=hd.sr.CodedConcept("109102", "DCM", "Processing Equipment"),
+        manufacturer_model_name=model_name,
+        software_versions=versions,
+        contribution_description=description,
+    )
+    # highdicom admits only CID 7005 purposes and has no Device UID argument; both are
+    # plain attributes of SOP Common's Contributing Equipment Sequence.
+    item.PurposeOfReferenceCodeSequence = [hd.sr.CodedConcept.from_code(IHE_PROCESSING_ALGORITHM)]
+    item.DeviceUID = device_uid
+    return item
 
 
 def algorithm_name(exam: ExamPrediction) -> str:

@@ -100,7 +100,7 @@ def build_sc(
         patient_orientation=("A", "R"),
         transfer_syntax_uid=JPEGBaseline8Bit,
         series_description=info.description,
-        **equipment(exam),
+        **equipment(exam, options),
     )
     # Type 2C: an unknown orientation stays empty rather than invented.
     sc.PatientOrientation = list(orientation) if orientation else ""

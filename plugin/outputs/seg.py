@@ -114,7 +114,7 @@ def build_seg(
         content_label="AI_SALIENCY",
         transfer_syntax_uid=JPEGLSLossless,
         omit_empty_frames=False,
-        **equipment(exam),
+        **equipment(exam, options),
     )
     if seg.MaximumFractionalValue != MAX_FRACTIONAL_VALUE:
         raise AssertionError("SEG MaximumFractionalValue must be 255")

@@ -21,7 +21,6 @@ from pydicom.sr.coding import Code
 from models.mammogram import Laterality
 from models.results import ExamPrediction, ModelInfo
 
-from .. import __version__
 from .common import (
     DCM_PROBABILITY_OF_CANCER,
     DEFAULT_OPTIONS,
@@ -34,6 +33,7 @@ from .common import (
     OutputOptions,
     algorithm_name,
     derive_uid,
+    ensemble_device_uid,
     equipment,
     header_copy,
     ordered_images,
@@ -167,7 +167,7 @@ def _report(exam, headers, groups, options: OutputOptions) -> hd.sr.MeasurementR
     observer = hd.sr.ObserverContext(
         observer_type=Code("121007", "DCM", "Device"),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
-            uid=_device_uid(exam, options),
+            uid=ensemble_device_uid(exam, options),
             name=algorithm_name(exam),
             manufacturer_name=MANUFACTURER,
             model_name=MODEL_NAME,
@@ -192,16 +192,8 @@ def _document(exam, headers, report, kind: OutputKind, options: OutputOptions, *
         sop_instance_uid=derive_uid(exam, kind.value, "instance", prefix=options.uid_prefix),
         instance_number=1,
         is_complete=not exam.partial,
-        **equipment(exam),
+        **equipment(exam, options),
         **extra,
-    )
-
-
-def _device_uid(exam: ExamPrediction, options: OutputOptions) -> str:
-    """The observer device: this software with these models, the same for every exam."""
-    entropy = [MANUFACTURER, __version__, *(f"{m.name}\x00{m.version}" for m in exam.models)]
-    return pydicom.uid.generate_uid(
-        prefix=options.uid_prefix or pydicom.uid.PYDICOM_ROOT_UID, entropy_srcs=entropy
     )
 
 
