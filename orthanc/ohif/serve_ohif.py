@@ -3,29 +3,59 @@
 
     python3 orthanc/ohif/serve_ohif.py --dist orthanc/ohif/dist --orthanc http://127.0.0.1:8042
 
-GET/POST under /dicom-web/ go to Orthanc (with HTTP basic credentials from the environment
-variables MAMMO_AI_ORTHANC_USER / MAMMO_AI_ORTHANC_PASSWORD when set); everything else is a file
-of the dist, and unknown paths get index.html (OHIF routes in the browser). Standard library
-only, so Debian's python3 runs it as is; for many users put nginx in front with the same rules.
+Requests under /dicom-web/ go to Orthanc with the caller's own credentials (its Authorization
+header) and never any of the proxy's: a caller Orthanc would refuse is refused here too, with
+Orthanc's own 401, whose challenge makes the browser ask for the Orthanc user once. A page load
+without credentials gets the same challenge when Orthanc demands authentication. The Host
+header goes through, so the BulkDataURIs in Orthanc's metadata name this origin, not Orthanc's.
+Everything else is a file of the dist, and unknown paths get index.html (OHIF routes in the
+browser). Binds 127.0.0.1 unless told otherwise; put TLS (nginx) in front before serving a LAN,
+since basic credentials travel in clear over plain HTTP. Standard library only, so Debian's
+python3 runs it as is.
 """
 
 from __future__ import annotations
 
 import argparse
-import base64
 import mimetypes
-import os
+import posixpath
 import urllib.error
+import urllib.parse
 import urllib.request
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 PROXIED = "/dicom-web/"
-_FORWARDED_HEADERS = ("Accept", "Content-Type", "Range")
-_RETURNED_HEADERS = ("Content-Type", "Content-Length", "Content-Range", "ETag", "Last-Modified")
+_FORWARDED_HEADERS = ("Accept", "Content-Type", "Range", "Authorization", "Host")
+_RETURNED_HEADERS = ("Content-Type", "Content-Range", "ETag", "Last-Modified", "WWW-Authenticate")
+_CHALLENGE = 'Basic realm="Orthanc (OHIF at mammo-ai)"'
 
 
-def make_handler(dist: Path, orthanc: str, auth: str | None):
+class _NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect from Orthanc is relayed to the browser, not followed with the caller's
+    credentials to wherever it points."""
+
+    def redirect_request(self, *args, **kwargs):
+        return None
+
+
+_OPENER = urllib.request.build_opener(_NoRedirect)
+
+
+def proxied_path(raw: str) -> str | None:
+    """The Orthanc path for a request path, or None unless it stays under /dicom-web/ once
+    percent-decoded and normalised (no `..` escapes to Orthanc's other routes)."""
+    path, _, query = raw.partition("?")
+    decoded = urllib.parse.unquote(path)
+    normal = posixpath.normpath(decoded)
+    if decoded.endswith("/") and not normal.endswith("/"):
+        normal += "/"
+    if "\\" in decoded or normal != decoded or not normal.startswith(PROXIED):
+        return None
+    return path + (f"?{query}" if query else "")
+
+
+def make_handler(dist: Path, orthanc: str):
     class Handler(SimpleHTTPRequestHandler):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, directory=str(dist), **kwargs)
@@ -34,9 +64,11 @@ def make_handler(dist: Path, orthanc: str, auth: str | None):
             if self.path.startswith(PROXIED):
                 self._proxy(None)
                 return
-            local = dist / self.path.split("?", 1)[0].lstrip("/")
-            if not local.resolve().is_relative_to(dist.resolve()) or not local.exists():
+            local = dist / urllib.parse.unquote(self.path.split("?", 1)[0]).lstrip("/")
+            if not local.resolve().is_relative_to(dist.resolve()) or not local.is_file():
                 self.path = "/index.html"
+            if self.path.split("?", 1)[0] in ("/", "/index.html") and not self._may_see_page():
+                return
             super().do_GET()
 
         def do_POST(self) -> None:  # noqa: N802
@@ -46,29 +78,56 @@ def make_handler(dist: Path, orthanc: str, auth: str | None):
             length = int(self.headers.get("Content-Length", 0))
             self._proxy(self.rfile.read(length))
 
+        def _may_see_page(self) -> bool:
+            """Challenge a page load that Orthanc would refuse, so the browser asks for the
+            Orthanc user before OHIF starts (and then sends it with every request)."""
+            status, _, _ = self._ask_orthanc("GET", "/system", None)
+            if status != 401:
+                return True
+            self._relay(
+                401,
+                {"WWW-Authenticate": _CHALLENGE, "Content-Type": "text/plain"},
+                b"Orthanc user required\n",
+            )
+            return False
+
         def _proxy(self, body: bytes | None) -> None:
-            request = urllib.request.Request(orthanc + self.path, data=body, method=self.command)
+            path = proxied_path(self.path)
+            if path is None:
+                self.send_error(404, "only Orthanc's DICOMweb is served under /dicom-web/")
+                return
+            status, headers, payload = self._ask_orthanc(self.command, path, body)
+            self._relay(status, headers, payload)
+
+        def _ask_orthanc(self, method: str, path: str, body: bytes | None):
+            request = urllib.request.Request(orthanc + path, data=body, method=method)
             for name in _FORWARDED_HEADERS:
                 if self.headers.get(name):
                     request.add_header(name, self.headers[name])
-            if auth:
-                request.add_header("Authorization", auth)
             try:
-                with urllib.request.urlopen(request, timeout=300) as answer:
-                    self._relay(answer.status, answer.headers, answer.read())
+                with _OPENER.open(request, timeout=300) as answer:
+                    return answer.status, answer.headers, answer.read()
             except urllib.error.HTTPError as error:
-                self._relay(error.code, error.headers, error.read())
+                return error.code, error.headers, error.read()
             except OSError as error:
-                self.send_error(502, f"Orthanc at {orthanc} is not reachable: {error}")
+                message = f"Orthanc at {orthanc} is not reachable: {error}\n".encode()
+                return 502, {"Content-Type": "text/plain"}, message
 
         def _relay(self, status: int, headers, payload: bytes) -> None:
             self.send_response(status)
             for name in _RETURNED_HEADERS:
-                if name in headers and name != "Content-Length":
+                if name in headers:
                     self.send_header(name, headers[name])
             self.send_header("Content-Length", str(len(payload)))
+            self.send_header("Cache-Control", "no-store")
             self.end_headers()
             self.wfile.write(payload)
+
+        def log_message(self, format: str, *args) -> None:  # noqa: A002 - http.server's name
+            # Paths carry study UIDs: log the status line only, never the request line.
+            if args and str(args[0]).startswith(("GET", "POST", "HEAD")):
+                return
+            super().log_message(format, *args)
 
     return Handler
 
@@ -77,20 +136,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dist", type=Path, default=Path(__file__).with_name("dist"))
     parser.add_argument("--orthanc", default="http://127.0.0.1:8042", help="Orthanc's HTTP URL")
-    parser.add_argument("--host", default="127.0.0.1", help="0.0.0.0 to serve the LAN")
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to listen on (only behind TLS: 0.0.0.0)"
+    )
     parser.add_argument("--port", type=int, default=3000)
     args = parser.parse_args(argv)
     if not (args.dist / "index.html").is_file():
         parser.error(f"{args.dist} holds no OHIF dist; run orthanc/ohif/fetch_ohif.sh first")
-    user, password = (
-        os.environ.get("MAMMO_AI_ORTHANC_USER"),
-        os.environ.get("MAMMO_AI_ORTHANC_PASSWORD"),
-    )
-    auth = None
-    if user and password:
-        auth = "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
     mimetypes.add_type("application/wasm", ".wasm")
-    handler = make_handler(args.dist, args.orthanc.rstrip("/"), auth)
+    handler = make_handler(args.dist, args.orthanc.rstrip("/"))
     server = ThreadingHTTPServer((args.host, args.port), handler)
     print(
         f"OHIF on http://{args.host}:{server.server_port}/ → DICOMweb of {args.orthanc}", flush=True
