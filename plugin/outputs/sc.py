@@ -2,16 +2,20 @@
 (dicom-outputs.md §5, integration-anchors G7).
 
 The mammogram is windowed as its header says (VOI LUT or window, MONOCHROME1 and an inverse
-presentation LUT shown dark-on-light the usual way round), the malignant saliency map is
-blended over it in colour, the region the SRs mark is outlined, and the scores, model names
-and versions (and "NOT FOR CLINICAL USE" where it applies) are burned in with Pillow's
-built-in font. JPEG baseline, so the lossy-compression attributes are set; laterality and
-view are copied so hanging protocols pair the heat-map with its source.
+presentation LUT shown dark-on-light the usual way round; a header the window cannot be taken
+from falls back to a percentile window, never to an error), the malignant saliency map is
+blended over it by the rule of `heatmap` (transparent below the operating point or display
+floor, viridis above), the region the SRs mark is outlined where it shows breast, and a label
+sized with the image carries "NOT FOR CLINICAL USE" where it applies, the image score large
+enough to read on a PACS thumbnail, the breast and exam scores, the colour scale, model names
+and versions. JPEG baseline, so the lossy-compression attributes are set; laterality and view
+are copied so hanging protocols pair the heat-map with its source.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
@@ -23,6 +27,7 @@ from pydicom.uid import JPEGBaseline8Bit
 from models.results import ExamPrediction, ImagePrediction
 
 from .. import __version__
+from . import heatmap
 from .common import (
     BREAST_NAME,
     DEFAULT_OPTIONS,
@@ -41,14 +46,11 @@ from .common import (
     view_key,
 )
 
-_ALPHA = 0.6
-"""Opacity of the heat-map where the map reads 1; it scales with the map value."""
-_FLOOR = 0.05
-"""Map values below this stay transparent, so normal tissue reads as the plain mammogram."""
-# A perceptually ordered ramp (dark blue → cyan → yellow → red) for the overlay.
-_RAMP_AT = np.array([0.0, 0.35, 0.65, 1.0])
-_RAMP_RGB = np.array([[40, 40, 220], [0, 220, 220], [255, 230, 0], [255, 0, 0]], dtype=np.float32)
 _OUTLINE_RGB = (255, 64, 64)
+"""Red: a hue viridis never takes, so the outline reads over any heat."""
+_WARNING_RGB = (255, 220, 0)
+_BREAST_LEVEL = 12
+"""Display levels above this (of 255) count as breast when placing the outline and label."""
 
 
 def build_scs(
@@ -72,13 +74,13 @@ def build_sc(
             f"the source image of {view_key(img)} has no pixel data; the heat-map needs the "
             "full dataset, not a header read with stop_before_pixels"
         )
-    gray = display_image(source)
-    if gray.shape != img.malignant_map.shape:
+    grey = display_image(source)
+    if grey.shape != img.malignant_map.shape:
         raise ValueError(
             f"saliency map of {view_key(img)} is {img.malignant_map.shape} but its source image "
-            f"is {gray.shape}; maps must be on the source grid"
+            f"is {grey.shape}; maps must be on the source grid"
         )
-    rgb = _render(exam, img, gray)
+    rgb = render(exam, img, grey, heatmap.display_threshold(exam, options))
     info = series_info(OutputKind.SC, exam)
     orientation = patient_orientation(source)
     spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
@@ -144,93 +146,229 @@ def _ratio(rgb: np.ndarray, sc: pydicom.Dataset) -> str:
 
 # -- pixels ---------------------------------------------------------------------------------------
 
+_HEADER_FAULTS = (ArithmeticError, LookupError, TypeError, ValueError, AttributeError)
+"""What pydicom raises on a VOI or modality LUT it cannot apply (WindowWidth 0, a bad
+VOILUTFunction, a short LUT, an unparseable number): the image is then windowed without it."""
+
 
 def display_image(ds: pydicom.Dataset) -> np.ndarray:
-    """(rows, cols) float32 in [0, 1], dark = low density as on a reading monitor: modality
-    LUT, then the first VOI LUT or window, else a percentile window; MONOCHROME1 or an
-    INVERSE presentation LUT inverts."""
-    values = apply_modality_lut(ds.pixel_array, ds).astype(np.float32)
-    has_voi = "VOILUTSequence" in ds or "WindowCenter" in ds
-    if has_voi:
-        out = apply_voi_lut(values, ds, index=0).astype(np.float32)
-        # The VOI output range: map the extremes through the same transform.
-        extremes = np.array([values.min() - 1e6, values.max() + 1e6], dtype=np.float32)
-        lo, hi = sorted(apply_voi_lut(extremes, ds, index=0).astype(np.float64))
-    if not has_voi or hi <= lo:
-        out = values
-        sample = values[:: max(1, values.shape[0] // 512), :: max(1, values.shape[1] // 512)]
-        lo, hi = np.percentile(sample, [0.5, 99.5]).astype(np.float64)
-        hi = hi if hi > lo else lo + 1.0
-    gray = np.clip((out - lo) / (hi - lo), 0.0, 1.0)
+    """(rows, cols) uint8, dark = low density as on a reading monitor: modality LUT, then the
+    first VOI LUT or window, else (absent or unusable) a 0.5–99.5 percentile window;
+    MONOCHROME1 or an INVERSE presentation LUT inverts. Integer images go through one lookup
+    table built over their value range."""
+    pixels = ds.pixel_array
+    if pixels.ndim != 2:
+        raise ValueError(
+            f"the heat-map needs a single-frame grayscale image, got pixel array {pixels.shape}"
+        )
+    step = max(1, max(pixels.shape) // 512)
+    sample = pixels[::step, ::step]
+    if pixels.dtype.kind in "ui" and pixels.size:
+        low, high = min(int(pixels.min()), 0), int(pixels.max())
+        if high - low < 1 << 20:
+            table = _display(ds, np.arange(low, high + 1, dtype=np.float64), sample)
+            return np.take(table, pixels - low if low else pixels)
+    return _display(ds, pixels.astype(np.float64), sample)
+
+
+def _display(ds: pydicom.Dataset, values: np.ndarray, sample: np.ndarray) -> np.ndarray:
+    with np.errstate(all="ignore"):
+        values, sample = _modality(ds, values), _modality(ds, sample.astype(np.float64))
+        windowed = _voi(ds, values, sample)
+        if windowed is None:
+            finite = sample[np.isfinite(sample)]
+            low, high = np.percentile(finite, [0.5, 99.5]) if finite.size else (0.0, 1.0)
+            windowed = (values, float(low), float(high) if high > low else float(low) + 1.0)
+        out, low, high = windowed
+        grey = np.nan_to_num(np.clip((out - low) / (high - low), 0.0, 1.0))
     inverse = ds.get("PhotometricInterpretation") == "MONOCHROME1"
-    if ds.get("PresentationLUTShape") == "INVERSE" and not inverse:
+    if ds.get("PresentationLUTShape") == "INVERSE":
         inverse = True
-    return (1.0 - gray if inverse else gray).astype(np.float32)
+    if inverse:
+        grey = 1.0 - grey
+    return np.round(grey * 255).astype(np.uint8)
 
 
-def _lookup_tables() -> tuple[np.ndarray, np.ndarray]:
-    """Colour and opacity for each 8-bit map level (a lookup beats per-pixel interpolation
-    on 13-megapixel images)."""
-    levels = np.linspace(0.0, 1.0, 256)
-    colours = np.stack([np.interp(levels, _RAMP_AT, _RAMP_RGB[:, c]) for c in range(3)], -1)
-    alpha = np.where(levels >= _FLOOR, _ALPHA * levels, 0.0)
-    return colours.astype(np.float32), alpha.astype(np.float32)
+def _modality(ds: pydicom.Dataset, values: np.ndarray) -> np.ndarray:
+    try:
+        out = np.asarray(apply_modality_lut(values, ds), dtype=np.float64)
+    except _HEADER_FAULTS:
+        return values
+    usable = out.shape == values.shape and np.isfinite(out).all()
+    # A slope of 0 (or a LUT of one value) would flatten the image: take the stored values.
+    if not usable or (values.size and np.ptp(out) == 0 < np.ptp(values)):
+        return values
+    return out
 
 
-_COLOURS, _OPACITY = _lookup_tables()
+def _voi(
+    ds: pydicom.Dataset, values: np.ndarray, sample: np.ndarray
+) -> tuple[np.ndarray, float, float] | None:
+    """The VOI output and its range (the extremes mapped through it), or None when the header
+    has none, pydicom cannot apply it, or it flattens the image's own values (under 1 % of
+    the output range between their 0.5 and 99.5 percentiles)."""
+    has_window = "WindowCenter" in ds and "WindowWidth" in ds
+    if "VOILUTSequence" not in ds and not has_window:
+        return None
+    if "VOILUTSequence" in ds and np.array_equal(values, np.round(values)):
+        values, sample = values.astype(np.int64), sample.astype(np.int64)  # LUT indices
+    try:
+        out = np.asarray(apply_voi_lut(values, ds, index=0), dtype=np.float64)
+        extremes = np.array([values.min() - 1e6, values.max() + 1e6])
+        low, high = sorted(float(v) for v in apply_voi_lut(extremes, ds, index=0))
+        spread = np.percentile(apply_voi_lut(sample, ds, index=0), [0.5, 99.5])
+    except _HEADER_FAULTS:
+        return None
+    if out.shape != values.shape or not (np.isfinite([low, high]).all() and high > low):
+        return None
+    if not np.isfinite(spread).all() or spread[1] - spread[0] < (high - low) / 100:
+        return None
+    return out, low, high
 
 
-def _render(exam: ExamPrediction, img: ImagePrediction, gray: np.ndarray) -> np.ndarray:
-    level = np.round(np.clip(np.nan_to_num(img.malignant_map), 0.0, 1.0) * 255).astype(np.uint8)
-    rgb = np.repeat(np.round(gray * 255).astype(np.uint8)[..., None], 3, axis=-1)
-    covered = _OPACITY[level] > 0  # blend only where the map shows
-    alpha = _OPACITY[level[covered]][:, None]
-    blended = rgb[covered] * (1.0 - alpha) + _COLOURS[level[covered]] * alpha
-    rgb[covered] = np.round(blended).astype(np.uint8)
-    canvas = Image.fromarray(rgb, mode="RGB")
-    draw = ImageDraw.Draw(canvas)
-    rows, cols = gray.shape
+def render(exam: ExamPrediction, img: ImagePrediction, grey: np.ndarray, threshold: float):
+    """The heat-map image: overlay, outline where it shows breast, then the label."""
+    rgb = heatmap.overlay(grey, img.malignant_map, threshold)
     region = region_for(img)
-    top, left, bottom, right = region.box
-    width = max(1, round(min(rows, cols) / 400))
-    draw.rectangle(
-        [left, top, max(left, right - 1), max(top, bottom - 1)], outline=_OUTLINE_RGB, width=width
-    )
-    _burn_text(draw, _caption(exam, img), gray, exam.clinical_use)
-    return np.asarray(canvas)
+    if region.origin != "image" and _shows_breast(grey, region.box):
+        _outline(rgb, region.box)
+    _paste_label(rgb, grey, exam, img, threshold)
+    return rgb
 
 
-def _caption(exam: ExamPrediction, img: ImagePrediction) -> list[str]:
+def _shows_breast(grey: np.ndarray, box: tuple[float, float, float, float]) -> bool:
+    """At least a fifth of the box is breast: a box in the air or over the label is left out."""
+    top, left, bottom, right = (int(round(v)) for v in box)
+    inside = grey[top:bottom, left:right]
+    step = max(1, max(inside.shape, default=1) // 256)
+    return inside.size > 0 and (inside[::step, ::step] > _BREAST_LEVEL).mean() >= 0.2
+
+
+def _outline(rgb: np.ndarray, box: tuple[float, float, float, float]) -> None:
+    rows, cols = rgb.shape[:2]
+    width = max(2, round(min(rows, cols) / 400))
+    top, left, bottom, right = (int(round(v)) for v in box)
+    top, left = max(0, min(top, rows - 1)), max(0, min(left, cols - 1))
+    bottom, right = max(top + 1, min(bottom, rows)), max(left + 1, min(right, cols))
+    for edge in (
+        np.s_[top : top + width, left:right],
+        np.s_[max(top, bottom - width) : bottom, left:right],
+        np.s_[top:bottom, left : left + width],
+        np.s_[top:bottom, max(left, right - width) : right],
+    ):
+        rgb[edge] = _OUTLINE_RGB
+
+
+# -- the label --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Line:
+    text: str
+    large: bool = False
+    colour: tuple[int, int, int] = (255, 255, 255)
+
+
+def caption(exam: ExamPrediction, img: ImagePrediction) -> list[Line]:
+    """The label's lines: the warning and the image score large, the rest small."""
     breast = next((b for b in exam.breasts if b.laterality == img.laterality), None)
-    lines = [f"AI heat-map  {view_key(img)}"]
+    lines = []
     if not exam.clinical_use:
-        lines.insert(0, NOT_FOR_CLINICAL_USE)
-    lines.append(f"Image P(cancer) {100 * img.malignant:.1f}%")
+        lines.append(Line(NOT_FOR_CLINICAL_USE, True, _WARNING_RGB))
+    lines.append(Line(f"{view_key(img)}  AI P(cancer) {100 * img.malignant:.1f}%", True))
     if breast is not None:
-        lines.append(f"{BREAST_NAME[img.laterality].capitalize()} {100 * breast.malignant:.1f}%")
-    lines.append(f"Exam {100 * exam.malignant:.1f}%")
+        side = BREAST_NAME[img.laterality].capitalize()
+        lines.append(
+            Line(f"{side} {100 * breast.malignant:.1f}%   Exam {100 * exam.malignant:.1f}%")
+        )
+    else:
+        lines.append(Line(f"Exam {100 * exam.malignant:.1f}%"))
     if exam.partial:
-        lines.append("Partial exam, missing " + ", ".join(exam.missing_views))
-    lines.append(f"Model {algorithm_name(exam)} {algorithm_version(exam)}")
-    lines.append(f"{MANUFACTURER} {__version__}")
+        lines.append(
+            Line("Partial exam, missing " + ", ".join(exam.missing_views), False, _WARNING_RGB)
+        )
+    lines.append(Line(f"Model {algorithm_name(exam)} {algorithm_version(exam)}"))
+    lines.append(Line(f"{MANUFACTURER} {__version__}"))
     return lines
 
 
-def _burn_text(draw: ImageDraw.ImageDraw, lines: list[str], gray: np.ndarray, clinical: bool):
-    """Top corner away from the chest wall (the emptier half), on a dark box for contrast."""
-    rows, cols = gray.shape
-    size = max(10, round(rows / 70))
-    font = ImageFont.load_default(size=size)
-    widths = [draw.textlength(line, font=font) for line in lines]
-    pad = size // 3
-    box_w = int(max(widths)) + 2 * pad
-    box_h = len(lines) * (size + pad) + pad
-    left_half = gray[:, : cols // 2].mean()
-    right_half = gray[:, cols // 2 :].mean()
-    x0 = 0 if left_half <= right_half else max(0, cols - box_w)
-    draw.rectangle([x0, 0, x0 + box_w, box_h], fill=(0, 0, 0))
+def label_sizes(rows: int, cols: int) -> tuple[int, int]:
+    """Large and small text heights in pixels: with the image (a 3328-row mammogram gets 111
+    and 62), so the large lines still read when a PACS shrinks it to a thumbnail."""
+    large = max(14, round(rows / 30))
+    return large, max(10, round(large * 0.56))
+
+
+def _paste_label(
+    rgb: np.ndarray, grey: np.ndarray, exam: ExamPrediction, img: ImagePrediction, threshold: float
+) -> None:
+    """Top corner with less breast under it, on an opaque black box; never wider than 60 %
+    of the image (the text shrinks instead)."""
+    rows, cols = grey.shape
+    lines = caption(exam, img)
+    large, small = label_sizes(rows, cols)
+    label = _label_image(lines, large, small, threshold)
+    if label.shape[1] > 0.6 * cols:
+        shrink = 0.6 * cols / label.shape[1]
+        label = _label_image(
+            lines, max(8, int(large * shrink)), max(7, int(small * shrink)), threshold
+        )
+    h, w = min(label.shape[0], rows), min(label.shape[1], cols)
+    breast = grey > _BREAST_LEVEL
+    step = max(1, max(h, w) // 128)
+    left_cover = breast[:h:step, :w:step].mean()
+    right_cover = breast[:h:step, cols - w :: step].mean()
+    x0 = 0 if left_cover <= right_cover else cols - w
+    rgb[:h, x0 : x0 + w] = label[:h, :w]
+
+
+def _label_image(lines: list[Line], large: int, small: int, threshold: float) -> np.ndarray:
+    """The label as an RGB array: text lines, then the colour scale with its threshold."""
+    fonts = {True: ImageFont.load_default(size=large), False: ImageFont.load_default(size=small)}
+    pad, gap = max(4, small // 2), max(2, small // 4)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    widths = [_words_width(probe, line.text, fonts[line.large]) for line in lines]
+    bar_w = max(int(max(widths)), 10 * small)
+    bar_h = max(6, small // 2)
+    heights = [large if line.large else small for line in lines]
+    width = bar_w + 2 * pad
+    height = pad + sum(h + gap for h in heights) + bar_h + gap + small + pad
+    canvas = Image.new("RGB", (width, height), (0, 0, 0))
+    draw = ImageDraw.Draw(canvas)
     y = pad
-    for line in lines:
-        colour = (255, 220, 0) if line == NOT_FOR_CLINICAL_USE and not clinical else (255, 255, 255)
-        draw.text((x0 + pad, y), line, fill=colour, font=font)
-        y += size + pad
+    for line, h in zip(lines, heights, strict=True):
+        _draw_words(draw, (pad, y), line.text, fonts[line.large], line.colour)
+        y += h + gap
+    scale = heatmap.legend(bar_w, bar_h, threshold)
+    out = np.asarray(canvas).copy()
+    out[y : y + bar_h, pad : pad + bar_w] = scale
+    canvas = Image.fromarray(out)
+    draw = ImageDraw.Draw(canvas)
+    tick = pad + round(threshold * (bar_w - 1))
+    draw.line([(tick, y - gap), (tick, y + bar_h)], fill=(255, 255, 255), width=max(1, small // 8))
+    text_y = y + bar_h + gap
+    _draw_words(draw, (pad, text_y), "0", fonts[False], (200, 200, 200))
+    shown = f"colour from {100 * threshold:.0f}%"
+    shown_w = _words_width(draw, shown, fonts[False])
+    x = min(max(pad, tick - shown_w / 2), width - pad - shown_w)
+    _draw_words(draw, (x, text_y), shown, fonts[False], (200, 200, 200))
+    return np.asarray(canvas)
+
+
+def _word_gap(font: ImageFont.FreeTypeFont) -> float:
+    """Space between words: Pillow's built-in font sets a space narrower than the gap
+    between some letters, which made "NOT FOR CLINICAL USE" read as one word."""
+    return 0.45 * font.size
+
+
+def _words_width(draw: ImageDraw.ImageDraw, text: str, font) -> float:
+    words = text.split(" ")
+    return sum(draw.textlength(w, font=font) for w in words) + _word_gap(font) * (len(words) - 1)
+
+
+def _draw_words(draw: ImageDraw.ImageDraw, at: tuple[float, float], text: str, font, fill) -> None:
+    x, y = at
+    for word in text.split(" "):
+        if word:
+            draw.text((x, y), word, fill=fill, font=font)
+        x += draw.textlength(word, font=font) + _word_gap(font)
