@@ -3,8 +3,8 @@
 - Routes every stable mammography study to the mammo-ai listener (a DicomModalities entry),
   exactly once, also across Orthanc restarts (mammo_ai_routing.py).
 - Serves the overlay viewer: /mammo-ai/studies/{orthanc-study-id} (page), its JSON summary at
-  /mammo-ai/api/studies/{id} (mammo_ai_results.py), static files at /mammo-ai/static/, and a
-  routing status at /mammo-ai/routing.
+  /mammo-ai/api/studies/{id} (mammo_ai_results.py), and a routing status at
+  /mammo-ai/routing. The page is one self-contained HTML answer (viewer/ inlined).
 
 Runs in Debian's own python3 (3.11) with the standard library only: no pip packages need to be
 visible to Orthanc. Images reach the browser as PNG through Orthanc's own decoders
@@ -15,7 +15,6 @@ JPEG-LS SEG frames), and the page colours the SEG probabilities itself.
 from __future__ import annotations
 
 import json
-import mimetypes
 import os
 import sys
 
@@ -114,8 +113,26 @@ def _get_only(output, request) -> bool:
 
 def serve_page(output, uri, **request) -> None:
     if _get_only(output, request):
-        with open(os.path.join(VIEWER_DIR, "index.html"), "rb") as f:
-            output.AnswerBuffer(f.read(), "text/html; charset=utf-8")
+        output.AnswerBuffer(_viewer_page(), "text/html; charset=utf-8")
+
+
+def _viewer_page() -> bytes:
+    """index.html with its CSS and JS inlined: one request, so a page opened with credentials
+    in its URL (kiosk, headless) loads no sub-resource through that URL, which browsers
+    block."""
+
+    def read(name: str) -> str:
+        with open(os.path.join(VIEWER_DIR, name), encoding="utf-8") as f:
+            return f.read()
+
+    page = read("index.html")
+    page = page.replace(
+        '<link rel="stylesheet" href="viewer.css">', f"<style>\n{read('viewer.css')}</style>"
+    )
+    page = page.replace(
+        '<script src="viewer.js"></script>', f"<script>\n{read('viewer.js')}</script>"
+    )
+    return page.encode("utf-8")
 
 
 def serve_summary(output, uri, **request) -> None:
@@ -126,19 +143,6 @@ def serve_summary(output, uri, **request) -> None:
         _answer_json(output, {"error": "no such study in Orthanc"}, 404)
     else:
         _answer_json(output, summary)
-
-
-def serve_static(output, uri, **request) -> None:
-    if not _get_only(output, request):
-        return
-    name = request["groups"][0]
-    path = os.path.realpath(os.path.join(VIEWER_DIR, name))
-    if not path.startswith(os.path.realpath(VIEWER_DIR) + os.sep) or not os.path.isfile(path):
-        output.SendHttpStatusCode(404)
-        return
-    mime = mimetypes.guess_type(path)[0] or "application/octet-stream"
-    with open(path, "rb") as f:
-        output.AnswerBuffer(f.read(), mime)
 
 
 def serve_routing(output, uri, **request) -> None:
@@ -164,6 +168,5 @@ orthanc.RegisterOnChangeCallback(on_change)
 if CONFIG.get("MammoAI", {}).get("Viewer", True):
     orthanc.RegisterRestCallback(f"/mammo-ai/studies/{_STUDY_ID}", serve_page)
     orthanc.RegisterRestCallback(f"/mammo-ai/api/studies/{_STUDY_ID}", serve_summary)
-    orthanc.RegisterRestCallback(r"/mammo-ai/static/([a-z0-9_.-]+)", serve_static)
     orthanc.ExtendOrthancExplorer(_EXPLORER_LINK)
 orthanc.RegisterRestCallback("/mammo-ai/routing", serve_routing)

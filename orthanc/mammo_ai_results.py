@@ -5,7 +5,8 @@ runs in Orthanc's interpreter with the standard library only. Output: one JSON s
 
     {"views": [{"key": "R-CC", "instance": ..., "rows", "columns", "flip_h", "flip_v",
                 "malignant", "benign", "outline": [[x, y], ...],
-                "heatmap": {"instance": seg id, "frame": 0-based, "max_value": 255} | null}],
+                "heatmap": {"instance": seg id, "frame": 0-based, "max_value": 255,
+                            "display_threshold": 0.5 | null} | null}],
      "breasts": {"R": {"malignant", "benign"}, "L": ...}, "exam": {"malignant", "benign"},
      "algorithm": {"name", "version"}, "not_for_clinical_use": bool, "sources": [...]}
 
@@ -18,6 +19,7 @@ fractional SEG for each image.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +45,7 @@ _ALGORITHM_NAME = "111001"
 _ALGORITHM_VERSION = "111003"
 _MALIGNANT_PROPERTY = "86049000"  # Malignant neoplasm, primary (SEG segmented property type)
 _VIEW_CODES = {"399162004": "CC", "399368009": "MLO"}
+_THRESHOLD = re.compile(r"(?:^|,)display_threshold=([0-9.]+)(?:,|$)")
 
 
 def study_summary(rest: Rest, study_id: str) -> dict | None:
@@ -301,6 +304,7 @@ def _attach_heatmaps(instance_id: str, seg: dict, views: dict[str, dict]) -> Non
     }
     if not malignant:
         return
+    threshold = _display_threshold(seg)
     frames = seg.get("PerFrameFunctionalGroupsSequence", []) or []
     fallback_refs = list(_all_referenced(seg))
     for index, frame in enumerate(frames):
@@ -315,7 +319,22 @@ def _attach_heatmaps(instance_id: str, seg: dict, views: dict[str, dict]) -> Non
                     "instance": instance_id,
                     "frame": index,
                     "max_value": int(seg.get("MaximumFractionalValue", 255)),
+                    "display_threshold": threshold,
                 }
+
+
+def _display_threshold(seg: dict) -> float | None:
+    """From the malignant segment's Algorithm Parameters ("display_threshold=0.5,models=…",
+    plugin/outputs/common.py); None (the page's default floor) when absent."""
+    for segment in seg.get("SegmentSequence", []) or []:
+        if not _is_malignant_segment(segment):
+            continue
+        for algorithm in segment.get("SegmentationAlgorithmIdentificationSequence", []) or []:
+            found = _THRESHOLD.search(algorithm.get("AlgorithmParameters", "") or "")
+            if found:
+                value = float(found.group(1))
+                return value if 0.0 <= value <= 1.0 else None
+    return None
 
 
 def _is_malignant_segment(segment: dict) -> bool:

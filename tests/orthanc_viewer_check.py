@@ -1,17 +1,20 @@
-"""Checks of the overlay viewer page in headless Chromium, shared by the Orthanc tests.
+"""Debian's Chromium driven by Playwright (the pip package, pointed at /usr/bin/chromium: no
+browser is downloaded), shared by the viewer tests (Orthanc overlay viewer, OHIF).
 
-The page records, per view, where source pixel (0, 0) lands on screen (`data-screen` on each
-figure), so a test can map a point of the source image (the lesion) onto the screenshot.
+The overlay page records, per view, where source pixel (0, 0) lands on screen (`data-screen` on
+each figure), so a test can map a point of the source image (the lesion) onto the screenshot.
+Every page collects its console errors, uncaught exceptions and failed requests.
 """
 
 from __future__ import annotations
 
 import colorsys
+import io
 import json
-import re
 import shutil
-import subprocess
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,8 @@ from PIL import Image
 
 WINDOW = (1400, 1100)
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+# WebGL (OHIF's Cornerstone) on a machine without a GPU: SwiftShader.
+CHROMIUM_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 
 
 def chromium() -> str:
@@ -29,71 +34,117 @@ def chromium() -> str:
     return found
 
 
-def _run_chromium(url: str, profile: Path, *mode: str) -> subprocess.CompletedProcess:
-    args = [
-        chromium(),
-        "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--no-first-run",
-        f"--user-data-dir={profile}",
-        f"--window-size={WINDOW[0]},{WINDOW[1]}",
-        "--hide-scrollbars",
-        "--virtual-time-budget=20000",
-        *mode,
-        url,
-    ]
-    return subprocess.run(args, capture_output=True, text=True, timeout=120)
+@contextmanager
+def browser() -> Iterator:
+    """A headless Debian Chromium under Playwright."""
+    sync_api = pytest.importorskip(
+        "playwright.sync_api", reason="pip install -e '.[test]' installs playwright"
+    )
+    executable = chromium()
+    with sync_api.sync_playwright() as driver:
+        instance = driver.chromium.launch(
+            executable_path=executable, headless=True, args=CHROMIUM_ARGS
+        )
+        try:
+            yield instance
+        finally:
+            instance.close()
 
 
-@dataclass(frozen=True)
-class ViewerCapture:
-    dom: str
-    screenshot: Path
+@dataclass
+class Page:
+    """One page in its own browser context, with what went wrong in it."""
 
-    def figure(self, key: str) -> str:
-        match = re.search(rf'<figure class="view"[^>]*data-view="{key}"[^>]*>', self.dom)
-        assert match, f"no figure for {key} in the page"
-        return match.group(0)
+    page: object
+    errors: list[str] = field(default_factory=list)
 
-    def screen_geometry(self, key: str) -> dict:
-        match = re.search(r'data-screen="([^"]*)"', self.figure(key))
-        assert match, f"{key} was not drawn"
-        return json.loads(match.group(1).replace("&quot;", '"'))
+    @classmethod
+    @contextmanager
+    def open(
+        cls,
+        browser,
+        url: str,
+        *,
+        credentials: tuple[str, str] | None = None,
+        window: tuple[int, int] = WINDOW,
+        ignore: tuple[str, ...] = (),
+    ) -> Iterator[Page]:
+        """`credentials`: what the browser authenticates with when Orthanc asks (an Orthanc
+        session); the URL itself may carry them instead (kiosk). Console messages containing
+        one of `ignore` are not errors."""
+        context = browser.new_context(
+            viewport={"width": window[0], "height": window[1]},
+            http_credentials=(
+                {"username": credentials[0], "password": credentials[1]} if credentials else None
+            ),
+        )
+        page = context.new_page()
+        out = cls(page)
 
-    def score(self, element_id: str) -> float | None:
-        match = re.search(rf'id="{element_id}"[^>]*data-value="([^"]*)"', self.dom)
-        assert match, f"no #{element_id} in the page"
-        return float(match.group(1)) if match.group(1) else None
+        def console(message) -> None:
+            if message.type == "error" and not any(s in message.text for s in ignore):
+                out.errors.append(f"console: {message.text}")
+
+        page.on("console", console)
+        page.on("pageerror", lambda error: out.errors.append(f"uncaught: {error}"))
+        page.on(
+            "requestfailed",
+            lambda request: out.errors.append(f"request failed: {request.url} {request.failure}"),
+        )
+        try:
+            page.goto(url, wait_until="load", timeout=60_000)
+            yield out
+        finally:
+            context.close()
+
+    def screenshot(self, name: str) -> np.ndarray:
+        """The viewport as RGB, also saved to tests/artifacts/{name}.png."""
+        ARTIFACTS.mkdir(exist_ok=True)
+        png = self.page.screenshot(path=str(ARTIFACTS / f"{name}.png"))
+        return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+
+
+@dataclass
+class OverlayViewer(Page):
+    """The Orthanc overlay viewer (orthanc/viewer/)."""
+
+    def wait_ready(self) -> str:
+        self.page.wait_for_function(
+            "document.getElementById('status').dataset.state !== 'loading'", timeout=60_000
+        )
+        return self.status()
 
     def status(self) -> str:
-        match = re.search(r'id="status" data-state="([a-z]+)"', self.dom)
-        return match.group(1) if match else "?"
+        return self.page.get_attribute("#status", "data-state")
 
-    def pixel_at_source(self, key: str, x: float, y: float) -> tuple[int, int, int]:
-        """The screenshot's colour at source pixel (x, y) of view `key`."""
-        g = self.screen_geometry(key)
+    def score(self, element_id: str) -> float | None:
+        value = self.page.get_attribute(f"#{element_id}", "data-value")
+        return float(value) if value else None
+
+    def geometry(self, key: str) -> dict:
+        screen = self.page.get_attribute(f'figure[data-view="{key}"]', "data-screen")
+        assert screen, f"{key} was not drawn"
+        return json.loads(screen)
+
+    def box(self, selector: str) -> dict:
+        found = self.page.locator(selector)
+        assert found.count() == 1, selector
+        return found.bounding_box()
+
+    def at_source(self, key: str, x: float, y: float) -> tuple[int, int]:
+        """Screen (column, row) of source pixel (x, y) of view `key`."""
+        g = self.geometry(key)
         sx = (g["w"] - x) if g["flip_h"] else x
         sy = (g["h"] - y) if g["flip_v"] else y
-        px, py = g["x0"] + sx * g["scale"], g["y0"] + sy * g["scale"]
-        image = np.asarray(Image.open(self.screenshot).convert("RGB"))
-        r, gg, b = image[int(round(py)), int(round(px))]
-        return int(r), int(gg), int(b)
+        return int(g["x0"] + sx * g["scale"]), int(g["y0"] + sy * g["scale"])
+
+    def press(self, key: str) -> None:
+        self.page.keyboard.press(key)
 
 
-def capture(url: str, workdir: Path, name: str) -> ViewerCapture:
-    """Load the page twice (DOM dump, then screenshot) in fresh headless Chromium profiles."""
-    ARTIFACTS.mkdir(exist_ok=True)
-    url += f"{'&' if '?' in url else '?'}layout={WINDOW[0]}x{WINDOW[1]}"
-    shot = ARTIFACTS / f"{name}.png"
-    dom = _run_chromium(url, workdir / "chromium-dom", "--dump-dom")
-    assert dom.returncode == 0, dom.stderr[-2000:]
-    png = _run_chromium(url, workdir / "chromium-shot", f"--screenshot={shot}")
-    assert png.returncode == 0 and shot.exists(), png.stderr[-2000:]
-    return ViewerCapture(dom.stdout, shot)
+def pixel(shot: np.ndarray, at: tuple[int, int]) -> tuple[int, int, int]:
+    r, g, b = shot[at[1], at[0]]
+    return int(r), int(g), int(b)
 
 
 def saturation(rgb: tuple[int, int, int]) -> float:

@@ -2,7 +2,9 @@
 
 The prediction is made by hand from the synthetic exam's lesion mask (so the test knows where
 the heat must be); the objects are the real ones (CAD SR, both TID 1500 SRs, JPEG-LS SEG, SC),
-stored in Debian's Orthanc, decoded by Orthanc, drawn by headless Chromium.
+stored in Debian's Orthanc (with authentication on), decoded by Orthanc, drawn by Debian's
+Chromium under Playwright. About 25 s on 2 loaded cores, most of it Orthanc and Chromium
+starting.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import io
 import numpy as np
 import pytest
 from orthanc_peer import OrthancPeer
-from orthanc_viewer_check import capture, saturation
+from orthanc_viewer_check import OverlayViewer, browser, pixel, saturation
 from PIL import Image
 from scipy import ndimage
 from test_orthanc_routing import SCRIPT, dicom_bytes, plugin_config
@@ -72,6 +74,15 @@ def prediction_from_masks(exam) -> ExamPrediction:
     )
 
 
+USER = ("radiologist", "s3cret")
+
+
+@pytest.fixture(scope="module")
+def chromium_browser():
+    with browser() as instance:
+        yield instance
+
+
 @pytest.fixture(scope="module")
 def viewer_orthanc(tmp_path_factory, synth_exam_small):
     exam = synth_exam_small
@@ -84,7 +95,11 @@ def viewer_orthanc(tmp_path_factory, synth_exam_small):
     config["BuiltinDecoderTranscoderOrder"] = "Before"
     with (
         OrthancPeer.start(
-            workdir / "orthanc", plugins=("python",), python_script=SCRIPT, extra_config=config
+            workdir / "orthanc",
+            plugins=("python",),
+            python_script=SCRIPT,
+            extra_config=config,
+            users=dict([USER]),
         ) as orthanc,
         orthanc.client() as client,
     ):
@@ -108,6 +123,7 @@ def test_summary_reads_scores_outlines_and_heatmaps(viewer_orthanc):
         assert view["malignant"] == pytest.approx(100 * image.malignant, abs=0.01)
         assert view["benign"] == pytest.approx(4.0, abs=0.01)
         assert view["heatmap"] is not None and view["heatmap"]["max_value"] == 255
+        assert view["heatmap"]["display_threshold"] == 0.5  # the model's operating point
         assert len(view["outline"]) == 5
         # Standard hanging: synth's R views (rows posterior) and L views (anterior) need no flip.
         assert view["flip_h"] is False and view["flip_v"] is False
@@ -133,35 +149,107 @@ def test_orthanc_decodes_the_jpegls_seg_frames(viewer_orthanc):
     assert orthanc.get("/system")["Version"]  # still alive after decoding a SEG
 
 
-def test_viewer_page_shows_heatmap_on_the_lesion_and_the_sr_scores(viewer_orthanc):
-    orthanc, study, exam, prediction, workdir = viewer_orthanc
-    page = capture(f"{orthanc.url}/mammo-ai/studies/{study}", workdir, "orthanc-viewer-synthetic")
-    assert page.status() == "ready", page.dom[-2000:]
-    assert "NOT FOR CLINICAL USE" in page.dom and 'id="clinical-label" class="warning"' in page.dom
-    assert 'id="clinical-label" class="warning" hidden' not in page.dom
-    assert "demo-gmic" in page.dom and "0.1-test" in page.dom
-    assert page.score("score-exam") == pytest.approx(100 * prediction.malignant, abs=0.01)
-    for breast in prediction.breasts:
-        assert page.score(f"score-breast-{breast.laterality}") == pytest.approx(
-            100 * breast.malignant, abs=0.01
-        )
+def _url(orthanc, study: str, credentials: str = "") -> str:
+    return orthanc.url.replace("://", f"://{credentials}") + f"/mammo-ai/studies/{study}"
 
-    side = str(exam.malignant_side)
-    for item in exam.images:
-        key = f"{item.laterality}-{item.view}"
-        assert page.score(f"score-image-{key}") == pytest.approx(
-            100 * prediction.image(str(item.dataset.SOPInstanceUID)).malignant, abs=0.01
-        )
-        if str(item.laterality) != side:
-            continue
-        rows, cols = np.nonzero(item.malignant_mask)
-        lesion = page.pixel_at_source(key, cols.mean() + 0.5, rows.mean() + 0.5)
-        # Breast tissue far from the lesion: the breast's own grey, no colour over it.
-        pixels = item.dataset.pixel_array
-        body = ndimage.binary_erosion(pixels > pixels.max() * 0.2, iterations=5)
-        far = body & (ndimage.distance_transform_edt(~item.malignant_mask) > 60)
-        fr, fc = np.argwhere(far)[len(np.argwhere(far)) // 2]
-        background = page.pixel_at_source(key, fc + 0.5, fr + 0.5)
-        assert saturation(lesion) > 0.5, (key, lesion)
-        assert lesion[0] > 150  # the hot end of the colour map: red/orange
-        assert saturation(background) < 0.15, (key, background)
+
+def test_viewer_page_shows_heatmap_on_the_lesion_and_the_sr_scores(
+    viewer_orthanc, chromium_browser
+):
+    """Opened from an Orthanc session (the browser holds the Orthanc user; nothing in the
+    URL): hot spots coloured, air and tissue their own grey, labels on their images."""
+    orthanc, study, exam, prediction, _ = viewer_orthanc
+    with OverlayViewer.open(chromium_browser, _url(orthanc, study), credentials=USER) as page:
+        assert page.wait_ready() == "ready", page.errors
+        assert page.page.is_visible("#clinical-label")
+        assert page.page.inner_text("#clinical-label") == "NOT FOR CLINICAL USE"
+        assert "demo-gmic" in page.page.inner_text("#algorithm")
+        assert "0.1-test" in page.page.inner_text("#algorithm")
+        assert "colour from 50 %" in page.page.inner_text("#legend")
+        assert page.score("score-exam") == pytest.approx(100 * prediction.malignant, abs=0.01)
+        for breast in prediction.breasts:
+            assert page.score(f"score-breast-{breast.laterality}") == pytest.approx(
+                100 * breast.malignant, abs=0.01
+            )
+        heat_on = page.screenshot("orthanc-viewer-synthetic")
+        page.press("h")  # keyboard toggle: heat-map off
+        assert not page.page.is_checked("#heatmap-toggle")
+        heat_off = page.screenshot("orthanc-viewer-synthetic-heatmap-off")
+        page.press("o")
+        page.press("l")
+        assert not page.page.is_visible('figure[data-view="L-CC"] figcaption')
+        page.press("h")
+        page.press("o")
+        page.press("l")
+        assert page.page.is_checked("#heatmap-toggle") and page.page.is_checked("#outline-toggle")
+
+        side = str(exam.malignant_side)
+        for item in exam.images:
+            key = f"{item.laterality}-{item.view}"
+            image = prediction.image(str(item.dataset.SOPInstanceUID))
+            assert page.score(f"score-image-{key}") == pytest.approx(
+                100 * image.malignant, abs=0.01
+            )
+            _label_inside_its_image(page, key)
+            pixels = item.dataset.pixel_array
+            body = ndimage.binary_erosion(pixels > pixels.max() * 0.2, iterations=5)
+            far = np.argwhere(body & (ndimage.distance_transform_edt(~item.malignant_mask) > 60))
+            air = np.argwhere(ndimage.binary_erosion(pixels < pixels.max() * 0.02, iterations=8))
+            for r, c in (far[len(far) // 2], air[len(air) // 2], far[len(far) // 3]):
+                at = page.at_source(key, c + 0.5, r + 0.5)
+                # Heat-map on or off, the same pixel: normal tissue and air keep their grey.
+                assert pixel(heat_on, at) == pixel(heat_off, at), (key, r, c)
+                assert saturation(pixel(heat_on, at)) < 0.05, (key, pixel(heat_on, at))
+            if str(item.laterality) == side:
+                rows, cols = np.nonzero(item.malignant_mask)
+                at = page.at_source(key, cols.mean() + 0.5, rows.mean() + 0.5)
+                lesion = pixel(heat_on, at)
+                assert saturation(lesion) > 0.4, (key, lesion)
+                assert lesion[1] > 150 and lesion[2] < 150  # viridis' hot end: yellow-green
+                assert saturation(pixel(heat_off, at)) < 0.05
+        assert page.errors == []
+
+
+def _label_inside_its_image(page: OverlayViewer, key: str) -> None:
+    image = page.box(f'figure[data-view="{key}"] canvas.base')
+    label = page.box(f'figure[data-view="{key}"] figcaption')
+    assert image["x"] <= label["x"] and label["x"] + label["width"] <= image["x"] + image["width"]
+    assert image["y"] <= label["y"] and label["y"] + label["height"] <= image["y"] + image["height"]
+    # On the nipple side, away from the chest wall at the centre line.
+    centre = image["x"] + image["width"] / 2
+    assert (label["x"] < centre) if key.startswith("R") else (label["x"] + label["width"] > centre)
+
+
+@pytest.mark.parametrize(("window", "arrangement"), [((1400, 1100), "grid"), ((1920, 1000), "row")])
+def test_views_fill_the_window(viewer_orthanc, chromium_browser, window, arrangement):
+    """Whichever arrangement shows the images larger; each image fitted to its cell (aspect
+    kept), right and left views back to back at the centre line."""
+    orthanc, study, exam, _, _ = viewer_orthanc
+    url = _url(orthanc, study)
+    with OverlayViewer.open(chromium_browser, url, credentials=USER, window=window) as page:
+        assert page.wait_ready() == "ready", page.errors
+        assert page.page.get_attribute("#grid", "data-layout") == arrangement
+        grid = page.box("#grid")
+        for key in ("R-CC", "L-CC", "R-MLO", "L-MLO"):
+            cell = page.box(f'figure[data-view="{key}"]')
+            image = page.box(f'figure[data-view="{key}"] canvas.base')
+            rows, cols = exam.image(key).dataset.Rows, exam.image(key).dataset.Columns
+            assert image["width"] / image["height"] == pytest.approx(cols / rows, rel=0.01)
+            fitted = max(image["width"] / cell["width"], image["height"] / cell["height"])
+            assert fitted == pytest.approx(1.0, abs=0.01)
+            assert image["height"] >= 0.4 * grid["height"]
+            inner = cell["x"] + cell["width"] if key.startswith("R") else cell["x"]
+            edge = image["x"] + image["width"] if key.startswith("R") else image["x"]
+            assert edge == pytest.approx(inner, abs=1)
+        page.screenshot(f"orthanc-viewer-{arrangement}-{window[0]}x{window[1]}")
+        assert page.errors == []
+
+
+def test_opens_with_credentials_in_the_url(viewer_orthanc, chromium_browser):
+    """Kiosk or headless use: http://user:password@orthanc/mammo-ai/studies/{id}."""
+    orthanc, study, _, _, _ = viewer_orthanc
+    url = _url(orthanc, study, f"{USER[0]}:{USER[1]}@")
+    with OverlayViewer.open(chromium_browser, url) as page:
+        assert page.wait_ready() == "ready", page.errors
+        assert page.page.locator("canvas.heatmap").count() == 4
+        assert page.errors == []

@@ -224,13 +224,21 @@ def _describe_model(m: ModelInfo) -> str:
     return f"{m.name} {m.version} ({m.family}, operating point {op}, {use})"
 
 
-def segment_algorithm(exam: ExamPrediction) -> hd.AlgorithmIdentificationSequence:
+def segment_algorithm(
+    exam: ExamPrediction, display_threshold: float | None = None
+) -> hd.AlgorithmIdentificationSequence:
+    """The segments' algorithm; `display_threshold` (the map value from which a viewer colours)
+    is written first in Algorithm Parameters, "display_threshold=0.5,models=…", where the
+    Orthanc overlay viewer reads it."""
+    parameters = (
+        {} if display_threshold is None else {"display_threshold": f"{display_threshold:.4g}"}
+    )
     return hd.AlgorithmIdentificationSequence(
         name=algorithm_name(exam),
         family=DCM_AI,
         version=algorithm_version(exam),
         source=MANUFACTURER,
-        parameters={"models": algorithm_parameters(exam)},
+        parameters={**parameters, "models": algorithm_parameters(exam)},
     )
 
 

@@ -21,6 +21,7 @@ from pydicom.uid import JPEGLSLossless
 
 from models.results import ExamPrediction, ImagePrediction
 
+from . import heatmap
 from .common import (
     BREAST_CODE,
     DEFAULT_OPTIONS,
@@ -78,7 +79,7 @@ def build_seg(
     maps = np.stack([m for _, _, m in segments], axis=-1)[None]
     pixels = np.clip(maps, 0.0, 1.0).astype(np.float32)
 
-    algorithm = segment_algorithm(exam)
+    algorithm = segment_algorithm(exam, heatmap.display_threshold(exam, options))
     descriptions = [
         hd.seg.SegmentDescription(
             segment_number=number,
