@@ -7,6 +7,12 @@
  * heat-map"). The CAD SR and the fractional SEG are listed as unsupported by OHIF; the
  * mammo-ai overlay viewer in Orthanc (/mammo-ai/studies/{id}) draws the SEG heat-map.
  */
+// A reading station: no onboarding tour over the first study (OHIF remembers shown tours in
+// localStorage; an existing choice is kept).
+if (window.localStorage && localStorage.getItem('shownTours') === null) {
+  localStorage.setItem('shownTours', JSON.stringify(['basicViewerTour']));
+}
+
 window.config = {
   routerBasename: '/',
   showStudyList: true,
@@ -19,6 +25,12 @@ window.config = {
   showLoadingIndicator: true,
   strictZSpacingForVolumeViewport: false,
   maxNumberOfWebWorkers: 3,
+  // OHIF calls this for a failed image or metadata request; without it, 3.13 throws
+  // "handler is not a function" instead of saying what failed.
+  httpErrorHandler: (error) => {
+    const status = error && (error.status || (error.request && error.request.status));
+    console.error(`DICOMweb request failed (HTTP ${status || '?'}): ${error && error.message}`);
+  },
   defaultDataSourceName: 'orthanc',
   dataSources: [
     {

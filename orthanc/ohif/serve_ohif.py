@@ -8,6 +8,7 @@ header) and never any of the proxy's: a caller Orthanc would refuse is refused h
 Orthanc's own 401, whose challenge makes the browser ask for the Orthanc user once. A page load
 without credentials gets the same challenge when Orthanc demands authentication. The Host
 header goes through, so the BulkDataURIs in Orthanc's metadata name this origin, not Orthanc's.
+One OHIF bug is worked around in the metadata (`default_voi_function_dropped`).
 Everything else is a file of the dist, and unknown paths get index.html (OHIF routes in the
 browser). Binds 127.0.0.1 unless told otherwise; put TLS (nginx) in front before serving a LAN,
 since basic credentials travel in clear over plain HTTP. Standard library only, so Debian's
@@ -17,6 +18,7 @@ python3 runs it as is.
 from __future__ import annotations
 
 import argparse
+import json
 import mimetypes
 import posixpath
 import urllib.error
@@ -53,6 +55,28 @@ def proxied_path(raw: str) -> str | None:
     if "\\" in decoded or normal != decoded or not normal.startswith(PROXIED):
         return None
     return path + (f"?{query}" if query else "")
+
+
+_VOI_LUT_FUNCTION = "00281056"
+
+
+def default_voi_function_dropped(payload: bytes) -> bytes:
+    """DICOMweb JSON without VOI LUT Function where it says LINEAR, the value its absence
+    means. OHIF 3.13's image loader (cornerstone dicom-image-loader) takes the first element
+    of that value, i.e. the letter "L" of a string, and fails every such image with "Invalid
+    VOI LUT function"; the rendering is the same without it. Other values pass unchanged."""
+    if _VOI_LUT_FUNCTION.encode() not in payload:
+        return payload
+    try:
+        data = json.loads(payload)
+    except ValueError:
+        return payload
+    items = data if isinstance(data, list) else [data]
+    for item in items:
+        element = item.get(_VOI_LUT_FUNCTION) if isinstance(item, dict) else None
+        if isinstance(element, dict) and element.get("Value") == ["LINEAR"]:
+            del item[_VOI_LUT_FUNCTION]
+    return json.dumps(data).encode()
 
 
 def make_handler(dist: Path, orthanc: str):
@@ -97,6 +121,8 @@ def make_handler(dist: Path, orthanc: str):
                 self.send_error(404, "only Orthanc's DICOMweb is served under /dicom-web/")
                 return
             status, headers, payload = self._ask_orthanc(self.command, path, body)
+            if status == 200 and "json" in headers.get("Content-Type", ""):
+                payload = default_voi_function_dropped(payload)
             self._relay(status, headers, payload)
 
         def _ask_orthanc(self, method: str, path: str, body: bytes | None):
