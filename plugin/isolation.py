@@ -21,6 +21,7 @@ from plugin.outputs import (
     OutputKind,
     OutputOptions,
     build_cad_sr,
+    build_labelmap_seg,
     build_sc,
     build_seg,
     build_tid1500,
@@ -38,6 +39,7 @@ _EXAM_LEVEL: dict[OutputKind, Callable[..., pydicom.Dataset]] = {
 _PER_IMAGE: dict[OutputKind, Callable[..., pydicom.Dataset]] = {
     OutputKind.SEG: build_seg,
     OutputKind.SC: build_sc,
+    OutputKind.LABELMAP_SEG: build_labelmap_seg,
 }
 
 

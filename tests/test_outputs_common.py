@@ -45,6 +45,7 @@ def test_every_kind_in_order_in_the_source_study(objects, synth_exam_small):
         == [OutputKind.CAD_SR, OutputKind.TID1500, OutputKind.TID1500_SCORES]
         + [OutputKind.SEG] * 4
         + [OutputKind.SC] * 4
+        + [OutputKind.LABELMAP_SEG] * 4
     )
     assert {o.StudyInstanceUID for o in built} == {synth_exam_small.study_instance_uid}
     source_series = {s.SeriesInstanceUID for s in sources.values()}
@@ -53,7 +54,9 @@ def test_every_kind_in_order_in_the_source_study(objects, synth_exam_small):
         series_by_kind.setdefault(kind, set()).add((o.SeriesInstanceUID, int(o.SeriesNumber)))
         assert o.SeriesInstanceUID not in source_series
         assert o.PatientID == synth_exam_small.patient_id
-    assert all(len(v) == 1 for v in series_by_kind.values())  # one series per kind
+    # One series per kind; the OHIF overlay SEGs one per view (OHIF shows a series' first).
+    assert len(series_by_kind.pop(OutputKind.LABELMAP_SEG)) == 4
+    assert all(len(v) == 1 for v in series_by_kind.values())
     numbers = [next(iter(v))[1] for v in series_by_kind.values()]
     assert len(set(numbers)) == len(numbers)
     assert len({o.SOPInstanceUID for o in built}) == len(built)

@@ -25,6 +25,7 @@ from .common import (
     derive_uid,
     kind_for_series,
 )
+from .labelmap import build_labelmap_seg, build_labelmap_segs
 from .sc import build_sc, build_scs, display_image
 from .seg import MAX_FRACTIONAL_VALUE, build_seg, build_segs
 from .tid1500 import build_tid1500, build_tid1500_scores
@@ -35,7 +36,8 @@ DEFAULT_KINDS: tuple[OutputKind, ...] = (
     OutputKind.SEG,
     OutputKind.SC,
 )
-"""What a site gets unless it configures otherwise; TID1500_SCORES is for machine consumers."""
+"""What a site gets unless it configures otherwise; TID1500_SCORES is for machine consumers,
+LABELMAP_SEG for OHIF."""
 
 
 def build_outputs(
@@ -60,6 +62,8 @@ def build_outputs(
             out.extend(build_segs(exam, sources, options))
         elif kind is OutputKind.SC:
             out.extend(build_scs(exam, sources, options))
+        elif kind is OutputKind.LABELMAP_SEG:
+            out.extend(build_labelmap_segs(exam, sources, options))
     return out
 
 
@@ -86,6 +90,8 @@ __all__ = [
     "OutputKind",
     "OutputOptions",
     "build_cad_sr",
+    "build_labelmap_seg",
+    "build_labelmap_segs",
     "build_outputs",
     "build_sc",
     "build_scs",

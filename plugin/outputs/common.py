@@ -45,6 +45,9 @@ class OutputKind(StrEnum):
     """Fractional (probability) SEG per source image: the saliency maps, lossless."""
     SC = "sc"
     """Secondary Capture heat-map per source image, scores burned in: any viewer shows it."""
+    LABELMAP_SEG = "labelmap_seg"
+    """Binary SEG per source image: the region at or above the display threshold, with the
+    nominal plane geometry OHIF needs to overlay it (OHIF cannot show the fractional SEG)."""
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ _SERIES: dict[OutputKind, SeriesInfo] = {
     OutputKind.TID1500_SCORES: SeriesInfo(9003, "AI scores (machine-readable)"),
     OutputKind.SEG: SeriesInfo(9004, "AI saliency maps (segmentation)"),
     OutputKind.SC: SeriesInfo(9005, "AI heat-map"),
+    OutputKind.LABELMAP_SEG: SeriesInfo(9006, "AI region overlay"),
 }
 
 

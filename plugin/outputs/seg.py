@@ -41,7 +41,7 @@ from .common import (
 MAX_FRACTIONAL_VALUE = 255
 """Not 256: highdicom accepts 256 and stores p = 1.0 as 0 in 8 bits (§3.2 f)."""
 
-_CATEGORY = Code("49755003", "SCT", "Morphologically Abnormal Structure")
+CATEGORY = Code("49755003", "SCT", "Morphologically Abnormal Structure")
 MALIGNANT = Code("86049000", "SCT", "Malignant neoplasm, primary")
 BENIGN = Code("3898006", "SCT", "Neoplasm, benign")
 
@@ -84,7 +84,7 @@ def build_seg(
         hd.seg.SegmentDescription(
             segment_number=number,
             segment_label=label,
-            segmented_property_category=_CATEGORY,
+            segmented_property_category=CATEGORY,
             segmented_property_type=finding,
             algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
             algorithm_identification=algorithm,
@@ -121,13 +121,51 @@ def build_seg(
         raise AssertionError("SEG MaximumFractionalValue must be 255")
     orientation = patient_orientation(source)
     seg.PatientOrientation = list(orientation) if orientation else ""
-    _fix_dimension_organization(
+    fix_dimension_organization(
         seg, derive_uid(exam, "seg", "dimension", key, prefix=options.uid_prefix)
     )
+    share_pixel_measures(seg, source)
     return seg
 
 
-def _fix_dimension_organization(seg: hd.seg.Segmentation, uid: str) -> None:
+def share_pixel_measures(seg: pydicom.Dataset, source: pydicom.Dataset) -> None:
+    """The source's pixel spacing as the shared Pixel Measures functional group. highdicom
+    leaves the shared groups empty for a source without Pixel Spacing (MG has Imager Pixel
+    Spacing), and OHIF 3.13 crashes opening a SEG without them ("Cannot destructure property
+    'PixelMeasuresSequence'")."""
+    spacing = pixel_spacing(source)
+    if spacing is None:
+        return
+    measures = pydicom.Dataset()
+    measures.PixelSpacing = spacing
+    measures.SliceThickness = slice_thickness(source)
+    groups = seg.get("SharedFunctionalGroupsSequence") or [pydicom.Dataset()]
+    groups[0].PixelMeasuresSequence = [measures]  # beside what highdicom shares already
+    seg.SharedFunctionalGroupsSequence = groups
+
+
+def pixel_spacing(source: pydicom.Dataset) -> list[float] | None:
+    """Pixel Spacing, else Imager Pixel Spacing (row, column; mm), else None."""
+    spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
+    try:
+        values = [float(v) for v in spacing] if spacing else []
+    except (TypeError, ValueError):
+        return None
+    return values if len(values) == 2 and all(v > 0 for v in values) else None
+
+
+def slice_thickness(source: pydicom.Dataset) -> float:
+    """A projection image has no slice: the compressed breast thickness where the header
+    gives it, else a nominal 1 mm, since readers (highdicom's segread) need the attribute
+    once Pixel Measures are there."""
+    try:
+        thickness = float(source.get("BodyPartThickness") or 0)
+    except (TypeError, ValueError):
+        thickness = 0.0
+    return thickness if thickness > 0 else 1.0
+
+
+def fix_dimension_organization(seg: hd.seg.Segmentation, uid: str) -> None:
     """highdicom draws a random DimensionOrganizationUID; a re-run must give the same one."""
     for item in seg.get("DimensionOrganizationSequence", []):
         item.DimensionOrganizationUID = uid

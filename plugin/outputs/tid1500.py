@@ -111,9 +111,24 @@ def build_tid1500_scores(
             ],
         )
 
+    def regions(uids: Sequence[str]) -> list[hd.sr.CoordinatesForMeasurement]:
+        """The score's image regions (INFERRED FROM): what it was derived from, and what
+        keeps OHIF 3.13 from crashing on a measurement group without coordinates."""
+        return [
+            hd.sr.CoordinatesForMeasurement(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=region_for(exam.image(u)).outline_xy(),
+                source_image=hd.sr.SourceImageForRegion.from_source_image(headers[u]),
+            )
+            for u in uids
+        ]
+
     groups = []
     for img in ordered_images(exam):
-        measurements = [_probability(img.malignant), *_benign(img.benign)]
+        measurements = [
+            _probability(img.malignant, regions=regions([img.sop_instance_uid])),
+            *_benign(img.benign),
+        ]
         measurements += [
             _probability(p, _member_algorithm(members[name]))
             for name, p in sorted(img.per_model.items())
@@ -128,7 +143,10 @@ def build_tid1500_scores(
                 f"{breast.laterality} breast",
                 _site(breast.laterality),
                 breast.sop_instance_uids,
-                [_probability(breast.malignant), *_benign(breast.benign)],
+                [
+                    _probability(breast.malignant, regions=regions(breast.sop_instance_uids)),
+                    *_benign(breast.benign),
+                ],
             )
         )
     groups.append(
@@ -136,7 +154,13 @@ def build_tid1500_scores(
             "exam",
             hd.sr.FindingSite(SCT_BREAST, laterality=_BOTH_SIDES),
             [i.sop_instance_uid for i in ordered_images(exam)],
-            [_probability(exam.malignant), *_benign(exam.benign)],
+            [
+                _probability(
+                    exam.malignant,
+                    regions=regions([i.sop_instance_uid for i in ordered_images(exam)]),
+                ),
+                *_benign(exam.benign),
+            ],
         )
     )
     report = _report(exam, headers, groups, options)
@@ -201,9 +225,17 @@ def _site(laterality: Laterality) -> hd.sr.FindingSite:
     return hd.sr.FindingSite(SCT_BREAST, laterality=SIDE_CODE[laterality])
 
 
-def _probability(p: float, algorithm: hd.sr.AlgorithmIdentification | None = None):
+def _probability(
+    p: float,
+    algorithm: hd.sr.AlgorithmIdentification | None = None,
+    regions: Sequence[hd.sr.CoordinatesForMeasurement] | None = None,
+):
     return hd.sr.Measurement(
-        DCM_PROBABILITY_OF_CANCER, percent(p), UCUM_PERCENT, algorithm_id=algorithm
+        DCM_PROBABILITY_OF_CANCER,
+        percent(p),
+        UCUM_PERCENT,
+        algorithm_id=algorithm,
+        referenced_coordinates=regions or None,
     )
 
 
