@@ -161,6 +161,10 @@ class Ensemble:
     def models(self) -> tuple[ModelInfo, ...]:
         return tuple(replace(m.card.info(), file_sha256=m.sha256) for m in self._members)
 
+    def predict_exams(self, exams: Sequence[Sequence[Mammogram]]) -> list[ExamPrediction]:
+        """Score several exams; results in input order, each as `predict_exam` gives it."""
+        return [self.predict_exam(images) for images in exams]
+
     def predict_exam(self, images: Sequence[Mammogram]) -> ExamPrediction:
         """Score 1–4 images of one study: at most one per (laterality, view)."""
         _check_exam(images)

@@ -47,6 +47,46 @@ def exam(synth_exam_small):
     return [read_mammogram(img.dataset) for img in synth_exam_small.images]
 
 
+@pytest.fixture(scope="module")
+def exam_negative(synth_exam_negative_small):
+    return [read_mammogram(img.dataset) for img in synth_exam_negative_small.images]
+
+
+def _assert_same_prediction(got, want, atol: float) -> None:
+    assert got.study_instance_uid == want.study_instance_uid
+    assert got.missing_views == want.missing_views
+    assert got.malignant == pytest.approx(want.malignant, abs=atol)
+    assert [p.sop_instance_uid for p in got.images] == [p.sop_instance_uid for p in want.images]
+    for g, w in zip(got.images, want.images, strict=True):
+        assert g.malignant == pytest.approx(w.malignant, abs=atol)
+        assert g.per_model == pytest.approx(w.per_model, abs=atol)
+        assert (g.benign is None) == (w.benign is None)
+        if w.benign is not None:
+            assert g.benign == pytest.approx(w.benign, abs=atol)
+        np.testing.assert_allclose(g.malignant_map, w.malignant_map, atol=atol)
+        assert [r.box for r in g.rois] == [r.box for r in w.rois]
+        np.testing.assert_allclose(
+            [r.weight for r in g.rois], [r.weight for r in w.rois], atol=atol
+        )
+
+
+@pytest.mark.parametrize("max_batch", [3, 64])
+def test_predict_exams_equals_one_exam_at_a_time(model_files, exam, exam_negative, max_batch):
+    """Several exams at once (forwards batched across them, in chunks that straddle exams)
+    give each exam what it gets alone, in input order."""
+    members = (
+        MemberSpec(model_files["gmic"], ("none", "hflip")),
+        MemberSpec(model_files["allconv"], ("none", "vflip")),
+    )
+    ens = Ensemble(EnsembleSpec(members, device="cpu", max_batch=max_batch))
+    exams = [exam_negative, exam[2:3], exam, exam[:2]]
+    together = ens.predict_exams(exams)
+    assert len(together) == len(exams)
+    for got, images in zip(together, exams, strict=True):
+        _assert_same_prediction(got, ens.predict_exam(images), atol=1e-5)
+    assert ens.predict_exams([]) == []
+
+
 def _single_pass(path, image, flip: str):
     """One member, one flip, computed the long way: preprocess, flip, forward, un-flip."""
     ens = Ensemble(EnsembleSpec((MemberSpec(path, (flip,)),), device="cpu"))
