@@ -20,7 +20,8 @@ import json
 import os
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,8 +33,15 @@ from torch import nn
 
 import trainer
 from models.ensemble import resolve_device
-from models.family import get_family
-from models.modelfile import NOT_VALIDATED, ModelCard, load_model, read_card, save_model
+from models.family import ModelFamily, get_family
+from models.modelfile import (
+    NOT_VALIDATED,
+    ModelCard,
+    file_sha256,
+    load_model,
+    read_card,
+    save_model,
+)
 
 from . import objectives
 from .augment import augment, default_augmentation
@@ -45,7 +53,7 @@ from .evaluate import (
     score_images,
 )
 from .metrics import DEFAULT_N_BOOT, roc_auc
-from .patch_head import patch_head
+from .patch_head import PatchHead, patch_head
 from .prepare import InputCache, mask_grid
 from .progress import progress as progress_bar
 from .sitedata import SiteData, SiteDataError, SiteImage, load_site_data
@@ -174,14 +182,6 @@ def _preprocessing(
     return {**spec, **overrides}
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def with_recipe(options: FinetuneOptions) -> FinetuneOptions:
     """`options` with the recipe named and every setting it leaves open filled from it."""
     name = options.recipe or ("adapt" if options.base is not None else "scratch")
@@ -230,13 +230,16 @@ def _batch_masks(cache: InputCache, images: list[SiteImage]) -> torch.Tensor:
     return torch.stack([m.float() / 255.0 if m is not None else torch.zeros(shape) for m in found])
 
 
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
 def _set_bn_momentum(module: nn.Module, momentum: float) -> None:
     """All-conv's BatchNorm keeps Keras' momentum (0.99, i.e. 0.01 here), which needs thousands
     of steps to track the data; a site fine-tune of a few hundred steps would validate with
     stale statistics. The momentum is not part of the saved weights, so inference is unchanged.
     """
     for m in module.modules():
-        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+        if isinstance(m, _BATCH_NORMS):
             m.momentum = momentum
 
 
@@ -281,6 +284,21 @@ class _Checkpoint:
         os.replace(tmp, self.path)
 
 
+@contextmanager
+def flush_denormal() -> Iterator[None]:
+    """Flush denormal floats to zero inside the block, then restore what was found.
+
+    On x86 CPUs, backward passes produce denormals and run several times slower without this
+    (measured 4-5x on the demo models). torch has no getter for the mode: a denormal times one
+    reads as zero exactly when flushing is on."""
+    was_on = torch.tensor([1e-39]).mul(1.0).item() == 0.0
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(was_on)
+
+
 def finetune(
     options: FinetuneOptions,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -289,22 +307,104 @@ def finetune(
 
     `on_epoch_end` is called after each epoch's checkpoint is on disk with that epoch's
     history row; an exception raised there interrupts the run as a crash would.
-
-    Denormal floats are flushed to zero for the run: on x86 CPUs, backward passes produce
-    them and run several times slower without this (measured 4-5x on the demo models).
     """
-    torch.set_flush_denormal(True)
-    try:
+    with flush_denormal():
         return _finetune(with_recipe(options), on_epoch_end)
-    finally:
-        torch.set_flush_denormal(False)
+
+
+@dataclass
+class _Run:
+    """What one run trains, on what and how: fixed at setup, recorded in the card."""
+
+    options: FinetuneOptions
+    out: Path
+    data: SiteData
+    split: Split
+    train: list[SiteImage]
+    val: list[SiteImage]
+    test: list[SiteImage]
+    family_name: str
+    preset: str | None
+    """The preset trained from scratch; None when fine-tuning a base model."""
+    architecture: dict[str, Any]
+    spec: dict[str, Any]
+    base_card: ModelCard | None
+    base_info: dict[str, Any]
+    stages: list[objectives.Stage]
+    lr: float
+    weight_decay: float
+    device: torch.device
+    precision: str
+    module: nn.Module
+    head: PatchHead | None
+    cache: InputCache
+    checkpoint: _Checkpoint
+
+    @property
+    def family(self) -> ModelFamily:
+        return get_family(self.family_name)
+
+    def scores(self, images: list[SiteImage]) -> np.ndarray:
+        return score_images(
+            self.module,
+            self.family,
+            self.cache,
+            images,
+            self.device,
+            int(self.options.batch_size),
+            self.precision,
+        )
+
+
+@dataclass
+class _State:
+    """Where training stands after an epoch: what the checkpoint saves and a resume restores."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_auc: float = -1.0
+    best_epoch: int = -1
+    bad_epochs: int = 0
+    stopped: bool = False
+    best_state: dict[str, Any] = field(default_factory=dict)
+    first_epoch: int = 0
+    saved_stage: str | None = None
+    saved_optimizer: dict[str, Any] | None = None
+    saved_scaler: dict[str, Any] | None = None
 
 
 def _finetune(
     options: FinetuneOptions, on_epoch_end: Callable[[dict[str, Any]], None] | None
 ) -> FinetuneResult:
     started = time.monotonic()
-    o = options
+    run = _setup(options)
+    base_test = None
+    if run.base_card is not None:
+        base_test = report(run.test, run.scores(run.test), n_boot=options.n_boot)
+    state = _resume(run)
+    _train(run, state, on_epoch_end)
+
+    if run.head is not None:
+        run.head.close()
+    run.module.load_state_dict(state.best_state)
+    for p in run.module.parameters():
+        p.requires_grad_(True)
+    test_report = report(run.test, run.scores(run.test), n_boot=options.n_boot)
+    card = _card(run, state, test_report, base_test)
+    save_model(run.module, card, run.out)
+    return FinetuneResult(
+        run.out,
+        card,
+        state.history,
+        state.best_epoch + 1,
+        state.best_auc,
+        test_report,
+        base_test,
+        time.monotonic() - started,
+    )
+
+
+def _check_options(o: FinetuneOptions) -> Path:
+    """Refuse options that cannot make a run, before any data is read; returns the output."""
     if (o.base is None) == (o.arch is None):
         raise FinetuneError("give exactly one of --base MODEL.safetensors or --arch FAMILY-PRESET")
     if o.base is not None and o.preprocessing:
@@ -319,15 +419,20 @@ def _finetune(
         raise FinetuneError("--out must differ from --base: the base model is never overwritten")
     if out.exists() and not o.overwrite:
         raise FinetuneError(f"{out} exists; choose another --out or pass --overwrite")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if o.mask_weight < 0:
+        raise FinetuneError(f"--mask-weight must be 0 or more, not {o.mask_weight}")
+    return out
 
+
+def _setup(o: FinetuneOptions) -> _Run:
+    """Read and split the site data, build or load the model, and preprocess every image."""
+    out = _check_options(o)
+    out.parent.mkdir(parents=True, exist_ok=True)
     data = load_site_data(o.site_data)
     split = split_site_data(data, seed=o.seed)
     train, val, test = (split.images(data, s) for s in ("train", "val", "test"))
     _check_classes(train, "train")
     _check_classes(val, "validation")
-    if o.mask_weight < 0:
-        raise FinetuneError(f"--mask-weight must be 0 or more, not {o.mask_weight}")
     if o.mask_weight > 0 and not any(im.malignant_mask for im in train):
         raise FinetuneError(
             "--mask-weight needs lesion masks, but no training image has a `malignant_mask` "
@@ -335,7 +440,6 @@ def _finetune(
             "--mask-weight"
         )
 
-    # Model and its card template.
     torch.manual_seed(o.seed)
     if o.base is not None:
         base_path = Path(o.base)
@@ -345,7 +449,7 @@ def _finetune(
         architecture, spec = base_card.architecture, base_card.preprocessing
         base_info: dict[str, Any] = {
             "file": base_path.name,
-            "sha256": sha256_file(base_path),
+            "sha256": file_sha256(base_path),
             "name": base_card.name,
             "version": base_card.version,
         }
@@ -355,14 +459,15 @@ def _finetune(
         module = get_family(family_name).build(architecture)
         spec = _preprocessing(family_name, architecture, o.preprocessing)
         base_info = {"from_scratch": f"{family_name}-{preset}", "init_seed": o.seed}
-    family = get_family(family_name)
-    from_scratch = base_card is None
-    defaults = objectives.DEFAULTS[family_name]
     recipe = objectives.RECIPES[str(o.recipe)]
     lr = o.lr if o.lr is not None else recipe.lr[family_name]
-    weight_decay = o.weight_decay if o.weight_decay is not None else defaults.weight_decay
+    weight_decay = (
+        o.weight_decay
+        if o.weight_decay is not None
+        else objectives.DEFAULTS[family_name].weight_decay
+    )
     stages = objectives.plan_stages(
-        family_name, o.epochs, lr, o.top_epochs, recipe.staged and not from_scratch
+        family_name, o.epochs, lr, o.top_epochs, recipe.staged and base_card is not None
     )
     device = resolve_device(o.device)
     precision = _precision(device, o.precision)
@@ -374,256 +479,279 @@ def _finetune(
 
     work = Path(o.work_dir) if o.work_dir else out.with_name(out.name + ".work")
     work.mkdir(parents=True, exist_ok=True)
-    checkpoint = _Checkpoint(work / "checkpoint.pt", o.training_key(), data.fingerprint())
-    cache = InputCache(family, spec, work / "inputs")
+    cache = InputCache(get_family(family_name), spec, work / "inputs")
     if o.mask_weight > 0:  # first, so each training image is decoded once for both
         cache.prepare(train, progress=o.progress, masks=True)
     cache.prepare([*train, *val, *test], progress=o.progress)
-
-    base_test = None
-    if base_card is not None:
-        base_scores = score_images(module, family, cache, test, device, o.batch_size, precision)
-        base_test = report(test, base_scores, n_boot=o.n_boot)
-
-    # Training state, fresh or from the checkpoint.
-    history: list[dict[str, Any]] = []
-    best_auc, best_epoch, bad_epochs, stopped = -1.0, -1, 0, False
-    best_state = copy.deepcopy(module.state_dict())
-    first_epoch, saved_stage, saved_opt, saved_scaler = 0, None, None, None
-    if checkpoint.path.exists():
-        if not o.resume:
-            raise FinetuneError(
-                f"{checkpoint.path} exists from an earlier run; pass --resume to continue it or "
-                "delete the work folder to start over"
-            )
-        state = checkpoint.load()
-        module.load_state_dict(state["model"])
-        best_state = state["best_model"]
-        best_auc, best_epoch = state["best_auc"], state["best_epoch"]
-        bad_epochs, stopped, history = state["bad_epochs"], state["stopped"], state["history"]
-        first_epoch = state["epoch"] + 1
-        saved_stage, saved_opt, saved_scaler = state["stage"], state["optimizer"], state["scaler"]
-        if head is not None:
-            head.load_state_dict(state["patch_head"])
-
-    scaler = torch.amp.GradScaler("cuda", enabled=precision == "fp16")
-    if saved_scaler:
-        scaler.load_state_dict(saved_scaler)
-    aug_config = default_augmentation(family_name, o.augment)
-    malignant = torch.tensor([float(im.malignant) for im in train])
-    benign = torch.tensor([float(-1 if im.benign is None else im.benign) for im in train])
-    mask_known = torch.tensor(
-        [
-            [
-                float(im.benign == 0 or im.benign_mask is not None),
-                float(im.malignant == 0 or im.malignant_mask is not None),
-            ]
-            for im in train
-        ]
+    return _Run(
+        options=o,
+        out=out,
+        data=data,
+        split=split,
+        train=train,
+        val=val,
+        test=test,
+        family_name=family_name,
+        preset=preset,
+        architecture=architecture,
+        spec=spec,
+        base_card=base_card,
+        base_info=base_info,
+        stages=stages,
+        lr=lr,
+        weight_decay=weight_decay,
+        device=device,
+        precision=precision,
+        module=module,
+        head=head,
+        cache=cache,
+        checkpoint=_Checkpoint(work / "checkpoint.pt", o.training_key(), data.fingerprint()),
     )
-    val_labels = np.array([im.malignant for im in val])
 
-    optimizer, stage_name = None, None
-    for epoch in range(first_epoch, o.epochs):
-        if stopped:
+
+def _resume(run: _Run) -> _State:
+    """A fresh state, or the checkpoint's (weights restored into the run's model)."""
+    fresh = _State(best_state=copy.deepcopy(run.module.state_dict()))
+    if not run.checkpoint.path.exists():
+        return fresh
+    if not run.options.resume:
+        raise FinetuneError(
+            f"{run.checkpoint.path} exists from an earlier run; pass --resume to continue it or "
+            "delete the work folder to start over"
+        )
+    saved = run.checkpoint.load()
+    run.module.load_state_dict(saved["model"])
+    if run.head is not None:
+        run.head.load_state_dict(saved["patch_head"])
+    return _State(
+        history=saved["history"],
+        best_auc=saved["best_auc"],
+        best_epoch=saved["best_epoch"],
+        bad_epochs=saved["bad_epochs"],
+        stopped=saved["stopped"],
+        best_state=saved["best_model"],
+        first_epoch=saved["epoch"] + 1,
+        saved_stage=saved["stage"],
+        saved_optimizer=saved["optimizer"],
+        saved_scaler=saved["scaler"],
+    )
+
+
+@dataclass
+class _Labels:
+    """The training split's targets as tensors, indexed by a batch's positions."""
+
+    malignant: torch.Tensor
+    benign: torch.Tensor
+    mask_known: torch.Tensor
+
+    @classmethod
+    def of(cls, train: list[SiteImage]) -> _Labels:
+        return cls(
+            malignant=torch.tensor([float(im.malignant) for im in train]),
+            benign=torch.tensor([float(-1 if im.benign is None else im.benign) for im in train]),
+            mask_known=torch.tensor(
+                [
+                    [
+                        float(im.benign == 0 or im.benign_mask is not None),
+                        float(im.malignant == 0 or im.malignant_mask is not None),
+                    ]
+                    for im in train
+                ]
+            ),
+        )
+
+
+def _train(run: _Run, state: _State, on_epoch_end: Callable[[dict[str, Any]], None] | None) -> None:
+    """Train from `state.first_epoch` until the last epoch or early stopping."""
+    o = run.options
+    scaler = torch.amp.GradScaler("cuda", enabled=run.precision == "fp16")
+    if state.saved_scaler:
+        scaler.load_state_dict(state.saved_scaler)
+    labels = _Labels.of(run.train)
+    optimizer: torch.optim.Optimizer | None = None
+    frozen: nn.Module | None = None
+    stage_name: str | None = None
+    for epoch in range(state.first_epoch, int(o.epochs)):
+        if state.stopped:
             break
-        stage = objectives.stage_at(stages, epoch)
-        if stage.name != stage_name:
-            frozen = objectives.frozen_part(module, stage)
-            frozen_ids = {id(p) for p in frozen.parameters()} if frozen is not None else set()
-            for p in module.parameters():
-                p.requires_grad_(id(p) not in frozen_ids)
-            params = [p for p in module.parameters() if p.requires_grad]
-            if head is not None:
-                params += list(head.parameters())
-            optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=weight_decay)
-            if saved_opt is not None and saved_stage == stage.name:
-                optimizer.load_state_dict(saved_opt)
-            saved_opt, stage_name = None, stage.name
-
+        stage = objectives.stage_at(run.stages, epoch)
+        if stage.name != stage_name or optimizer is None:
+            optimizer, frozen = _stage_optimizer(run, state, stage)
+            stage_name = stage.name
         epoch_started = time.monotonic()
-        generator = torch.Generator().manual_seed(_epoch_seed(o.seed, epoch))
-        torch.manual_seed(_epoch_seed(o.seed, epoch) + 1)
-        module.train()
-        if frozen is not None:
-            frozen.eval()
-        order = _balanced_order(train, generator)
-        batches = [order[i : i + o.batch_size] for i in range(0, len(order), o.batch_size)]
-        total_loss = 0.0
-        optimizer.zero_grad(set_to_none=True)
-        bar = progress_bar(
-            batches, f"epoch {epoch + 1}/{o.epochs} ({stage.name})", "batch", o.progress
-        )
-        for step, idx in enumerate(bar):
-            x = cache.batch([train[i] for i in idx])
-            masks = _batch_masks(cache, [train[i] for i in idx]) if o.mask_weight > 0 else None
-            if aug_config is not None:
-                x, masks = augment(x, aug_config, generator, masks)
-            x = x.to(device, non_blocking=True)
-            with autocast(device, precision):
-                output = module(x)
-            loss = objectives.loss(
-                family_name, output, malignant[idx].to(device), benign[idx].to(device), o.beta
-            )
-            if masks is not None:
-                maps = head.maps() if head is not None else family.score_maps(output)
-                dense = objectives.mask_loss(maps, masks.to(device), mask_known[idx].to(device))
-                loss = loss + o.mask_weight * dense
-            scaler.scale(loss / o.accumulate).backward()
-            if (step + 1) % o.accumulate == 0 or step + 1 == len(batches):
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-            total_loss += float(loss.detach()) * len(idx)
-            bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
-
-        val_scores = score_images(module, family, cache, val, device, o.batch_size, precision)
-        val_auc = roc_auc(val_labels, val_scores)
-        if val_auc > best_auc:
-            best_auc, best_epoch, bad_epochs = val_auc, epoch, 0
-            best_state = copy.deepcopy(module.state_dict())
-        elif stage.name == stages[-1].name:
-            bad_epochs += 1
-        stopped = bad_epochs >= o.patience
-        row = {
-            "epoch": epoch + 1,
-            "stage": stage.name,
-            "lr": stage.lr,
-            "train_loss": total_loss / len(order),
-            "val_auc": val_auc,
-            "seconds": round(time.monotonic() - epoch_started, 2),
-        }
-        history.append(row)
-        print(
-            f"epoch {epoch + 1}/{o.epochs} ({stage.name}): loss {row['train_loss']:.4f}  "
-            f"val AUC {val_auc:.3f}  {row['seconds']:.0f} s"
-            + ("  (best)" if best_epoch == epoch else "")
-            + ("  early stop" if stopped else ""),
-            flush=True,
-        )
-        checkpoint.save(
+        loss = _epoch(run, epoch, stage, optimizer, frozen, scaler, labels)
+        row = _validate(run, state, epoch, stage, loss, time.monotonic() - epoch_started)
+        run.checkpoint.save(
             {
                 "epoch": epoch,
                 "stage": stage.name,
-                "model": module.state_dict(),
-                "patch_head": head.state_dict() if head is not None else {},
+                "model": run.module.state_dict(),
+                "patch_head": run.head.state_dict() if run.head is not None else {},
                 "optimizer": optimizer.state_dict(),
                 "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-                "best_model": best_state,
-                "best_auc": best_auc,
-                "best_epoch": best_epoch,
-                "bad_epochs": bad_epochs,
-                "stopped": stopped,
-                "history": history,
+                "best_model": state.best_state,
+                "best_auc": state.best_auc,
+                "best_epoch": state.best_epoch,
+                "bad_epochs": state.bad_epochs,
+                "stopped": state.stopped,
+                "history": state.history,
             }
         )
         if on_epoch_end is not None:
             on_epoch_end(row)
 
-    if head is not None:
-        head.close()
-    module.load_state_dict(best_state)
-    for p in module.parameters():
-        p.requires_grad_(True)
-    test_scores = score_images(module, family, cache, test, device, o.batch_size, precision)
-    test_report = report(test, test_scores, n_boot=o.n_boot)
 
-    card = _card(
-        o,
-        data,
-        split,
-        family_name,
-        preset,
-        architecture,
-        spec,
-        base_card,
-        base_info,
-        stages,
-        lr,
-        weight_decay,
-        precision,
-        device,
-        history,
-        best_epoch,
-        best_auc,
-        test_report,
-        base_test,
+def _stage_optimizer(
+    run: _Run, state: _State, stage: objectives.Stage
+) -> tuple[torch.optim.Optimizer, nn.Module | None]:
+    """A stage's optimizer over what it trains (the checkpoint's, when resuming in that stage),
+    and the part it keeps frozen."""
+    frozen = objectives.frozen_part(run.module, stage)
+    frozen_ids = {id(p) for p in frozen.parameters()} if frozen is not None else set()
+    for p in run.module.parameters():
+        p.requires_grad_(id(p) not in frozen_ids)
+    params = [p for p in run.module.parameters() if p.requires_grad]
+    if run.head is not None:
+        params += list(run.head.parameters())
+    optimizer = torch.optim.Adam(params, lr=stage.lr, weight_decay=run.weight_decay)
+    if state.saved_optimizer is not None and state.saved_stage == stage.name:
+        optimizer.load_state_dict(state.saved_optimizer)
+    state.saved_optimizer = None
+    return optimizer, frozen
+
+
+def _epoch(
+    run: _Run,
+    epoch: int,
+    stage: objectives.Stage,
+    optimizer: torch.optim.Optimizer,
+    frozen: nn.Module | None,
+    scaler: torch.amp.GradScaler,
+    labels: _Labels,
+) -> float:
+    """One pass over a class-balanced draw of the training split; returns the mean loss."""
+    o, module, device = run.options, run.module, run.device
+    batch_size, mask_weight = int(o.batch_size), o.mask_weight
+    generator = torch.Generator().manual_seed(_epoch_seed(o.seed, epoch))
+    torch.manual_seed(_epoch_seed(o.seed, epoch) + 1)
+    module.train()
+    if frozen is not None:
+        frozen.eval()
+    aug_config = default_augmentation(run.family_name, o.augment)
+    order = _balanced_order(run.train, generator)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    total_loss = 0.0
+    optimizer.zero_grad(set_to_none=True)
+    bar = progress_bar(batches, f"epoch {epoch + 1}/{o.epochs} ({stage.name})", "batch", o.progress)
+    for step, idx in enumerate(bar):
+        images = [run.train[i] for i in idx]
+        x = run.cache.batch(images)
+        masks = _batch_masks(run.cache, images) if mask_weight > 0 else None
+        if aug_config is not None:
+            x, masks = augment(x, aug_config, generator, masks)
+        x = x.to(device, non_blocking=True)
+        with autocast(device, run.precision):
+            output = module(x)
+        loss = objectives.loss(
+            run.family_name,
+            output,
+            labels.malignant[idx].to(device),
+            labels.benign[idx].to(device),
+            o.beta,
+        )
+        if masks is not None:
+            maps = run.head.maps() if run.head is not None else run.family.score_maps(output)
+            dense = objectives.mask_loss(maps, masks.to(device), labels.mask_known[idx].to(device))
+            loss = loss + mask_weight * dense
+        scaler.scale(loss / o.accumulate).backward()
+        if (step + 1) % o.accumulate == 0 or step + 1 == len(batches):
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+        total_loss += float(loss.detach()) * len(idx)
+        bar.set_postfix(loss=f"{float(loss.detach()):.4f}")
+    return total_loss / len(order)
+
+
+def _validate(
+    run: _Run, state: _State, epoch: int, stage: objectives.Stage, loss: float, seconds: float
+) -> dict[str, Any]:
+    """Score the validation split, keep the best weights, count epochs without improvement,
+    and append (and print) the epoch's history row."""
+    o = run.options
+    val_auc = roc_auc(np.array([im.malignant for im in run.val]), run.scores(run.val))
+    if val_auc > state.best_auc:
+        state.best_auc, state.best_epoch, state.bad_epochs = val_auc, epoch, 0
+        state.best_state = copy.deepcopy(run.module.state_dict())
+    elif stage.name == run.stages[-1].name:
+        state.bad_epochs += 1
+    state.stopped = state.bad_epochs >= o.patience
+    row = {
+        "epoch": epoch + 1,
+        "stage": stage.name,
+        "lr": stage.lr,
+        "train_loss": loss,
+        "val_auc": val_auc,
+        "seconds": round(seconds, 2),
+    }
+    state.history.append(row)
+    print(
+        f"epoch {epoch + 1}/{o.epochs} ({stage.name}): loss {row['train_loss']:.4f}  "
+        f"val AUC {val_auc:.3f}  {row['seconds']:.0f} s"
+        + ("  (best)" if state.best_epoch == epoch else "")
+        + ("  early stop" if state.stopped else ""),
+        flush=True,
     )
-    save_model(module, card, out)
-    return FinetuneResult(
-        out,
-        card,
-        history,
-        best_epoch + 1,
-        best_auc,
-        test_report,
-        base_test,
-        time.monotonic() - started,
-    )
+    return row
 
 
 def _card(
-    o: FinetuneOptions,
-    data: SiteData,
-    split: Split,
-    family_name: str,
-    preset: str | None,
-    architecture: dict[str, Any],
-    spec: dict[str, Any],
-    base_card: ModelCard | None,
-    base_info: dict[str, Any],
-    stages: list[objectives.Stage],
-    lr: float,
-    weight_decay: float,
-    precision: str,
-    device: torch.device,
-    history: list[dict[str, Any]],
-    best_epoch: int,
-    best_auc: float,
+    run: _Run,
+    state: _State,
     test_report: dict[str, LevelReport],
     base_test: dict[str, LevelReport] | None,
 ) -> ModelCard:
+    o, data, family_name, preset = run.options, run.data, run.family_name, run.preset
     now = datetime.now(UTC)
     fingerprint = data.fingerprint()
-    if base_card is not None:
-        name = o.name or f"{base_card.name}-finetuned"
-        licence = base_card.licence
+    if run.base_card is not None:
+        name = o.name or f"{run.base_card.name}-finetuned"
+        licence = run.base_card.licence
         intended_use = o.intended_use or NOT_VALIDATED
     else:
         name = o.name or (f"demo-{family_name}" if preset == "demo" else f"{family_name}-{preset}")
         licence = "Apache-2.0"
         intended_use = o.intended_use or (DEMO_INTENDED_USE if preset == "demo" else NOT_VALIDATED)
     metrics: dict[str, Any] = {
-        "validation": {"image_auc": best_auc, "best_epoch": best_epoch + 1},
+        "validation": {"image_auc": state.best_auc, "best_epoch": state.best_epoch + 1},
         "test": reports_to_json(test_report),
     }
     if base_test is not None:
         metrics["base_test"] = reports_to_json(base_test)
     provenance = {
-        "base_model": base_info,
+        "base_model": run.base_info,
         "training_data": {
             "fingerprint_sha256": fingerprint,
             "summary": data.summary(),
-            "split": {"source": split.source, "seed": o.seed, "counts": split.counts(data)},
+            "split": {"source": run.split.source, "seed": o.seed, "counts": run.split.counts(data)},
         },
         "training": {
             "recipe": o.recipe,
-            "stages": [asdict(s) for s in stages],
-            "epochs_run": len(history),
-            "history": history,
+            "stages": [asdict(s) for s in run.stages],
+            "epochs_run": len(state.history),
+            "history": state.history,
             "batch_size": o.batch_size,
             "accumulate": o.accumulate,
-            "lr": lr,
-            "weight_decay": weight_decay,
+            "lr": run.lr,
+            "weight_decay": run.weight_decay,
             "optimizer": "Adam",
             "beta_saliency_l1": o.beta if family_name == "gmic" else None,
             "mask_supervision": (
                 {
                     "weight": o.mask_weight,
                     "maps": "trunk patch head" if family_name == "allconv" else "saliency",
-                    "train_images_with_masks": sum(
-                        1 for im in split.images(data, "train") if im.lesion_masks
-                    ),
+                    "train_images_with_masks": sum(1 for im in run.train if im.lesion_masks),
                 }
                 if o.mask_weight > 0
                 else None
@@ -636,8 +764,8 @@ def _card(
             "class_balanced_sampling": True,
             "bn_momentum": o.bn_momentum,
             "early_stopping": {"metric": "val image AUC", "patience": o.patience},
-            "precision": precision,
-            "device": device.type,
+            "precision": run.precision,
+            "device": run.device.type,
         },
         "metrics": metrics,
         "date": now.isoformat(timespec="seconds"),
@@ -647,8 +775,8 @@ def _card(
     }
     return ModelCard(
         family=family_name,
-        architecture=architecture,
-        preprocessing=spec,
+        architecture=run.architecture,
+        preprocessing=run.spec,
         name=name,
         version=o.version or f"{now:%Y%m%d}-{fingerprint[:8]}",
         licence=licence,
