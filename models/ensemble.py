@@ -9,15 +9,19 @@ and MLO images (or the one present); the exam scores the max over breasts.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from dataclasses import dataclass, replace
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from .family import ModelFamily, Prepared, ScoreMaps, get_family
+from .geometry import Geometry
 from .mammogram import Laterality, Mammogram, View
 from .modelfile import ModelCard, file_sha256, load_model
 from .results import (
@@ -36,10 +40,13 @@ FLIPS: dict[str, tuple[int, ...]] = {
 }
 PRECISIONS: dict[str, torch.dtype | None] = {
     "fp32": None,
+    "tf32": None,
     "bf16": torch.bfloat16,
     "fp16": torch.float16,
 }
 SCREENING_VIEWS = ("R-CC", "L-CC", "R-MLO", "L-MLO")
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -67,9 +74,15 @@ class EnsembleSpec:
     device: str = "auto"
     """"auto" (CUDA when available), "cpu", "cuda" or "cuda:N"."""
     precision: str = "fp32"
-    """"fp32", or autocast to "bf16" (CPU or GPU) or "fp16" (GPU only)."""
+    """"fp32" (IEEE fp32 on every device: TF32 off on CUDA), "tf32" (CUDA matmuls and
+    convolutions in TF32), or autocast to "bf16" (CPU or GPU) or "fp16" (GPU only). Discrete
+    choices (GMIC's crops) are made in fp32 whatever the precision."""
     max_batch: int = 8
-    """Images (views × flips) per forward pass; lower it when memory is short."""
+    """Images (views × flips, across exams) per forward pass; lower it when memory is short."""
+    channels_last: bool = False
+    """Run the models in channels-last memory format (faster convolutions on recent GPUs)."""
+    compile: bool = False
+    """`torch.compile` each member; where compiling fails it runs eagerly (logged once)."""
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -111,6 +124,23 @@ class _Member:
     flips: tuple[str, ...]
     sha256: str
     """Of the model file: names this exact model in the result objects (IHE AIR Device UID)."""
+    compiled: Callable[[torch.Tensor], Any] | None = None
+    """`torch.compile(module)` when the spec asks for it, until it fails once."""
+
+    def run(self, x: torch.Tensor) -> Any:
+        """The forward pass: compiled when asked and possible, else eager."""
+        if self.compiled is not None:
+            try:
+                return self.compiled(x)
+            except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+                self.compiled = None
+                log.warning(
+                    "torch.compile failed for model %r (%s: %s); running it eagerly",
+                    self.card.name,
+                    type(exc).__name__,
+                    str(exc).splitlines()[0] if str(exc) else "",
+                )
+        return self.module(x)
 
 
 @dataclass
@@ -119,16 +149,17 @@ class _MemberImage:
 
     malignant: float
     benign: float | None
-    malignant_map: np.ndarray
-    benign_map: np.ndarray | None
+    malignant_map: torch.Tensor
+    benign_map: torch.Tensor | None
     rois: list[RegionOfInterest]
 
 
 class Ensemble:
-    """Loads every member's model file once; `predict_exam` then scores exams.
+    """Loads every member's model file once; `predict_exams` / `predict_exam` then score exams.
 
-    Deterministic for a given device and precision: on CUDA it turns cuDNN autotuning off and
-    deterministic kernels on, for the whole process.
+    Deterministic for a given device and precision. While it runs on CUDA, cuDNN autotuning is
+    off, deterministic kernels on, and TF32 off unless the precision is "tf32"; the process's
+    settings are restored afterwards.
     """
 
     def __init__(self, spec: EnsembleSpec) -> None:
@@ -141,14 +172,17 @@ class Ensemble:
             if self.autocast_dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
                 gpu = torch.cuda.get_device_name(self.device)
                 raise ValueError(f"precision bf16 is not supported by {gpu}; use fp16 or fp32")
-            torch.backends.cudnn.benchmark = False
-            torch.backends.cudnn.deterministic = True
         self._members: list[_Member] = []
         for m in spec.members:
             module = load_model(m.path, device=self.device)
+            if spec.channels_last:
+                module = module.to(memory_format=torch.channels_last)
             card: ModelCard = module.card
             family = get_family(card.family)
-            self._members.append(_Member(module, card, family, m.flips, file_sha256(Path(m.path))))
+            member = _Member(module, card, family, m.flips, file_sha256(Path(m.path)))
+            if spec.compile:
+                member.compiled = torch.compile(module)
+            self._members.append(member)
         names = [m.card.name for m in self._members]
         if len(set(names)) != len(names):
             raise ValueError(
@@ -161,21 +195,41 @@ class Ensemble:
     def models(self) -> tuple[ModelInfo, ...]:
         return tuple(replace(m.card.info(), file_sha256=m.sha256) for m in self._members)
 
-    def predict_exams(self, exams: Sequence[Sequence[Mammogram]]) -> list[ExamPrediction]:
-        """Score several exams; results in input order, each as `predict_exam` gives it."""
-        return [self.predict_exam(images) for images in exams]
+    @property
+    def max_batch(self) -> int:
+        """Images (views × flips) per forward pass, across exams."""
+        return self.spec.max_batch
 
     def predict_exam(self, images: Sequence[Mammogram]) -> ExamPrediction:
         """Score 1–4 images of one study: at most one per (laterality, view)."""
-        _check_exam(images)
-        prepared: dict[str, list[Prepared]] = {}
-        per_member = [self._run_member(m, images, prepared) for m in self._members]
-        image_preds = tuple(
-            _combine_members(
-                img, [pm[i] for pm in per_member], [m.card.name for m in self._members]
-            )
-            for i, img in enumerate(images)
-        )
+        return self.predict_exams([images])[0]
+
+    def predict_exams(self, exams: Sequence[Sequence[Mammogram]]) -> list[ExamPrediction]:
+        """Score several exams; results in input order, each as `predict_exam` gives it.
+
+        The forward passes of all their images × flips run in batches of `max_batch` that
+        cross exam boundaries; preprocessing, flip-back, averaging and the mapping onto each
+        source grid run on the ensemble's device, so only finished maps, boxes and scores
+        leave it.
+        """
+        exams = [list(images) for images in exams]
+        for images in exams:
+            _check_exam(images)
+        images = [img for exam in exams for img in exam]
+        if not images:
+            return []
+        with _numerics(self.device, tf32=self.spec.precision == "tf32"), torch.inference_mode():
+            passes = self._forward_all(images)
+            predictions = [self._image_prediction(i, img, passes) for i, img in enumerate(images)]
+        results, start = [], 0
+        for exam in exams:
+            results.append(self._exam_prediction(exam, predictions[start : start + len(exam)]))
+            start += len(exam)
+        return results
+
+    def _exam_prediction(
+        self, images: list[Mammogram], image_preds: list[ImagePrediction]
+    ) -> ExamPrediction:
         breasts = tuple(
             _breast(lat, image_preds)
             for lat in (Laterality.RIGHT, Laterality.LEFT)
@@ -185,101 +239,200 @@ class Ensemble:
         benigns = [b.benign for b in breasts if b.benign is not None]
         return ExamPrediction(
             study_instance_uid=images[0].study_instance_uid,
-            images=image_preds,
+            images=tuple(image_preds),
             breasts=breasts,
             malignant=max(b.malignant for b in breasts),
             benign=max(benigns) if benigns else None,
             missing_views=tuple(v for v in SCREENING_VIEWS if v not in present),
             models=self.models,
+            precision=self.spec.precision,
         )
 
-    # -- one member ------------------------------------------------------------------------
+    # -- forward passes ----------------------------------------------------------------------
 
-    @torch.inference_mode()
-    def _run_member(
-        self, member: _Member, images: Sequence[Mammogram], cache: dict[str, list[Prepared]]
-    ) -> list[_MemberImage]:
-        """All views × flips of one member in batches of at most `max_batch`.
+    def _forward_all(self, images: list[Mammogram]) -> list[_MemberPasses]:
+        """Every member's passes over every image × flip, in batches of at most `max_batch`.
 
-        Probabilities and maps are averaged over flips, each map flipped back first. ROI boxes
-        come from one pass, the unflipped one when the member runs it, else its first flip:
-        each pass picks its own crops, so boxes do not average. Members with the same family
-        and preprocessing (e.g. the five published GMIC models) share one preprocessing run
-        through `cache`.
+        Members with the same family and preprocessing (e.g. the five published GMIC models)
+        share one preprocessing run. Images are prepared a group at a time, so the inputs held
+        at once stay near one batch whatever the number of exams.
         """
-        key = json.dumps([member.card.family, member.card.preprocessing], sort_keys=True)
-        if key not in cache:
-            spec = member.card.preprocessing
-            cache[key] = [member.family.preprocess(img, spec) for img in images]
-        prepared = cache[key]
-        x = torch.stack([p.tensor for p in prepared]).to(self.device)
-        flips = member.flips
-        batch = torch.cat([_flip(x, f) for f in flips])
-        outputs = [
-            member.family.score_maps(self._forward(member.module, chunk))
-            for chunk in torch.split(batch, self.spec.max_batch)
-        ]
-        n_flips, n_views = len(flips), len(images)
-        malignant = _gather(outputs, "malignant", n_flips, n_views)
-        benign = _gather(outputs, "benign", n_flips, n_views)
-        maps = _gather(outputs, "maps", n_flips, n_views)
-        boxes = _gather(outputs, "boxes", n_flips, n_views)
-        weights = _gather(outputs, "box_weights", n_flips, n_views)
-        scores = (malignant, maps) if benign is None else (malignant, benign, maps)
-        if not all(torch.isfinite(t).all() for t in scores):
-            raise RuntimeError(
-                f"model {member.card.name!r} gave NaN or infinite scores at precision "
-                f"{self.spec.precision}; use fp32, and if that fails too the model file is faulty"
-            )
-        maps = torch.stack([_flip(maps[i], f) for i, f in enumerate(flips)]).mean(0)
-        if benign is None:
-            maps = maps[:, 1:]  # channel 0 repeats channel 1: map one channel back, not two
-        roi_flip = flips.index("none") if "none" in flips else 0
+        passes = [_MemberPasses(member, [None] * len(images)) for member in self._members]
+        groups: dict[str, list[_MemberPasses]] = {}
+        for mp in passes:
+            key = json.dumps([mp.member.card.family, mp.member.card.preprocessing], sort_keys=True)
+            groups.setdefault(key, []).append(mp)
+        for group in groups.values():
+            lead = group[0].member
+            per_group = max(1, self.spec.max_batch // max(len(mp.member.flips) for mp in group))
+            for first in range(0, len(images), per_group):
+                indices = range(first, min(first + per_group, len(images)))
+                prepared = {
+                    i: _prepare(lead.family, images[i], lead.card.preprocessing, self.device)
+                    for i in indices
+                }
+                for mp in group:
+                    self._run_member(mp, prepared)
+        return passes
 
-        results = []
-        for v, prep in enumerate(prepared):
-            rois: list[RegionOfInterest] = []
-            if boxes is not None:
-                for box, w in zip(
-                    boxes[roi_flip, v].tolist(), weights[roi_flip, v].tolist(), strict=True
-                ):
-                    source_box = prep.geometry.box_to_source(
-                        _unflip_box(box, flips[roi_flip], prep)
-                    )
-                    if source_box[2] > source_box[0] and source_box[3] > source_box[1]:
-                        # A box wholly in the padding shows no source pixel: nothing to mark.
-                        rois.append(RegionOfInterest(source_box, float(w), member.card.name))
-                rois.sort(key=lambda r: -r.weight)
-            source_maps = np.clip(prep.geometry.map_to_source(maps[v].numpy()), 0.0, 1.0)
-            results.append(
-                _MemberImage(
-                    malignant=float(malignant[:, v].mean()),
-                    benign=None if benign is None else float(benign[:, v].mean()),
-                    malignant_map=source_maps[-1],
-                    benign_map=None if benign is None else source_maps[0],
-                    rois=rois,
+    def _run_member(self, mp: _MemberPasses, prepared: dict[int, Prepared]) -> None:
+        member = mp.member
+        items = [(i, flip) for i in prepared for flip in member.flips]
+        for start in range(0, len(items), self.spec.max_batch):
+            chunk = items[start : start + self.spec.max_batch]
+            x = torch.stack([_flip(prepared[i].tensor, flip) for i, flip in chunk])
+            out = member.family.score_maps(self._forward(member, x))
+            scores = (
+                (out.malignant, out.maps)
+                if out.benign is None
+                else (out.malignant, out.benign, out.maps)
+            )
+            if not all(torch.isfinite(t).all() for t in scores):
+                raise RuntimeError(
+                    f"model {member.card.name!r} gave NaN or infinite scores at precision "
+                    f"{self.spec.precision}; use fp32, and if that fails too the model file is "
+                    "faulty"
                 )
-            )
-        return results
+            for k, (i, flip) in enumerate(chunk):
+                if mp.images[i] is None:
+                    mp.images[i] = _ImagePasses(prepared[i].geometry, prepared[i].tensor.shape)
+                mp.images[i].add(flip, out, k)
 
-    def _forward(self, module: nn.Module, x: torch.Tensor):
-        if self.autocast_dtype is None:
-            return module(x)
-        with torch.autocast(self.device.type, dtype=self.autocast_dtype):
-            return module(x)
+    def _forward(self, member: _Member, x: torch.Tensor):
+        if self.spec.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.autocast(
+            self.device.type,
+            dtype=self.autocast_dtype or torch.float32,
+            enabled=self.autocast_dtype is not None,
+        ):
+            return member.run(x)
+
+    # -- post-processing, on the device ------------------------------------------------------
+
+    def _image_prediction(
+        self, i: int, img: Mammogram, passes: list[_MemberPasses]
+    ) -> ImagePrediction:
+        parts = [_member_image(mp.member, mp.images[i]) for mp in passes]
+        malignant_map = _mean_map([p.malignant_map for p in parts])
+        benign_parts = [p for p in parts if p.benign is not None]
+        benign_map = _mean_map([p.benign_map for p in benign_parts]) if benign_parts else None
+        rois = sorted((r for p in parts for r in p.rois), key=lambda r: -r.weight)
+        return ImagePrediction(
+            sop_instance_uid=img.sop_instance_uid,
+            laterality=img.laterality,
+            view=img.view,
+            malignant=float(np.mean([p.malignant for p in parts])),
+            benign=float(np.mean([p.benign for p in benign_parts])) if benign_parts else None,
+            per_model={m.card.name: p.malignant for m, p in zip(self._members, parts, strict=True)},
+            malignant_map=malignant_map.cpu().numpy(),
+            benign_map=None if benign_map is None else benign_map.cpu().numpy(),
+            rois=tuple(rois),
+        )
+
+
+@dataclass
+class _ImagePasses:
+    """One member's outputs for one image, one entry per flip in the member's flip order."""
+
+    geometry: Geometry
+    input_shape: torch.Size
+    flips: list[str] = field(default_factory=list)
+    malignant: list[torch.Tensor] = field(default_factory=list)
+    benign: list[torch.Tensor] = field(default_factory=list)
+    maps: list[torch.Tensor] = field(default_factory=list)
+    boxes: list[torch.Tensor] = field(default_factory=list)
+    box_weights: list[torch.Tensor] = field(default_factory=list)
+
+    def add(self, flip: str, out: ScoreMaps, k: int) -> None:
+        self.flips.append(flip)
+        self.malignant.append(out.malignant[k])
+        self.maps.append(out.maps[k])
+        if out.benign is not None:
+            self.benign.append(out.benign[k])
+        if out.boxes is not None:
+            self.boxes.append(out.boxes[k])
+            self.box_weights.append(out.box_weights[k])
+
+
+@dataclass
+class _MemberPasses:
+    member: _Member
+    images: list[_ImagePasses | None]
+
+
+def _member_image(member: _Member, passes: _ImagePasses) -> _MemberImage:
+    """Flip-average one member's passes over one image and map them onto its source grid.
+
+    Probabilities and maps are averaged over flips, each map flipped back first. ROI boxes
+    come from one pass, the unflipped one when the member runs it, else its first flip: each
+    pass picks its own crops, so boxes do not average.
+    """
+    flips = passes.flips
+    maps = torch.stack([_flip(m.float(), f) for m, f in zip(passes.maps, flips, strict=True)])
+    maps = maps.mean(0)
+    has_benign = bool(passes.benign)
+    if not has_benign:
+        maps = maps[1:]  # channel 0 repeats channel 1: map one channel back, not two
+    source_maps = passes.geometry.map_to_source(maps).clamp_(0.0, 1.0)
+    rois: list[RegionOfInterest] = []
+    if passes.boxes:
+        roi_flip = flips.index("none") if "none" in flips else 0
+        boxes = passes.boxes[roi_flip].float().tolist()
+        weights = passes.box_weights[roi_flip].float().tolist()
+        for box, w in zip(boxes, weights, strict=True):
+            unflipped = _unflip_box(box, flips[roi_flip], passes.input_shape)
+            source_box = passes.geometry.box_to_source(unflipped)
+            if source_box[2] > source_box[0] and source_box[3] > source_box[1]:
+                # A box wholly in the padding shows no source pixel: nothing to mark.
+                rois.append(RegionOfInterest(source_box, float(w), member.card.name))
+        rois.sort(key=lambda r: -r.weight)
+    return _MemberImage(
+        malignant=float(torch.stack(passes.malignant).float().mean()),
+        benign=float(torch.stack(passes.benign).float().mean()) if has_benign else None,
+        malignant_map=source_maps[-1],
+        benign_map=source_maps[0] if has_benign else None,
+        rois=rois,
+    )
+
+
+def _prepare(family: ModelFamily, image: Mammogram, spec: dict, device: torch.device) -> Prepared:
+    """The family's preprocessing, in torch on `device` where the family offers it."""
+    on_device = getattr(family, "preprocess_on", None)
+    if on_device is not None:
+        return on_device(image, spec, device)
+    prepared = family.preprocess(image, spec)
+    return Prepared(prepared.tensor.to(device), prepared.geometry)
+
+
+@contextmanager
+def _numerics(device: torch.device, tf32: bool) -> Iterator[None]:
+    """fp32 means fp32: TF32 for CUDA matmuls and convolutions only when `tf32`; on CUDA no
+    autotuning and deterministic kernels. Restores the process's settings on exit."""
+    b = torch.backends
+    saved = (
+        b.cuda.matmul.fp32_precision,
+        b.cudnn.conv.fp32_precision,
+        b.cudnn.benchmark,
+        b.cudnn.deterministic,
+    )
+    mode = "tf32" if tf32 else "ieee"
+    b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = mode
+    if device.type == "cuda":
+        b.cudnn.benchmark, b.cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        (
+            b.cuda.matmul.fp32_precision,
+            b.cudnn.conv.fp32_precision,
+            b.cudnn.benchmark,
+            b.cudnn.deterministic,
+        ) = saved
 
 
 def _flip(x: torch.Tensor, flip: str) -> torch.Tensor:
     return torch.flip(x, FLIPS[flip]) if FLIPS[flip] else x
-
-
-def _gather(outputs: list[ScoreMaps], name: str, n_flips: int, n_views: int) -> torch.Tensor | None:
-    """One `ScoreMaps` field of all batches as a float32 CPU tensor (flips, views, …)."""
-    parts = [getattr(o, name) for o in outputs]
-    if parts[0] is None:
-        return None
-    t = torch.cat(parts).float().cpu()
-    return t.reshape(n_flips, n_views, *t.shape[1:])
 
 
 def _check_exam(images: Sequence[Mammogram]) -> None:
@@ -297,9 +450,9 @@ def _check_exam(images: Sequence[Mammogram]) -> None:
         raise ValueError(f"more than one image for view(s) {dupes}; select one per view first")
 
 
-def _unflip_box(box: list[float], flip: str, prep: Prepared) -> tuple[float, ...]:
+def _unflip_box(box: list[float], flip: str, shape: torch.Size) -> tuple[float, ...]:
     top, left, bottom, right = box
-    height, width = prep.tensor.shape[-2:]
+    height, width = shape[-2:]
     if -1 in FLIPS[flip]:
         left, right = width - right, width - left
     if -2 in FLIPS[flip]:
@@ -307,26 +460,8 @@ def _unflip_box(box: list[float], flip: str, prep: Prepared) -> tuple[float, ...
     return (top, left, bottom, right)
 
 
-def _mean_map(maps: list[np.ndarray]) -> np.ndarray:
-    return np.mean(np.stack(maps), axis=0).astype(np.float32) if len(maps) > 1 else maps[0]
-
-
-def _combine_members(
-    img: Mammogram, parts: list[_MemberImage], names: list[str]
-) -> ImagePrediction:
-    benign_parts = [p for p in parts if p.benign is not None]
-    rois = sorted((r for p in parts for r in p.rois), key=lambda r: -r.weight)
-    return ImagePrediction(
-        sop_instance_uid=img.sop_instance_uid,
-        laterality=img.laterality,
-        view=img.view,
-        malignant=float(np.mean([p.malignant for p in parts])),
-        benign=float(np.mean([p.benign for p in benign_parts])) if benign_parts else None,
-        per_model={n: p.malignant for n, p in zip(names, parts, strict=True)},
-        malignant_map=_mean_map([p.malignant_map for p in parts]),
-        benign_map=_mean_map([p.benign_map for p in benign_parts]) if benign_parts else None,
-        rois=tuple(rois),
-    )
+def _mean_map(maps: list[torch.Tensor]) -> torch.Tensor:
+    return torch.stack(maps).mean(0) if len(maps) > 1 else maps[0]
 
 
 def _breast(laterality: Laterality, images: Sequence[ImagePrediction]) -> BreastPrediction:

@@ -90,6 +90,8 @@ class ExamPrediction:
     missing_views: tuple[str, ...]
     """E.g. ("R-MLO",); empty for a complete four-view exam."""
     models: tuple[ModelInfo, ...]
+    precision: str = "fp32"
+    """The numeric precision the forward passes ran at (`EnsembleSpec.precision`)."""
 
     @property
     def partial(self) -> bool:
