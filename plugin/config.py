@@ -8,6 +8,7 @@ so a config and its model files move together. Secrets are never in the file: a 
 
 from __future__ import annotations
 
+import os
 import socket
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -23,6 +24,7 @@ from pydantic import (
 )
 from pydicom.uid import UID
 
+from models.ensemble import EnsembleSpec, MemberSpec
 from plugin.config_types import (
     AETitle,
     ConfigPath,
@@ -195,8 +197,32 @@ class ModelMember(Section):
 class ModelsConfig(Section):
     members: list[ModelMember] = Field(min_length=1)
     device: Literal["auto", "cpu", "cuda"] | Annotated[str, Field(pattern=r"^cuda:\d+$")] = "auto"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    precision: Literal["fp32", "tf32", "bf16", "fp16"] = "fp32"
+    """fp32 is IEEE fp32 on every device (TF32 off on CUDA); tf32 allows TF32 on CUDA."""
+    channels_last: bool = False
+    compile: bool = False
+    """torch.compile each member; where that fails it runs eagerly (logged once)."""
     max_batch: int = Field(8, ge=1)
+    """Images (views × flips) per forward pass; the worker also gathers decoded exams up to
+    this many images into one call of the ensemble, so that forwards batch across exams."""
+    max_batch_wait_ms: float = Field(20, ge=0)
+    """How long the worker waits for more decoded exams to fill a batch before it runs what
+    it has; 0 runs at once."""
+
+
+def ensemble_spec(models: ModelsConfig) -> EnsembleSpec:
+    """The ensemble a config's `models` section describes."""
+    return EnsembleSpec(
+        members=tuple(MemberSpec(Path(m.path), tuple(m.flips)) for m in models.members),
+        device=models.device,
+        precision=models.precision,
+        max_batch=models.max_batch,
+    )
+
+
+def machine_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, which containers narrow)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 class WorkerConfig(Section):
@@ -206,6 +232,36 @@ class WorkerConfig(Section):
     devices: list[Annotated[str, Field(pattern=r"^(cpu|cuda:\d+)$")]] = []
     """One worker process per device (`[cuda:0, cuda:1]`); empty: one worker on
     `models.device`, in the serving process."""
+    decode_processes: int | None = Field(None, ge=0, le=256)
+    """Processes that read and decode images (JPEG 2000 costs seconds an exam); 0 decodes
+    in the worker itself; null: half the machine's CPUs, at least 1, at most 8."""
+    output_processes: int | None = Field(None, ge=0, le=256)
+    """Processes that build and write the result objects; 0 builds in the worker itself;
+    null: a quarter of the machine's CPUs, at least 1, at most 8."""
+    max_exams_in_flight: int | None = Field(None, ge=1, le=1024)
+    """Exams claimed and not yet committed, which bounds the worker's memory (a 3328×2560
+    four-view exam holds a few hundred MB in flight); further jobs stay queued in the store,
+    where another node may take them. null: enough to keep every stage busy."""
+
+    @property
+    def decoders(self) -> int:
+        if self.decode_processes is not None:
+            return self.decode_processes
+        return max(1, min(8, machine_cpus() // 2))
+
+    @property
+    def builders(self) -> int:
+        if self.output_processes is not None:
+            return self.output_processes
+        return max(1, min(8, machine_cpus() // 4))
+
+    def in_flight(self, max_batch: int) -> int:
+        """Exams the worker holds at once: each pool busy with one and one waiting, plus a
+        batch for the ensemble (four views an exam)."""
+        if self.max_exams_in_flight is not None:
+            return self.max_exams_in_flight
+        batch = max(1, -(-max_batch // 4))
+        return 2 * (max(1, self.decoders) + max(1, self.builders)) + batch
 
     @field_validator("devices")
     @classmethod

@@ -1,8 +1,9 @@
 """Offline analysis: DICOM files and folders in, result objects in a folder out.
 
 The same steps as the service, without the network and the store: group instances by study,
-select one image per view with the service's selection policy, run the ensemble, build the
-result objects, write them to one folder per study. The folder is named by a hash of the
+select one image per view with the service's selection policy, and send the studies through
+the service's analysis pipeline (`plugin.pipeline`: decode, ensemble, result objects written
+durably), to one folder per study. The folder is named by a hash of the
 StudyInstanceUID (no identifiers in file names or on the console); its `results.json` maps it
 back and records the scores, the selection and every skipped instance with its reason.
 """
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,16 +23,10 @@ from pydicom.errors import InvalidDicomError
 from models.ensemble import Ensemble
 from models.results import ExamPrediction
 
-from .decoding import decode
-from .isolation import NoUsableImage, analyse_isolated
-from .outputs import (
-    DEFAULT_KINDS,
-    OutputKind,
-    OutputOptions,
-    output_kind,
-    source_instance,
-)
-from .selection import Candidate, SelectionPolicy, select_views
+from .durable import write_atomically
+from .isolation import NoUsableImage
+from .pipeline import ExamRequest, Naming, Outcome, Pipeline, Settings
+from .selection import Candidate, Selection, SelectionPolicy, select_views
 
 
 @dataclass(frozen=True)
@@ -100,79 +95,81 @@ def _files(paths: Iterable[Path]) -> list[Path]:
     return out
 
 
-def analyse_study(
-    instances: Sequence[Instance],
+def analyse_studies(
+    studies: Iterable[Sequence[Instance]],
     ensemble: Ensemble,
     out_dir: Path,
+    settings: Settings,
     *,
     policy: SelectionPolicy | None = None,
-    kinds: Sequence[OutputKind] = DEFAULT_KINDS,
-    options: OutputOptions | None = None,
-) -> StudyResult:
-    """Select, decode, predict, build and write one study's objects."""
-    started = time.perf_counter()
-    study = str(instances[0].header.StudyInstanceUID)
-    result = StudyResult(study, out_dir / study_folder_name(study))
-    selection = select_views(
-        instances, policy or SelectionPolicy(), candidate=lambda i: Candidate.from_dataset(i.header)
-    )
-    result.skipped = [(str(i.path), reason) for i, reason in selection.skipped]
+    on_result: Callable[[StudyResult], None] | None = None,
+) -> list[StudyResult]:
+    """Select each study's images and analyse the studies through one pipeline, several at
+    once; results in the order given. `on_result` sees each as it finishes."""
+    policy = policy or SelectionPolicy()
+    results: list[StudyResult] = []
 
-    decoded = decode(
-        [(key, inst.path) for key, inst in selection.chosen.items()],
-        keep_pixels=OutputKind.SC in {OutputKind(k) for k in kinds},
-    )
-    for key, reason in decoded.failed:
-        result.skipped.append((str(selection.chosen[key].path), f"{key}: {reason}"))
-    if not decoded.mammograms:
-        result.missing = selection.missing
-        result.error = "no analysable image (see skipped)"
-        result.seconds = time.perf_counter() - started
-        return result
+    def finished(result: StudyResult) -> None:
+        if on_result is not None:
+            on_result(result)
 
-    paths = {str(inst.header.SOPInstanceUID): str(inst.path) for inst in selection.chosen.values()}
+    def done(outcome: Outcome) -> None:
+        result, selection = outcome.request.tag
+        _record(result, selection, outcome)
+        finished(result)
+
+    pipeline = Pipeline(ensemble, settings, done)
     try:
-        analysis = analyse_isolated(
-            ensemble.predict_exam,
-            decoded.mammograms,
-            decoded.datasets,
-            {OutputKind(k) for k in kinds},
-            options or OutputOptions(),
-        )
-    except NoUsableImage as exc:
-        analysis, left_out = None, exc.left_out
-    else:
-        left_out = analysis.left_out
-    for uid, stage, reason in left_out:
-        result.skipped.append((paths.get(uid, uid), f"{stage}: {reason}"))
-    if analysis is None:
+        for instances in studies:
+            study = str(instances[0].header.StudyInstanceUID)
+            result = StudyResult(study, out_dir / study_folder_name(study))
+            results.append(result)
+            selection = select_views(
+                instances, policy, candidate=lambda i: Candidate.from_dataset(i.header)
+            )
+            result.skipped = [(str(i.path), reason) for i, reason in selection.skipped]
+            if not selection.chosen:
+                result.missing = selection.missing
+                result.error = "no analysable image (see skipped)"
+                finished(result)
+                continue
+            files = tuple((key, inst.path) for key, inst in selection.chosen.items())
+            pipeline.submit(
+                ExamRequest(files, result.folder, Naming.BY_VIEW, tag=(result, selection))
+            )
+        pipeline.wait_idle()
+    finally:
+        pipeline.close()
+    return results
+
+
+def _record(result: StudyResult, selection: Selection[Instance], outcome: Outcome) -> None:
+    """What the pipeline made of one study, and its `results.json`."""
+    result.seconds = time.monotonic() - outcome.started
+    paths = {str(i.header.SOPInstanceUID): str(i.path) for i in selection.chosen.values()}
+    for lo in outcome.left_out:
+        if lo.stage == "decode":  # keyed by view: the image could not be read
+            path = str(selection.chosen[lo.sop_instance_uid].path)
+            result.skipped.append((path, f"{lo.sop_instance_uid}: {lo.reason}"))
+        else:
+            path = paths.get(lo.sop_instance_uid, lo.sop_instance_uid)
+            result.skipped.append((path, f"{lo.stage}: {lo.reason}"))
+    if isinstance(outcome.error, NoUsableImage):
         result.missing = selection.missing
         result.error = "no analysable image (see skipped)"
-        result.seconds = time.perf_counter() - started
-        return result
-    prediction, objects = analysis.prediction, analysis.objects
-    result.prediction = prediction
-    result.missing = prediction.missing_views
-    result.folder.mkdir(parents=True, exist_ok=True)
-    written = []
-    for ds in objects:
-        path = result.folder / _file_name(ds, prediction)
-        ds.save_as(path, enforce_file_format=True)
-        result.files.append(path)
-        written.append({"file": path.name, "sop_instance_uid": str(ds.SOPInstanceUID)})
+        return
+    if outcome.error is not None:
+        result.missing = selection.missing
+        result.error = f"analysis failed ({type(outcome.error).__name__})"
+        return
+    result.prediction = outcome.prediction
+    assert result.prediction is not None
+    result.missing = result.prediction.missing_views
+    result.files = [o.path for o in outcome.objects]
+    written = [
+        {"file": o.path.name, "sop_instance_uid": o.sop_instance_uid} for o in outcome.objects
+    ]
     _write_summary(result, selection.chosen, written)
-    result.seconds = time.perf_counter() - started
-    return result
-
-
-def _file_name(ds: pydicom.Dataset, prediction: ExamPrediction) -> str:
-    """ "cad_sr.dcm", "tid1500.dcm", "seg_R-CC.dcm", "sc_L-MLO.dcm", …"""
-    kind = output_kind(ds)
-    source = source_instance(ds)
-    if source is None:
-        return f"{kind.value}.dcm"
-    img = prediction.image(source)
-    return f"{kind.value}_{img.laterality}-{img.view}.dcm"
 
 
 def _write_summary(
@@ -203,4 +200,5 @@ def _write_summary(
         ],
         "objects": written,
     }
-    (result.folder / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    text = json.dumps(summary, indent=2) + "\n"
+    write_atomically(result.folder / "results.json", lambda fp: fp.write(text.encode()))

@@ -96,7 +96,8 @@ class Service:
             )
         if "worker" in self.roles:
             from models.ensemble import Ensemble
-            from plugin.worker import Worker, ensemble_spec
+            from plugin.config import ensemble_spec
+            from plugin.worker import Worker
 
             self.ensemble = Ensemble(ensemble_spec(config.models))
             self.worker = Worker(

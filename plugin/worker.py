@@ -1,12 +1,19 @@
-"""The analysis worker: one exam job at a time on the configured device.
+"""The analysis worker: claims exam jobs from the store as the pipeline has room for them.
 
-A job decodes its selected images, runs the ensemble, builds the result objects each
-destination wants, writes them durably into the spool and records them with their deliveries
-in one transaction. An image that fails in any stage (decoding, the models, an output builder)
-is left out with its reason and the exam is analysed without it, as partial
-(`plugin.isolation`); an exam with no usable image is quarantined at once, since trying again
-cannot help. Any other failure is retried after `retry_delay_seconds`, at most `max_attempts`
-times, then the job is quarantined with the reason; the queue moves on either way.
+Each job's selected images go through the analysis pipeline (`plugin.pipeline`: decode,
+ensemble batched across exams, result objects written durably into the spool); when an exam's
+objects are files, they are recorded with their deliveries in one transaction, the job's one
+commit. An image that fails in any stage (decoding, the models, an output builder) is left out
+with its reason and the exam is analysed without it, as partial (`plugin.isolation`); an exam
+with no usable image is quarantined at once, since trying again cannot help. Any other failure
+is retried after `retry_delay_seconds`, at most `max_attempts` times, then the job is
+quarantined with the reason; the queue moves on either way.
+
+Jobs are claimed only while the pipeline has room (`worker.max_exams_in_flight`), so a flood of
+exams waits in the store, where another node may take it, not in this process's memory. A
+process killed at any point leaves its claimed jobs running under its lease: they are queued
+again at its restart (or when the lease runs out) and re-run into the same files with the same
+result UIDs; nothing is recorded before the commit.
 """
 
 from __future__ import annotations
@@ -15,38 +22,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from functools import partial
-from pathlib import Path
 
-from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
-from plugin.config import Config, ModelsConfig
-from plugin.decoding import decode
-from plugin.durable import write_atomically
-from plugin.isolation import NoUsableImage, analyse_isolated
+from models.ensemble import Ensemble
+from plugin.config import Config
+from plugin.isolation import NoUsableImage
 from plugin.observability import AuditTrail, Metrics, cap
-from plugin.outputs import output_kind
+from plugin.outputs import OutputOptions
 from plugin.outputs.common import OutputKind
+from plugin.pipeline import ExamRequest, Naming, Outcome, Pipeline, settings_for
 from plugin.store import Job, NewResult, Store
 
 log = logging.getLogger(__name__)
 
 
-class UnanalysableExam(Exception):
-    """Nothing in the exam can be analysed; retrying cannot help."""
-
-
-def ensemble_spec(models: ModelsConfig) -> EnsembleSpec:
-    return EnsembleSpec(
-        members=tuple(MemberSpec(Path(m.path), tuple(m.flips)) for m in models.members),
-        device=models.device,
-        precision=models.precision,
-        max_batch=models.max_batch,
-    )
-
-
 class Worker:
-    """Claims due jobs from the store in a thread of its own; `run_once` is one job, for tests
-    and for callers that drive the loop themselves."""
+    """Claims due jobs in a thread of its own and feeds them to the pipeline; the pipeline's
+    outcome thread commits them."""
 
     def __init__(
         self,
@@ -72,11 +63,14 @@ class Worker:
             kind: tuple(r.name for r in config.destinations if kind in r.outputs)
             for kind in self.kinds
         }
+        self.settings = settings_for(config, self.kinds, OutputOptions())
+        self.pipeline: Pipeline | None = None
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
 
     def start(self) -> None:
+        self.pipeline = Pipeline(self.ensemble, self.settings, self._commit)
         self._thread.start()
 
     def wake(self) -> None:
@@ -84,119 +78,113 @@ class Worker:
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._thread.is_alive() and self.pipeline is not None and self.pipeline.alive
 
     def stop(self, timeout: float = 120.0) -> None:
-        """Let the job in progress finish (it commits or is retried after a restart)."""
+        """Claim nothing more and let the exams in flight commit; those that do not within
+        `timeout` are re-run after a restart (or by another node when the lease runs out)."""
         self._stop.set()
         self._wake.set()
         if self._thread.is_alive():
             self._thread.join(timeout)
+        if self.pipeline is not None and not self.pipeline.close(timeout):
+            log.warning(
+                "stopped with exams in flight; they run again at the next start",
+                extra={"fields": {"in_flight": self.pipeline.in_flight}},
+            )
 
     def _loop(self) -> None:
+        assert self.pipeline is not None
         while not self._stop.is_set():
             self._wake.clear()  # before the pass: a wake during the pass makes the wait return
+            if not self.pipeline.wait_for_room(self.poll_seconds):
+                continue
             try:
-                worked = self.run_once()
+                job = self.store.claim_job()
             except Exception:  # noqa: BLE001 - the loop outlives database hiccups
-                log.exception("worker pass failed")
-                worked = False
-            if not worked:
+                log.exception("claiming a job failed")
+                job = None
+            if job is None:
                 self._wake.wait(self.poll_seconds)
+                continue
+            self._submit(job)
 
-    def run_once(self) -> bool:
-        """Run the next due job, if any; True when one ran."""
-        job = self.store.claim_job()
-        if job is None:
-            return False
-        started = time.perf_counter()
-        fields = {
-            "study": job.study_instance_uid,
-            "job_id": job.id,
-            "version": job.version,
-            "attempt": job.attempts,
-        }
+    def _submit(self, job: Job) -> None:
+        assert self.pipeline is not None
         try:
-            results, summary = self._analyse(job)
-            # Inside the try: a job whose results cannot be recorded is retried (same UIDs,
-            # same files) rather than left running until the next restart.
+            instances = self.store.instances_by_id(job.instance_ids)
+        except Exception as exc:  # noqa: BLE001 - retried like any failed attempt
+            log.exception("reading a job's instances failed", extra={"fields": _fields(job)})
+            self._fail(job, f"analysis failed ({type(exc).__name__})", _fields(job), retry=True)
+            return
+        files = tuple((i.sop_instance_uid, i.path) for i in instances if i.path is not None)
+        folder = self.results_dir / job.study_instance_uid / f"v{job.version}"
+        self.pipeline.submit(ExamRequest(files, folder, Naming.BY_UID, tag=job))
+
+    def _commit(self, outcome: Outcome) -> None:
+        """The pipeline's outcome for one job: its one commit, or a failed attempt."""
+        job: Job = outcome.request.tag
+        fields = _fields(job)
+        left_out = [
+            {"sop_instance": lo.sop_instance_uid, "stage": lo.stage, "reason": lo.reason}
+            for lo in outcome.left_out
+        ]
+        if isinstance(outcome.error, NoUsableImage):
+            reasons = "; ".join(lo.reason for lo in outcome.error.left_out) or "no image files"
+            reason = cap(f"no usable image in the exam: {reasons}", 2000)
+            self._fail(job, reason, fields, retry=False)
+            return
+        if outcome.error is not None:
+            log.error(
+                "analysis failed", exc_info=outcome.error, extra={"fields": fields}
+            )  # the type only below: exception messages may quote header values
+            self._fail(job, f"analysis failed ({type(outcome.error).__name__})", fields, retry=True)
+            return
+        prediction = outcome.prediction
+        assert prediction is not None
+        results = [
+            NewResult(
+                kind=o.kind.value,
+                sop_instance_uid=o.sop_instance_uid,
+                sop_class_uid=o.sop_class_uid,
+                path=o.path,
+                size=o.size,
+                destinations=self.routes.get(o.kind, ()),
+            )
+            for o in outcome.objects
+        ]
+        try:
             self.store.finish_job(job.id, results)
-        except UnanalysableExam as exc:
-            self._fail(job, str(exc), fields, retry=False)
-            return True
-        except Exception as exc:  # noqa: BLE001 - any failure is retried, then quarantined
-            log.exception("analysis failed", extra={"fields": fields})
-            # The type only: exception messages may quote header values.
+        except Exception as exc:  # noqa: BLE001 - retried (same UIDs, same files)
+            log.exception("recording the results failed", extra={"fields": fields})
             self._fail(job, f"analysis failed ({type(exc).__name__})", fields, retry=True)
-            return True
-        elapsed = time.perf_counter() - started
+            return
+        elapsed = time.monotonic() - outcome.started
         self.metrics.stage_seconds.labels("analyse").observe(elapsed)
         last_seen = max(
             (i.received_at for i in self.store.instances_by_id(job.instance_ids)),
             default=job.created_at,
         )
         self.metrics.stage_seconds.labels("turnaround").observe(max(0.0, time.time() - last_seen))
-        outcome = "partial" if summary["missing"] else "complete"
-        self.metrics.exams.labels(outcome).inc()
+        outcome_name = "partial" if prediction.missing_views else "complete"
+        self.metrics.exams.labels(outcome_name).inc()
         self.audit.record(
             "analysed",
-            outcome=outcome,
+            outcome=outcome_name,
             seconds=round(elapsed, 3),
             objects=len(results),
-            **summary,
+            views=sorted(f"{i.laterality}-{i.view}" for i in prediction.images),
+            missing=list(prediction.missing_views),
+            left_out=left_out,
+            exam_score=round(float(prediction.malignant), 4),
             **fields,
         )
         log.info(
             "exam analysed",
-            extra={"fields": {**fields, "outcome": outcome, "seconds": round(elapsed, 3)}},
+            extra={"fields": {**fields, "outcome": outcome_name, "seconds": round(elapsed, 3)}},
         )
         if self.on_results is not None:
             self.on_results()
-        return True
-
-    def _analyse(self, job: Job) -> tuple[list[NewResult], dict[str, object]]:
-        instances = self.store.instances_by_id(job.instance_ids)
-        decoded = decode(
-            [(i.sop_instance_uid, i.path) for i in instances if i.path is not None],
-            keep_pixels=OutputKind.SC in self.kinds,
-        )
-        left_out = [(uid, "decode", reason) for uid, reason in decoded.failed]
-        try:
-            analysis = analyse_isolated(
-                self.ensemble.predict_exam, decoded.mammograms, decoded.datasets, self.kinds
-            )
-        except NoUsableImage as exc:
-            left_out += exc.left_out
-            reasons = "; ".join(r for _, _, r in left_out) or "no image files"
-            raise UnanalysableExam(cap(f"no usable image in the exam: {reasons}", 2000)) from None
-        prediction, objects = analysis.prediction, analysis.objects
-        left_out += analysis.left_out
-        folder = self.results_dir / job.study_instance_uid / f"v{job.version}"
-        results = []
-        for ds in objects:
-            kind = output_kind(ds)
-            path = folder / f"{kind.value}-{ds.SOPInstanceUID}.dcm"
-            size = write_atomically(path, partial(ds.save_as, enforce_file_format=True))
-            results.append(
-                NewResult(
-                    kind=kind.value,
-                    sop_instance_uid=str(ds.SOPInstanceUID),
-                    sop_class_uid=str(ds.SOPClassUID),
-                    path=path,
-                    size=size,
-                    destinations=self.routes.get(kind, ()),
-                )
-            )
-        summary = {
-            "views": sorted(f"{i.laterality}-{i.view}" for i in prediction.images),
-            "missing": list(prediction.missing_views),
-            "left_out": [
-                {"sop_instance": uid, "stage": stage, "reason": reason}
-                for uid, stage, reason in left_out
-            ],
-            "exam_score": round(float(prediction.malignant), 4),
-        }
-        return results, summary
 
     def _fail(self, job: Job, reason: str, fields: dict[str, object], *, retry: bool) -> None:
         retry_at = None
@@ -213,3 +201,12 @@ class Worker:
             "exam quarantined; `plugin retry --quarantined` requeues it",
             extra={"fields": {**fields, "reason": reason}},
         )
+
+
+def _fields(job: Job) -> dict[str, object]:
+    return {
+        "study": job.study_instance_uid,
+        "job_id": job.id,
+        "version": job.version,
+        "attempt": job.attempts,
+    }

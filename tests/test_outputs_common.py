@@ -1,5 +1,6 @@
-"""build_outputs as the worker calls it: deterministic UIDs, study/series placement,
-equipment, algorithm identification and the "not for clinical use" label on every object."""
+"""build_outputs as the worker calls it: typed result objects (kind, data set, source image),
+deterministic UIDs, study/series placement, equipment, algorithm identification and the "not
+for clinical use" label on every object."""
 
 from __future__ import annotations
 
@@ -19,8 +20,6 @@ from plugin.outputs import (
     OutputKind,
     OutputOptions,
     build_outputs,
-    output_kind,
-    source_instance,
 )
 from plugin.outputs.common import model_device_uid
 
@@ -28,7 +27,21 @@ ALL = list(OutputKind)
 
 
 def _uids(objects) -> list[tuple[str, str]]:
-    return [(o.SeriesInstanceUID, o.SOPInstanceUID) for o in objects]
+    return [(o.dataset.SeriesInstanceUID, o.dataset.SOPInstanceUID) for o in objects]
+
+
+def _datasets(objects) -> list:
+    return [o.dataset for o in objects]
+
+
+def _referenced_source(ds) -> str | None:
+    """The one image a per-view object references, as a viewer reads it."""
+    if "SourceImageSequence" in ds:
+        return str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
+    if "ReferencedSeriesSequence" in ds:
+        series = ds.ReferencedSeriesSequence[0]
+        return str(series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
+    return None
 
 
 @pytest.fixture(scope="module")
@@ -38,8 +51,9 @@ def objects(synth_exam_small):
 
 
 def test_every_kind_in_order_in_the_source_study(objects, synth_exam_small):
-    prediction, sources, built = objects
-    kinds = [output_kind(o) for o in built]
+    prediction, sources, objs = objects
+    kinds = [o.kind for o in objs]
+    built = _datasets(objs)
     assert (
         kinds
         == [OutputKind.CAD_SR, OutputKind.TID1500, OutputKind.TID1500_SCORES]
@@ -60,19 +74,25 @@ def test_every_kind_in_order_in_the_source_study(objects, synth_exam_small):
     numbers = [next(iter(v))[1] for v in series_by_kind.values()]
     assert len(set(numbers)) == len(numbers)
     assert len({o.SOPInstanceUID for o in built}) == len(built)
-    # SEG and SC name their source image; the hanging order is R-CC, L-CC, R-MLO, L-MLO.
-    segs = [o for o, k in zip(built, kinds, strict=True) if k is OutputKind.SEG]
-    order = [prediction.image(source_instance(s)) for s in segs]
-    assert [f"{i.laterality}-{i.view}" for i in order] == ["R-CC", "L-CC", "R-MLO", "L-MLO"]
-    assert source_instance(built[0]) is None
+    # Each object carries its source image, the one its data set references; the SRs none.
+    for o in objs:
+        assert o.source_sop_instance_uid == _referenced_source(o.dataset), o.kind
+    assert {
+        o.source_sop_instance_uid for o in objs if o.kind in (OutputKind.SEG, OutputKind.SC)
+    } == set(sources)
+    # The hanging order is R-CC, L-CC, R-MLO, L-MLO.
+    for kind in (OutputKind.SEG, OutputKind.SC, OutputKind.LABELMAP_SEG):
+        order = [prediction.image(o.source_sop_instance_uid) for o in objs if o.kind is kind]
+        assert [f"{i.laterality}-{i.view}" for i in order] == ["R-CC", "L-CC", "R-MLO", "L-MLO"]
+    assert [o.source_sop_instance_uid for o in objs[:3]] == [None, None, None]
 
 
 def test_equipment_and_label(objects):
     _, _, built = objects
-    for o in built:
+    for o in _datasets(built):
         assert o.Manufacturer == "mammo-ai-plugin"
         assert o.ManufacturerModelName == "mammo-ai-plugin"
-        assert __version__ in list(o.SoftwareVersions) or o.SoftwareVersions == __version__
+        assert o["SoftwareVersions"].VM == 1 and o.SoftwareVersions == __version__
         assert o.SeriesDescription.startswith(NOT_FOR_CLINICAL_USE)
 
 
@@ -98,7 +118,8 @@ def test_ihe_air_one_contributing_item_per_algorithm_in_every_object(synth_exam_
         ),
     ]
     prediction, sources = prediction_for(synth_exam_small, models=members, rois=True)
-    built = build_outputs(prediction, sources, ALL)
+    objs = build_outputs(prediction, sources, ALL)
+    built = _datasets(objs)
     items = [_algorithms(o) for o in built]
     first = [(e.ManufacturerModelName, e.DeviceUID) for e in items[0]]
     for o, algorithms in zip(built, items, strict=True):
@@ -116,7 +137,7 @@ def test_ihe_air_one_contributing_item_per_algorithm_in_every_object(synth_exam_
     assert ensemble.SoftwareVersions == __version__
     assert len({gmic.DeviceUID, allconv.DeviceUID, ensemble.DeviceUID}) == 3
     # The TID 1500 observer device is the ensemble.
-    tid1500 = next(o for o in built if output_kind(o) is OutputKind.TID1500)
+    tid1500 = next(o.dataset for o in objs if o.kind is OutputKind.TID1500)
     uids = [e.value for e in tid1500.iterall() if e.keyword == "UID" and e.tag.group == 0x0040]
     assert str(ensemble.DeviceUID) in [str(u) for u in uids]
 
@@ -125,7 +146,7 @@ def test_ihe_air_one_contributing_item_per_algorithm_in_every_object(synth_exam_
     retrained = [replace(members[0], file_sha256=hashlib.sha256(b"retrained").hexdigest())]
     again, _ = prediction_for(synth_exam_small, models=retrained + members[1:], rois=True)
     new_gmic, new_allconv, new_ensemble = _algorithms(
-        build_outputs(again, sources, [OutputKind.CAD_SR])[0]
+        build_outputs(again, sources, [OutputKind.CAD_SR])[0].dataset
     )
     assert new_gmic.DeviceUID != gmic.DeviceUID
     assert new_allconv.DeviceUID == allconv.DeviceUID
@@ -150,7 +171,7 @@ def test_rerun_gives_identical_uids(objects):
     prediction, sources, built = objects
     again = build_outputs(prediction, sources, ALL)
     assert _uids(again) == _uids(built)
-    seg, again_seg = built[3], again[3]
+    seg, again_seg = built[3].dataset, again[3].dataset
     assert (
         seg.DimensionOrganizationSequence[0].DimensionOrganizationUID
         == again_seg.DimensionOrganizationSequence[0].DimensionOrganizationUID
@@ -162,11 +183,11 @@ def test_uids_change_with_model_version_inputs_and_prefix(synth_exam_small, obje
     kinds = [OutputKind.CAD_SR, OutputKind.SEG]
     newer, sources = prediction_for(synth_exam_small, models=[model_info(version="1.1")])
     changed = build_outputs(newer, sources, kinds)
-    old = {o.SOPInstanceUID for o in built}
-    assert not old & {o.SOPInstanceUID for o in changed}
+    old = {o.SOPInstanceUID for o in _datasets(built)}
+    assert not old & {o.SOPInstanceUID for o in _datasets(changed)}
     partial, fewer = prediction_for(synth_exam_small, drop=["R-MLO"])
-    assert not old & {o.SOPInstanceUID for o in build_outputs(partial, fewer, kinds)}
-    prefixed = build_outputs(newer, sources, kinds, OutputOptions(uid_prefix="1.2.3.4."))
+    assert not old & {o.SOPInstanceUID for o in _datasets(build_outputs(partial, fewer, kinds))}
+    prefixed = _datasets(build_outputs(newer, sources, kinds, OutputOptions(uid_prefix="1.2.3.4.")))
     assert all(o.SOPInstanceUID.startswith("1.2.3.4.") for o in prefixed)
     # Every UID the plugin makes is under the site's root (nested ones name the sources).
     ours = [o.SeriesInstanceUID for o in prefixed] + [
@@ -178,7 +199,7 @@ def test_uids_change_with_model_version_inputs_and_prefix(synth_exam_small, obje
 
 def test_validated_models_are_not_labelled(synth_exam_small):
     prediction, sources = prediction_for(synth_exam_small, models=[model_info(clinical_use=True)])
-    for o in build_outputs(prediction, sources, DEFAULT_KINDS):
+    for o in _datasets(build_outputs(prediction, sources, DEFAULT_KINDS)):
         assert NOT_FOR_CLINICAL_USE not in o.SeriesDescription
 
 

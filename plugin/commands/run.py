@@ -8,12 +8,12 @@ import sys
 from pathlib import Path
 
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
-from plugin.config import DEFAULT_CONFIG, load_config
+from plugin.config import DEFAULT_CONFIG, Config, WorkerConfig, ensemble_spec, load_config
 from plugin.observability import quiet_pydicom
-from plugin.offline import StudyResult, analyse_study, scan
+from plugin.offline import StudyResult, analyse_studies, scan
 from plugin.outputs import DEFAULT_KINDS, OutputKind, OutputOptions
+from plugin.pipeline import Settings
 from plugin.selection import SelectionPolicy
-from plugin.worker import ensemble_spec
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "models" / "weights"
 DEMO_MODELS = ("demo-gmic.safetensors", "demo-allconv.safetensors")
@@ -75,14 +75,17 @@ def run(args: argparse.Namespace) -> int:
         )
     ensemble = Ensemble(spec)
     args.out.mkdir(parents=True, exist_ok=True)
-    results = []
-    for _, instances in sorted(found.studies.items()):
-        results.append(
-            analyse_study(
-                instances, ensemble, args.out, policy=policy, kinds=kinds, options=OutputOptions()
-            )
-        )
-        _print_row(results[-1], header=len(results) == 1)
+    studies = [instances for _, instances in sorted(found.studies.items())]
+    settings = _settings(config, spec, kinds, len(studies))
+    printed: list[StudyResult] = []
+
+    def print_row(result: StudyResult) -> None:
+        printed.append(result)
+        _print_row(result, header=len(printed) == 1)
+
+    results = analyse_studies(
+        studies, ensemble, args.out, settings, policy=policy, on_result=print_row
+    )
     print(
         f"{len(results)} studies, {sum(len(r.files) for r in results)} objects written to "
         f"{args.out}; {len(found.not_dicom)} non-DICOM files ignored"
@@ -103,13 +106,31 @@ def _kinds(text: str) -> list[OutputKind]:
         ) from None
 
 
-def _config(path: Path | None):
+def _settings(
+    config: Config | None, spec: EnsembleSpec, kinds: list[OutputKind], studies: int
+) -> Settings:
+    """The config's worker pipeline (defaults from the machine without one); one study runs
+    in this process, where pool processes would only cost their start-up."""
+    worker = config.worker if config else WorkerConfig()
+    parallel = studies > 1
+    return Settings(
+        decode_processes=worker.decoders if parallel else 0,
+        output_processes=worker.builders if parallel else 0,
+        in_flight=worker.in_flight(spec.max_batch),
+        max_batch=spec.max_batch,
+        max_batch_wait_ms=config.models.max_batch_wait_ms if config else 0.0,
+        kinds=tuple(kinds),
+        options=OutputOptions(),
+    )
+
+
+def _config(path: Path | None) -> Config | None:
     if path is not None:
         return load_config(path)
     return load_config(DEFAULT_CONFIG) if DEFAULT_CONFIG.exists() else None
 
 
-def _spec(config, models: list[str], device: str | None) -> EnsembleSpec:
+def _spec(config: Config | None, models: list[str], device: str | None) -> EnsembleSpec:
     if models:
         members = tuple(_member(m) for m in models)
         base = ensemble_spec(config.models) if config else EnsembleSpec(members)

@@ -1,6 +1,8 @@
 """DICOM result objects for one analysed exam, built with highdicom.
 
     objects = build_outputs(exam, sources, [OutputKind.CAD_SR, OutputKind.SEG])
+    for obj in objects:  # ResultObject: kind, dataset, source_sop_instance_uid
+        ...
 
 `sources` maps each analysed image's SOPInstanceUID to its dataset (with pixel data when the SC
 heat-map is wanted; headers suffice otherwise). Every object lands in the source study, in a
@@ -10,7 +12,7 @@ building the same exam twice gives the same UIDs.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 
 import pydicom
 
@@ -22,8 +24,10 @@ from .common import (
     NOT_FOR_CLINICAL_USE,
     OutputKind,
     OutputOptions,
+    ResultObject,
     derive_uid,
-    kind_for_series,
+    ordered_images,
+    source_for,
 )
 from .labelmap import build_labelmap_seg, build_labelmap_segs
 from .sc import build_sc, build_scs, display_image
@@ -39,56 +43,53 @@ DEFAULT_KINDS: tuple[OutputKind, ...] = (
 """What a site gets unless it configures otherwise; TID1500_SCORES is for machine consumers,
 LABELMAP_SEG for OHIF."""
 
+EXAM_LEVEL: dict[OutputKind, Callable[..., pydicom.Dataset]] = {
+    OutputKind.CAD_SR: build_cad_sr,
+    OutputKind.TID1500: build_tid1500,
+    OutputKind.TID1500_SCORES: build_tid1500_scores,
+}
+"""One object per exam: `build(exam, sources, options)`."""
+PER_IMAGE: dict[OutputKind, Callable[..., pydicom.Dataset]] = {
+    OutputKind.SEG: build_seg,
+    OutputKind.SC: build_sc,
+    OutputKind.LABELMAP_SEG: build_labelmap_seg,
+}
+"""One object per source image: `build(exam, image, source, instance_number, options)`."""
+
 
 def build_outputs(
     exam: ExamPrediction,
     sources: Mapping[str, pydicom.Dataset],
     kinds: Collection[OutputKind | str] = DEFAULT_KINDS,
     options: OutputOptions = DEFAULT_OPTIONS,
-) -> list[pydicom.Dataset]:
-    """All requested objects for `exam`, in the order of `OutputKind` (SRs first)."""
+) -> list[ResultObject]:
+    """All requested objects for `exam`, in the order of `OutputKind` (SRs first), per-view
+    objects in hanging order."""
     wanted = {OutputKind(k) for k in kinds}
-    out: list[pydicom.Dataset] = []
+    out: list[ResultObject] = []
     for kind in OutputKind:
         if kind not in wanted:
             continue
-        if kind is OutputKind.CAD_SR:
-            out.append(build_cad_sr(exam, sources, options))
-        elif kind is OutputKind.TID1500:
-            out.append(build_tid1500(exam, sources, options))
-        elif kind is OutputKind.TID1500_SCORES:
-            out.append(build_tid1500_scores(exam, sources, options))
-        elif kind is OutputKind.SEG:
-            out.extend(build_segs(exam, sources, options))
-        elif kind is OutputKind.SC:
-            out.extend(build_scs(exam, sources, options))
-        elif kind is OutputKind.LABELMAP_SEG:
-            out.extend(build_labelmap_segs(exam, sources, options))
+        if kind in EXAM_LEVEL:
+            out.append(ResultObject(kind, EXAM_LEVEL[kind](exam, sources, options)))
+            continue
+        for n, img in enumerate(ordered_images(exam), start=1):
+            uid = img.sop_instance_uid
+            ds = PER_IMAGE[kind](exam, img, source_for(sources, uid), n, options)
+            out.append(ResultObject(kind, ds, uid))
     return out
-
-
-def output_kind(ds: pydicom.Dataset) -> OutputKind:
-    """Which kind a built object is, e.g. to name files or pick a destination."""
-    return kind_for_series(ds.SeriesNumber)
-
-
-def source_instance(ds: pydicom.Dataset) -> str | None:
-    """The SOPInstanceUID of the one image a SEG or SC was made from; None for the SRs."""
-    if "SourceImageSequence" in ds:
-        return str(ds.SourceImageSequence[0].ReferencedSOPInstanceUID)
-    if "ReferencedSeriesSequence" in ds:
-        series = ds.ReferencedSeriesSequence[0]
-        return str(series.ReferencedInstanceSequence[0].ReferencedSOPInstanceUID)
-    return None
 
 
 __all__ = [
     "DEFAULT_KINDS",
+    "EXAM_LEVEL",
     "MAX_FRACTIONAL_VALUE",
     "NOT_FOR_CLINICAL_USE",
+    "PER_IMAGE",
     "MammographyCADSR",
     "OutputKind",
     "OutputOptions",
+    "ResultObject",
     "build_cad_sr",
     "build_labelmap_seg",
     "build_labelmap_segs",
@@ -101,7 +102,4 @@ __all__ = [
     "build_tid1500_scores",
     "derive_uid",
     "display_image",
-    "kind_for_series",
-    "output_kind",
-    "source_instance",
 ]

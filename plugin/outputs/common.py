@@ -66,12 +66,16 @@ _SERIES: dict[OutputKind, SeriesInfo] = {
 }
 
 
-def kind_for_series(number: int) -> OutputKind:
-    """Which kind an object built here is, from its SeriesNumber."""
-    for kind, info in _SERIES.items():
-        if info.number == int(number):
-            return kind
-    raise ValueError(f"series number {number} is not one of this plugin's output series")
+@dataclass(frozen=True)
+class ResultObject:
+    """A built result object and what it is, so that nothing downstream (file names,
+    routing, the store) has to read its kind or source back from the data set."""
+
+    kind: OutputKind
+    dataset: pydicom.Dataset
+    source_sop_instance_uid: str | None = None
+    """The image a per-view object (SEG, SC, labelmap SEG) was made from; None for the
+    exam-level SRs."""
 
 
 @dataclass(frozen=True)

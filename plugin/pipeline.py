@@ -1,0 +1,472 @@
+"""The one analysis path: decode → ensemble → result objects → durable files, many exams in
+flight, for the service's worker and `plugin run` alike.
+
+    pipeline = Pipeline(ensemble, settings, on_outcome=commit)
+    pipeline.submit(ExamRequest(files, folder, Naming.BY_UID, tag=job))
+    ...
+    pipeline.close()
+
+Stages are joined by queues that the in-flight limit bounds (`submit` blocks while
+`settings.in_flight` exams are between submission and outcome; `wait_for_room` lets a caller
+claim work only as room frees):
+
+- decode, in a process pool (`decode_processes`; 0: a thread of this process);
+- the ensemble, in one thread of this process: it takes whatever exams are decoded, up to
+  `max_batch` images or `max_batch_wait_ms`, and scores them in one `predict_exams` call, so
+  that forwards batch across exams;
+- result objects built and written durably (atomic, fsync'd) in a process pool
+  (`output_processes`; 0: a thread);
+- outcomes, one exam at a time, on one thread: `on_outcome` (the worker commits the exam's
+  objects and deliveries there, in one transaction).
+
+An image that fails in any stage is left out with its reason and the exam goes round again
+without it (`plugin.isolation`); an exam with no usable image ends in `NoUsableImage`; any
+other failure is the outcome's `error`. Nothing here is durable state: the caller's store
+is, so a process killed anywhere re-runs its unfinished exams, and the result UIDs (derived
+from the inputs and the models) and file names are the same the second time.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import signal
+import threading
+import time
+from collections.abc import Callable, Collection, Mapping, Sequence
+from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass, field
+from enum import StrEnum
+from functools import partial
+from multiprocessing import get_context
+from pathlib import Path
+from typing import Any
+
+import pydicom
+
+from models.ensemble import Ensemble
+from models.mammogram import Mammogram
+from models.results import ExamPrediction
+from plugin.decoding import Decoded, decode
+from plugin.durable import write_atomically
+from plugin.isolation import LeftOut, NoUsableImage, build_isolated, predict_isolated
+from plugin.outputs import DEFAULT_KINDS, OutputKind, OutputOptions, ResultObject
+
+log = logging.getLogger(__name__)
+
+
+class Naming(StrEnum):
+    """How an exam's object files are named in its folder."""
+
+    BY_UID = "uid"
+    """"seg-<SOPInstanceUID>.dcm": the spool, where versions of an exam have folders."""
+    BY_VIEW = "view"
+    """"cad_sr.dcm", "seg_R-CC.dcm": `plugin run`'s folder per study."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    decode_processes: int = 0
+    output_processes: int = 0
+    in_flight: int = 4
+    """Exams between `submit` and their outcome."""
+    max_batch: int = 8
+    """Images gathered into one `predict_exams` call."""
+    max_batch_wait_ms: float = 0.0
+    kinds: tuple[OutputKind, ...] = DEFAULT_KINDS
+    options: OutputOptions = field(default_factory=OutputOptions)
+
+    @property
+    def keep_pixels(self) -> bool:
+        """Only the heat-map needs the source pixels after decoding."""
+        return OutputKind.SC in self.kinds
+
+
+@dataclass(frozen=True)
+class ExamRequest:
+    files: tuple[tuple[str, Path], ...]
+    """(key, path) of the exam's chosen images; decode failures are reported by key."""
+    folder: Path
+    """Where the exam's objects are written."""
+    naming: Naming = Naming.BY_UID
+    tag: Any = None
+    """The caller's handle (a job, a study), returned with the outcome."""
+
+
+@dataclass(frozen=True)
+class WrittenObject:
+    """A result object as a durable file."""
+
+    kind: OutputKind
+    source_sop_instance_uid: str | None
+    sop_instance_uid: str
+    sop_class_uid: str
+    path: Path
+    size: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    request: ExamRequest
+    prediction: ExamPrediction | None
+    objects: tuple[WrittenObject, ...]
+    left_out: tuple[LeftOut, ...]
+    error: BaseException | None
+    """None: analysed (maybe without some images); `NoUsableImage`: retrying cannot help;
+    anything else: the attempt failed as a whole."""
+    started: float
+    """`time.monotonic()` at submission."""
+
+
+@dataclass
+class _Exam:
+    """One exam on its way through the stages."""
+
+    request: ExamRequest
+    started: float
+    mammograms: list[Mammogram] = field(default_factory=list)
+    sources: dict[str, pydicom.Dataset] = field(default_factory=dict)
+    left_out: list[LeftOut] = field(default_factory=list)
+    prediction: ExamPrediction | None = None
+    passed_on: bool = False
+    """Handed to the output stage or to the outcomes (so a stage's failure fails it once)."""
+
+    def drop(self, bad: Mapping[str, str], stage: str) -> None:
+        self.left_out += [LeftOut(uid, stage, reason) for uid, reason in bad.items()]
+        self.mammograms = [m for m in self.mammograms if m.sop_instance_uid not in bad]
+
+
+@dataclass(frozen=True)
+class _Built:
+    objects: tuple[WrittenObject, ...]
+    failed: dict[str, str]
+    """Images whose objects could not be built: nothing was written."""
+
+
+class Pipeline:
+    def __init__(
+        self,
+        ensemble: Ensemble,
+        settings: Settings,
+        on_outcome: Callable[[Outcome], None],
+    ) -> None:
+        self.ensemble = ensemble
+        self.settings = settings
+        self.on_outcome = on_outcome
+        self._decoders = _Pool("decode", settings.decode_processes)
+        self._builders = _Pool("output", settings.output_processes)
+        # Every queue holds at most the exams in flight, so none needs a bound of its own.
+        self._decoded: queue.Queue[_Exam] = queue.Queue()
+        self._done: queue.Queue[tuple[_Exam, Future | BaseException]] = queue.Queue()
+        self._room = threading.Condition()
+        self._in_flight = 0
+        self._stop = threading.Event()
+        self._threads = [
+            threading.Thread(target=self._ensemble_stage, name="ensemble", daemon=True),
+            threading.Thread(target=self._outcome_stage, name="outcomes", daemon=True),
+        ]
+        for thread in self._threads:
+            thread.start()
+
+    # -- the caller's side -----------------------------------------------------------------
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @property
+    def alive(self) -> bool:
+        return all(t.is_alive() for t in self._threads)
+
+    def wait_for_room(self, timeout: float) -> bool:
+        """True once another exam may be submitted without blocking."""
+        with self._room:
+            return self._room.wait_for(
+                lambda: self._in_flight < self.settings.in_flight, timeout=timeout
+            )
+
+    def wait_idle(self, timeout: float | None = None) -> bool:
+        """True once every submitted exam has had its outcome."""
+        with self._room:
+            return self._room.wait_for(lambda: self._in_flight == 0, timeout=timeout)
+
+    def submit(self, request: ExamRequest) -> None:
+        """Start one exam; blocks while the pipeline holds as many as it may."""
+        with self._room:
+            self._room.wait_for(lambda: self._in_flight < self.settings.in_flight)
+            self._in_flight += 1
+        exam = _Exam(request, time.monotonic())
+        try:
+            future = self._decoders.submit(
+                partial(decode, keep_pixels=self.settings.keep_pixels), request.files
+            )
+        except BaseException as exc:  # noqa: BLE001 - the exam's outcome carries it
+            self._done.put((exam, exc))
+            return
+        future.add_done_callback(partial(self._decoded_one, exam))
+
+    def close(self, timeout: float | None = None) -> bool:
+        """Let the exams in flight reach their outcomes (at most `timeout` seconds), then stop
+        the stages and their processes. False when some were still in flight: their work
+        is lost with this process, as in a crash, and the caller's store re-runs it."""
+        drained = self.wait_idle(timeout)
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(10)
+        self._decoders.shutdown()
+        self._builders.shutdown()
+        return drained
+
+    # -- stages ------------------------------------------------------------------------------
+
+    def _decoded_one(self, exam: _Exam, future: Future) -> None:
+        try:
+            decoded: Decoded = future.result()
+        except BaseException as exc:  # noqa: BLE001 - a broken pool fails this attempt only
+            self._done.put((exam, exc))
+            return
+        exam.mammograms = decoded.mammograms
+        exam.sources = decoded.datasets
+        exam.left_out = [LeftOut(key, "decode", reason) for key, reason in decoded.failed]
+        self._decoded.put(exam)
+
+    def _ensemble_stage(self) -> None:
+        while not self._stop.is_set():
+            batch = self._next_batch()
+            try:
+                self._score(batch)
+            except Exception as exc:  # noqa: BLE001 - the stage outlives one batch
+                log.exception("the ensemble stage failed a batch")
+                for exam in batch:
+                    if not exam.passed_on:
+                        self._fail(exam, exc)
+
+    def _next_batch(self) -> list[_Exam]:
+        """The decoded exams up to `max_batch` images, waiting `max_batch_wait_ms` at most
+        for more once the first is there."""
+        try:
+            batch = [self._decoded.get(timeout=0.2)]
+        except queue.Empty:
+            return []
+        images = len(batch[0].mammograms)
+        deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
+        while images < self.settings.max_batch:
+            try:
+                exam = self._decoded.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                break
+            batch.append(exam)
+            images += len(exam.mammograms)
+        return batch
+
+    def _score(self, batch: list[_Exam]) -> None:
+        usable = []
+        for exam in batch:
+            if exam.mammograms:
+                usable.append(exam)
+            else:
+                self._fail(exam, NoUsableImage(exam.left_out))
+        if not usable:
+            return
+        try:
+            predictions = self.ensemble.predict_exams([e.mammograms for e in usable])
+        except Exception:  # noqa: BLE001 - find the exams, and in them the images, at fault
+            log.warning("a batch of exams failed in the ensemble; scoring them one at a time")
+            predictions = [None] * len(usable)
+        for exam, prediction in zip(usable, predictions, strict=True):
+            if prediction is None:
+                try:
+                    prediction, left_out = predict_isolated(
+                        self.ensemble.predict_exam, exam.mammograms
+                    )
+                except Exception as exc:  # noqa: BLE001 - NoUsableImage, or the job's fault
+                    if isinstance(exc, NoUsableImage):
+                        exc = NoUsableImage([*exam.left_out, *exc.left_out])
+                    self._fail(exam, exc)
+                    continue
+                exam.left_out += left_out
+                analysed = {i.sop_instance_uid for i in prediction.images}
+                exam.mammograms = [m for m in exam.mammograms if m.sop_instance_uid in analysed]
+            exam.prediction = prediction
+            self._build(exam)
+
+    def _build(self, exam: _Exam) -> None:
+        assert exam.prediction is not None
+        # Only the analysed images' sources travel to the output process.
+        sources = {
+            i.sop_instance_uid: exam.sources[i.sop_instance_uid] for i in exam.prediction.images
+        }
+        try:
+            future = self._builders.submit(
+                build_and_write,
+                exam.prediction,
+                sources,
+                self.settings.kinds,
+                self.settings.options,
+                exam.request.folder,
+                exam.request.naming,
+            )
+        except BaseException as exc:  # noqa: BLE001
+            self._fail(exam, exc)
+            return
+        exam.passed_on = True
+        future.add_done_callback(lambda f: self._done.put((exam, f)))
+
+    def _fail(self, exam: _Exam, error: BaseException) -> None:
+        exam.passed_on = True
+        self._done.put((exam, error))
+
+    def _outcome_stage(self) -> None:
+        while not self._stop.is_set():
+            try:
+                exam, result = self._done.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            outcome = self._outcome(exam, result)
+            if outcome is None:
+                continue  # back to the ensemble without the images whose objects failed
+            try:
+                self.on_outcome(outcome)
+            except Exception:  # noqa: BLE001 - the caller's store re-runs the exam
+                log.exception("recording an exam's outcome failed")
+            finally:
+                with self._room:
+                    self._in_flight -= 1
+                    self._room.notify_all()
+
+    def _outcome(self, exam: _Exam, result: Future | BaseException) -> Outcome | None:
+        def outcome(objects=(), error=None) -> Outcome:
+            return Outcome(
+                exam.request,
+                None if error else exam.prediction,
+                tuple(objects),
+                tuple(exam.left_out),
+                error,
+                exam.started,
+            )
+
+        if isinstance(result, BaseException):
+            return outcome(error=result)
+        try:
+            built: _Built = result.result()
+        except BaseException as exc:  # noqa: BLE001 - the attempt fails, the stages go on
+            return outcome(error=exc)
+        if not built.failed:
+            return outcome(built.objects)
+        exam.drop(built.failed, "output")
+        log.warning("left images out of an exam", extra={"fields": {"images": len(built.failed)}})
+        if not exam.mammograms:
+            return outcome(error=NoUsableImage(exam.left_out))
+        exam.prediction, exam.passed_on = None, False
+        self._decoded.put(exam)
+        return None
+
+
+def build_and_write(
+    prediction: ExamPrediction,
+    sources: Mapping[str, pydicom.Dataset],
+    kinds: Collection[OutputKind],
+    options: OutputOptions,
+    folder: Path,
+    naming: Naming,
+) -> _Built:
+    """The output stage of one exam (in a pool process): build every requested object and,
+    when all could be built, write each durably."""
+    objects, failed = build_isolated(prediction, sources, kinds, options)
+    if failed:
+        return _Built((), failed)
+    return _Built(tuple(_write(obj, prediction, folder, naming) for obj in objects), {})
+
+
+def _write(obj: ResultObject, prediction: ExamPrediction, folder: Path, naming: Naming):
+    ds = obj.dataset
+    if naming is Naming.BY_UID:
+        name = f"{obj.kind.value}-{ds.SOPInstanceUID}.dcm"
+    elif obj.source_sop_instance_uid is None:
+        name = f"{obj.kind.value}.dcm"
+    else:
+        img = prediction.image(obj.source_sop_instance_uid)
+        name = f"{obj.kind.value}_{img.laterality}-{img.view}.dcm"
+    path = folder / name
+    size = write_atomically(path, partial(ds.save_as, enforce_file_format=True))
+    return WrittenObject(
+        obj.kind,
+        obj.source_sop_instance_uid,
+        str(ds.SOPInstanceUID),
+        str(ds.SOPClassUID),
+        path,
+        size,
+    )
+
+
+# -- process pools ------------------------------------------------------------------------------
+
+
+class _Pool:
+    """A process pool (or, for 0 processes, one thread) that is started again when a process
+    of it dies (killed for memory, a codec crash): the exams it held fail their attempt, the
+    next ones run."""
+
+    def __init__(self, name: str, processes: int) -> None:
+        self.name = name
+        self.processes = processes
+        self._lock = threading.Lock()
+        self._executor = self._new()
+
+    def _new(self) -> Executor:
+        if self.processes == 0:
+            return ThreadPoolExecutor(1, thread_name_prefix=self.name)
+        return ProcessPoolExecutor(
+            self.processes,
+            mp_context=get_context("spawn"),  # no fork of a process running torch threads
+            initializer=_child_started,
+            initargs=(os.getpid(),),
+        )
+
+    def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
+        with self._lock:
+            try:
+                return self._executor.submit(fn, *args)
+            except BrokenProcessPool:
+                log.error("a %s process died; starting the pool again", self.name)
+                self._executor.shutdown(wait=False, cancel_futures=True)
+                self._executor = self._new()
+                return self._executor.submit(fn, *args)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+
+
+def _child_started(parent: int) -> None:
+    """In each pool process: the parent ends it (Ctrl-C and SIGTERM go to the whole process
+    group, and the parent drains first), and it ends itself if the parent dies (kill -9
+    leaves no orphans)."""
+    from plugin.observability import quiet_pydicom
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    quiet_pydicom()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)
+
+    threading.Thread(target=watch, name="parent-watch", daemon=True).start()
+
+
+def settings_for(config: Any, kinds: Sequence[OutputKind], options: OutputOptions) -> Settings:
+    """The pipeline a service config asks for."""
+    worker, models = config.worker, config.models
+    return Settings(
+        decode_processes=worker.decoders,
+        output_processes=worker.builders,
+        in_flight=worker.in_flight(models.max_batch),
+        max_batch=models.max_batch,
+        max_batch_wait_ms=models.max_batch_wait_ms,
+        kinds=tuple(kinds),
+        options=options,
+    )
