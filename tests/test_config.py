@@ -10,7 +10,14 @@ import pytest
 import yaml
 
 from plugin.cli import main
-from plugin.config import ConfigError, load_config, parse_config, resolve_secret
+from plugin.config import (
+    ConfigError,
+    ensemble_spec,
+    load_config,
+    machine_cpus,
+    parse_config,
+    resolve_secret,
+)
 from plugin.outputs.common import OutputKind
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,6 +83,12 @@ def test_default_config_is_embedded_and_complete() -> None:
             "worker.devices: list each device once",
         ),
         (lambda d: d.setdefault("worker", {}).update(devices=["gpu0"]), "worker.devices.0"),
+        (
+            lambda d: d["worker"].update(decode_processes=-1),
+            "worker.decode_processes: Input should be greater than or equal to 0",
+        ),
+        (lambda d: d["worker"].update(max_exams_in_flight=0), "worker.max_exams_in_flight"),
+        (lambda d: d["models"].update(max_batch_wait_ms=-5), "models.max_batch_wait_ms"),
         (lambda d: d.update(node={"name": "a b"}), "node.name: String should match"),
     ],
 )
@@ -85,6 +98,25 @@ def test_mistakes_name_the_key(default_data: dict, edit, expected: str) -> None:
     with pytest.raises(ConfigError) as info:
         parse_config(data, REPO, "test.yml")
     assert expected in str(info.value)
+
+
+def test_pipeline_defaults_come_from_the_machine(default_data: dict) -> None:
+    cpus = machine_cpus()
+    config = parse_config(default_data, REPO)
+    worker = config.worker
+    assert (worker.decoders, worker.builders) == (
+        max(1, min(8, cpus // 2)),
+        max(1, min(8, cpus // 4)),
+    )
+    # Each pool busy with one exam and one waiting, plus a batch: 8 images = 2 exams.
+    assert worker.in_flight(8) == 2 * (worker.decoders + worker.builders) + 2
+    data = copy.deepcopy(default_data)
+    data["worker"].update(decode_processes=0, output_processes=3, max_exams_in_flight=5)
+    worker = parse_config(data, REPO).worker
+    assert (worker.decoders, worker.builders, worker.in_flight(64)) == (0, 3, 5)
+    spec = ensemble_spec(config.models)
+    assert [m.flips for m in spec.members] == [("none", "hflip"), ("none", "hflip")]
+    assert (spec.device, spec.precision, spec.max_batch) == ("auto", "fp32", 8)
 
 
 def test_relative_paths_follow_the_config_file(tmp_path: Path, default_data: dict) -> None:
