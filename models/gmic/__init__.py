@@ -29,6 +29,12 @@ class GMICFamily:
     def preprocess(self, image: Mammogram, spec: dict[str, Any]) -> Prepared:
         return preprocess(image, spec)
 
+    def preprocess_on(
+        self, image: Mammogram, spec: dict[str, Any], device: torch.device
+    ) -> Prepared:
+        """`preprocess` with the pixel work in torch on `device` (the ensemble's)."""
+        return preprocess(image, spec, device)
+
     def score_maps(self, output: GMICOutput) -> ScoreMaps:
         if output.y_fusion.shape[1] != 2:
             raise ValueError(

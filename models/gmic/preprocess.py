@@ -124,20 +124,33 @@ class TissueBox:
 # -- public entry points ---------------------------------------------------------------------
 
 
-def preprocess(image: Mammogram, spec: dict[str, Any] | PreprocessSpec) -> Prepared:
-    window, geometry = extract_window(image, spec)
-    x = standardise(window)
-    return Prepared(tensor=torch.from_numpy(x).unsqueeze(0), geometry=geometry)
+def preprocess(
+    image: Mammogram, spec: dict[str, Any] | PreprocessSpec, device: torch.device | str = "cpu"
+) -> Prepared:
+    """The model input, (1, rows, cols) float32 on `device`, and its `Geometry`. Every pixel
+    operation runs in torch on `device`; only the crop stage's connected-component labelling
+    (on a bit mask) runs on the CPU."""
+    window, geometry = window_tensor(image, spec, torch.device(device))
+    return Prepared(tensor=standardise(window).unsqueeze(0), geometry=geometry)
 
 
 def extract_window(
     image: Mammogram, spec: dict[str, Any] | PreprocessSpec
 ) -> tuple[np.ndarray, Geometry]:
     """The window before standardisation (float32, source intensities) and its geometry."""
+    window, geometry = window_tensor(image, spec, torch.device("cpu"))
+    return window.numpy(), geometry
+
+
+def window_tensor(
+    image: Mammogram, spec: dict[str, Any] | PreprocessSpec, device: torch.device
+) -> tuple[torch.Tensor, Geometry]:
+    """`extract_window` as a float32 tensor on `device`."""
     spec = spec if isinstance(spec, PreprocessSpec) else PreprocessSpec.from_dict(spec)
-    pixels = np.asarray(image.pixels, dtype=np.float32)
-    if pixels.ndim != 2:
-        raise MammogramError(f"GMIC needs a 2-D image, got pixel array shape {pixels.shape}")
+    source = np.asarray(image.pixels)
+    if source.ndim != 2:
+        raise MammogramError(f"GMIC needs a 2-D image, got pixel array shape {source.shape}")
+    pixels = torch.from_numpy(np.ascontiguousarray(source, dtype=np.float32)).to(device)
     geometry = Geometry(image.shape)
     flip = needs_flip(image, spec.orientation)
     if flip:
@@ -157,18 +170,16 @@ def extract_window(
         bottommost_y = int(np.floor((bottommost_y + 0.5) * resize.height / h))
 
     centre = window_centre(pixels, image.view, rightmost_x, bottommost_y, spec.window)
-    pad, top, left = place_window(pixels.shape, image.view, centre, spec.window)
+    pad, top, left = place_window(tuple(pixels.shape), image.view, centre, spec.window)
     for step in (pad, Crop(top, left, *spec.window)):
         geometry, pixels = _step(geometry, pixels, step)
-    return np.ascontiguousarray(pixels, dtype=np.float32), geometry
+    return pixels.contiguous(), geometry
 
 
-def standardise(window: np.ndarray) -> np.ndarray:
+def standardise(window: torch.Tensor) -> torch.Tensor:
     """Per-image standardisation in float32, as GMIC does it (padding included)."""
-    x = np.array(window, dtype=np.float32)
-    x -= x.mean()
-    x /= np.maximum(x.std(), np.float32(1e-5))
-    return x
+    std, mean = torch.std_mean(window, correction=0)
+    return (window - mean) / std.clamp_min(1e-5)
 
 
 # -- the steps -------------------------------------------------------------------------------
@@ -197,60 +208,98 @@ def needs_flip(image: Mammogram, orientation: str) -> bool:
     return flip
 
 
-def find_tissue(pixels: np.ndarray, spec: PreprocessSpec, flipped: bool) -> TissueBox:
+def find_tissue(pixels: torch.Tensor, spec: PreprocessSpec, flipped: bool) -> TissueBox:
     """GMIC's crop stage on a right-facing image.
+
+    GMIC erodes `pixels > 0` `crop_iterations` times with the 4-neighbour cross (outside the
+    image counts as background), keeps the largest 4-connected component and dilates it back
+    as many times. r cross erosions keep exactly the pixels whose city-block distance to the
+    nearest background pixel exceeds r, and r dilations reach exactly the pixels within
+    city-block distance r of the component: so the erosion is one distance transform on the
+    device (`_city_block_distance`), and the dilation's bounding box and right-most columns
+    follow from the component's per-row extent in closed form, instead of 2r passes over
+    the image.
 
     `flipped` reproduces a detail of the public code: it measures the right-most column of a
     mirrored image from the far edge, one pixel further right than on the mirrored grid.
     """
+    r = spec.crop_iterations
     mask = pixels > 0
-    if spec.crop_iterations:
-        mask = ndi.binary_erosion(mask, iterations=spec.crop_iterations)
-    labels, count = ndi.label(mask)
+    if r:
+        mask = _city_block_distance(mask) > r
+    labels, count = ndi.label(mask.cpu().numpy())
     if count == 0:
         raise MammogramError(
             "no breast tissue found: the image has no region of non-zero pixels wider than "
-            f"{2 * spec.crop_iterations} pixels; check that the image is a mammogram whose "
-            "background is 0"
+            f"{2 * r} pixels; check that the image is a mammogram whose background is 0"
         )
     sizes = np.bincount(labels.ravel())
     sizes[0] = 0
-    tissue = labels == int(sizes.argmax())
-    if spec.crop_iterations:
-        tissue = ndi.binary_dilation(tissue, iterations=spec.crop_iterations)
-
-    rows = np.flatnonzero(tissue.any(axis=1))
-    cols = np.flatnonzero(tissue.any(axis=0))
-    top, bottom = int(rows[0]), int(rows[-1]) + 1
-    left, right = int(cols[0]), int(cols[-1]) + 1
-    bottommost = bottom - 1
+    largest = int(sizes.argmax())
+    rows_slice, cols_slice = ndi.find_objects(labels, max_label=largest)[largest - 1]
+    component = labels[rows_slice, cols_slice] == largest
+    # Right-most component column per component row (every row of its bounding box has one:
+    # a 4-connected component has no empty row inside its extent).
+    row_right = cols_slice.start + component.shape[1] - 1 - component[:, ::-1].argmax(axis=1)
+    comp_top, comp_bottom = rows_slice.start, rows_slice.stop
     height, width = pixels.shape
+
+    top, bottom = max(comp_top - r, 0), min(comp_bottom + r, height)
+    left, right = max(cols_slice.start - r, 0), min(cols_slice.stop + r, width)
+    bottommost = bottom - 1
     top -= min(top, spec.crop_buffer)
     bottom += min(height - bottom, spec.crop_buffer)
     right += min(width - right, spec.crop_buffer)
 
-    boxed = tissue[top:bottom, left:right]
-    lower = boxed[int(boxed.shape[0] * spec.rightmost_search_from) :]
-    lower_cols = np.flatnonzero(lower.any(axis=0))
-    if lower_cols.size == 0:  # a box so short that its tissue is all in the top part
-        lower_cols = cols - left
-    rightmost = int(lower_cols[-1]) + int(flipped)
-    return TissueBox(top, bottom, left, right, rightmost, bottommost - top)
+    # Right-most dilated column in rows [first, bottom): a component row y' reaches column
+    # row_right[y'] + r - d out to the rows at distance d <= r from it.
+    first = top + int((bottom - top) * spec.rightmost_search_from)
+    ys = np.arange(comp_top, comp_bottom)
+    distance = np.maximum(0, np.maximum(first - ys, ys - (bottom - 1)))
+    near = distance <= r
+    if near.any():
+        rightmost = int(min((row_right[near] + r - distance[near]).max(), width - 1)) - left
+    else:  # a box so short that its tissue is all in the top part
+        rightmost = min(cols_slice.stop - 1 + r, width - 1) - left
+    return TissueBox(top, bottom, left, right, rightmost + int(flipped), bottommost - top)
+
+
+def _city_block_distance(mask: torch.Tensor) -> torch.Tensor:
+    """Per pixel of a (rows, cols) boolean mask, the city-block (L1) distance to the nearest
+    False pixel, counting everything outside the image as False; int32, 0 on False pixels.
+
+    Separable and exact: first the distance along each row (from running maxima of the last
+    background index to the left and right), then the lower envelope of cones down each
+    column, min over y' of (g[y'] + |y - y'|), as two running minima.
+    """
+    rows, cols = mask.shape
+    device = mask.device
+    background = ~mask
+    x = torch.arange(cols, device=device, dtype=torch.int32).expand(rows, cols)
+    last_left = torch.where(background, x, -1).cummax(dim=1).values
+    last_right_flipped = torch.where(background.flip(1), x, -1).cummax(dim=1).values
+    next_right = (cols - 1) - last_right_flipped.flip(1)
+    g = torch.minimum(x - last_left, next_right - x)
+    y = torch.arange(rows, device=device, dtype=torch.int32)[:, None]
+    down = (g - y).cummin(dim=0).values + y
+    up = (g + y).flip(0).cummin(dim=0).values.flip(0) - y
+    return torch.minimum(torch.minimum(down, up), torch.minimum(y + 1, rows - y))
 
 
 def window_centre(
-    pixels: np.ndarray,
+    pixels: torch.Tensor | np.ndarray,
     view: View,
     rightmost_x: int,
     bottommost_y: int,
     window: tuple[int, int],
 ) -> tuple[int, int]:
     """(row, col) centre of the window on the cropped, right-facing image."""
+    pixels = torch.as_tensor(pixels)
     height, width = window
     centre_x = rightmost_x - width // 2 - 1
     if view == View.MLO:
-        nonzero = np.flatnonzero((pixels[:, -width:] != 0).any(axis=1))
-        if nonzero.size:
+        nonzero = torch.nonzero((pixels[:, -width:] != 0).any(dim=1)).flatten()
+        if nonzero.numel():
             bottommost_y = min(int(nonzero[-1]), bottommost_y)
         return bottommost_y - height // 2 - 1, centre_x
 
@@ -284,11 +333,11 @@ def place_window(
 
 
 def _window_counts(
-    mask: np.ndarray, centres_y: np.ndarray, centre_x: int, window: tuple[int, int]
+    mask: torch.Tensor, centres_y: np.ndarray, centre_x: int, window: tuple[int, int]
 ) -> np.ndarray:
     """Non-zero pixels in each window; windows that stick out are moved back inside first."""
     l0, l1 = _window_span(np.array([centre_x]), window[1], mask.shape[1])
-    per_row = mask[:, int(l0[0]) : int(l1[0])].sum(axis=1)
+    per_row = mask[:, int(l0[0]) : int(l1[0])].sum(dim=1).cpu().numpy()
     cumulative = np.concatenate([[0], np.cumsum(per_row)])
     t0, t1 = _window_span(centres_y, window[0], mask.shape[0])
     return cumulative[t1] - cumulative[t0]
@@ -302,22 +351,23 @@ def _window_span(centres: np.ndarray, size: int, limit: int) -> tuple[np.ndarray
     return start, end
 
 
-def _step(geometry: Geometry, pixels: np.ndarray, step: Step) -> tuple[Geometry, np.ndarray]:
+def _step(geometry: Geometry, pixels: torch.Tensor, step: Step) -> tuple[Geometry, torch.Tensor]:
     """Append `step` to the geometry and apply it to the pixels; identity steps are left out."""
-    unchanged = step == Pad() or step == Crop(0, 0, *pixels.shape) or step == Resize(*pixels.shape)
+    shape = tuple(pixels.shape)
+    unchanged = step == Pad() or step == Crop(0, 0, *shape) or step == Resize(*shape)
     if unchanged:
         return geometry, pixels
     return geometry.then(step), _apply(step, pixels)
 
 
-def _apply(step: Step, pixels: np.ndarray) -> np.ndarray:
+def _apply(step: Step, pixels: torch.Tensor) -> torch.Tensor:
     """Apply one geometry step to an image; outside the image reads as zero."""
     if isinstance(step, Flip):
-        return np.flip(pixels, axis=step.axis)
+        return pixels.flip(step.axis)
     if isinstance(step, Pad):
-        return np.pad(pixels, ((step.top, step.bottom), (step.left, step.right)))
+        return F.pad(pixels, (step.left, step.right, step.top, step.bottom))
     if isinstance(step, Crop):
-        out = np.zeros((step.height, step.width), dtype=pixels.dtype)
+        out = pixels.new_zeros((step.height, step.width))
         r0, c0 = max(step.top, 0), max(step.left, 0)
         r1 = min(step.top + step.height, pixels.shape[0])
         c1 = min(step.left + step.width, pixels.shape[1])
@@ -327,9 +377,11 @@ def _apply(step: Step, pixels: np.ndarray) -> np.ndarray:
             ]
         return out
     if isinstance(step, Resize):
-        t = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))[None, None]
-        t = F.interpolate(
-            t, size=(step.height, step.width), mode="bilinear", align_corners=False, antialias=True
-        )
-        return t[0, 0].numpy()
+        return F.interpolate(
+            pixels[None, None],
+            size=(step.height, step.width),
+            mode="bilinear",
+            align_corners=False,
+            antialias=True,
+        )[0, 0]
     raise TypeError(f"unknown geometry step {step!r}")
