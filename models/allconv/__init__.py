@@ -78,6 +78,12 @@ class AllConvFamily:
     def preprocess(self, image: Mammogram, spec: dict[str, Any]) -> Prepared:
         return preprocess(image, spec)
 
+    def preprocess_on(
+        self, image: Mammogram, spec: dict[str, Any], device: torch.device
+    ) -> Prepared:
+        """`preprocess` with the pixel work in torch on `device` (the ensemble's)."""
+        return preprocess(image, spec, device)
+
     def score_maps(self, output: AllConvOutput) -> ScoreMaps:
         maps = cancer_map(output)
         boxes, weights = peak_box(maps, output.input_shape)

@@ -82,8 +82,11 @@ def default_spec(architecture: dict[str, Any]) -> dict[str, Any]:
     return PreprocessSpec(target_size=config.input_shape).to_dict()
 
 
-def preprocess(image: Mammogram, spec: dict[str, Any]) -> Prepared:
-    """Mammogram → (3, H, W) float32 input and the `Geometry` (one Resize step) back."""
+def preprocess(
+    image: Mammogram, spec: dict[str, Any], device: torch.device | str = "cpu"
+) -> Prepared:
+    """Mammogram → (3, H, W) float32 input on `device` and the `Geometry` (one Resize step)
+    back; the pixel work runs in torch on `device`."""
     s = PreprocessSpec.from_dict(spec)
     pixels = np.asarray(image.pixels)
     if pixels.ndim != 2:
@@ -93,26 +96,27 @@ def preprocess(image: Mammogram, spec: dict[str, Any]) -> Prepared:
             f"bits_stored {image.bits_stored} is outside 1..16; the all-conv models take "
             "images of at most 16 bits"
         )
-    x = pixels.astype(np.float32)
+    x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32)).to(device)
     if s.scale_to_16bit and image.bits_stored < 16:
-        x = _as_16bit_png(x.astype(np.float64) * (_MAX_16BIT / (2**image.bits_stored - 1)))
+        x = _as_16bit_png(x.double() * (_MAX_16BIT / (2**image.bits_stored - 1)))
     rows, cols = s.target_size
-    if x.shape != (rows, cols):
+    if tuple(x.shape) != (rows, cols):
         x = _resize_bicubic(x, rows, cols)
     # Two float32 operations, as upstream: this reproduces its input bit for bit.
-    x = x * np.float32(s.rescale)
-    x = x - np.float32(s.featurewise_mean)
-    tensor = torch.from_numpy(np.ascontiguousarray(x)).unsqueeze(0).repeat(3, 1, 1)
-    return Prepared(tensor=tensor, geometry=Geometry(image.shape, (Resize(rows, cols),)))
+    x = x * s.rescale
+    x = x - s.featurewise_mean
+    return Prepared(
+        tensor=x.unsqueeze(0).expand(3, -1, -1),
+        geometry=Geometry(image.shape, (Resize(rows, cols),)),
+    )
 
 
-def _resize_bicubic(x: np.ndarray, rows: int, cols: int) -> np.ndarray:
+def _resize_bicubic(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """OpenCV's INTER_CUBIC on a uint16 image: a = −0.75 bicubic on pixel centres without
     antialiasing (torch's `bicubic`, align_corners=False), then rounded and saturated to 16 bits."""
-    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))[None, None]
-    out = F.interpolate(t, size=(rows, cols), mode="bicubic", align_corners=False)
-    return _as_16bit_png(out[0, 0].numpy())
+    out = F.interpolate(x[None, None], size=(rows, cols), mode="bicubic", align_corners=False)
+    return _as_16bit_png(out[0, 0])
 
 
-def _as_16bit_png(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x), 0.0, _MAX_16BIT).astype(np.float32)
+def _as_16bit_png(x: torch.Tensor) -> torch.Tensor:
+    return x.round().clamp(0.0, _MAX_16BIT).float()
