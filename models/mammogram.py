@@ -1,9 +1,9 @@
 """The `Mammogram`: one decoded mammography image with the header facts the models need.
 
-Reading (`models.reading`) is the only place that knows DICOM pixel semantics; everything
-downstream works on this typed record. Pixel values are "brighter is denser" (MONOCHROME1 is
-already inverted) and keep their stored bit depth, so each model's preprocessing decides how
-to scale them.
+Reading (`models.header`, `models.pixels`) is the only place that knows DICOM pixel
+semantics; everything downstream works on this typed record. Pixel values are "brighter is
+denser" (MONOCHROME1 is already inverted) and keep their stored bit depth, so each model's
+preprocessing decides how to scale them.
 """
 
 from __future__ import annotations
@@ -22,6 +22,23 @@ class Laterality(StrEnum):
 class View(StrEnum):
     CC = "CC"
     MLO = "MLO"
+
+
+SCREENING_VIEWS: tuple[tuple[Laterality, View], ...] = (
+    (Laterality.RIGHT, View.CC),
+    (Laterality.LEFT, View.CC),
+    (Laterality.RIGHT, View.MLO),
+    (Laterality.LEFT, View.MLO),
+)
+"""The four screening views in reading (hanging) order: R-CC, L-CC, R-MLO, L-MLO."""
+
+
+def view_key(laterality: str, view: str) -> str:
+    """ "L-CC", "R-MLO", …: the names the papers, the exam grouper and the outputs use."""
+    return f"{laterality}-{view}"
+
+
+SCREENING_VIEW_KEYS: tuple[str, ...] = tuple(view_key(lat, v) for lat, v in SCREENING_VIEWS)
 
 
 class ImageKind(StrEnum):
@@ -67,5 +84,4 @@ class Mammogram:
 
     @property
     def view_key(self) -> str:
-        """ "L-CC", "R-MLO", …: the names the papers and the exam grouper use."""
-        return f"{self.laterality}-{self.view}"
+        return view_key(self.laterality, self.view)

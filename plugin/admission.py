@@ -16,7 +16,7 @@ from pathlib import Path
 
 from pydicom import dcmread
 from pydicom.dataset import Dataset
-from pydicom.uid import UID
+from pydicom.uid import UID, JPEG2000TransferSyntaxes, RLELossless
 
 NOT_DICOM = 0xC100
 BAD_UIDS = 0xC101
@@ -106,23 +106,9 @@ def image_integers(header: Dataset) -> dict[str, int]:
     return out
 
 
-def expected_pixel_bytes(dims: dict[str, int]) -> int:
-    return (
-        dims["Rows"]
-        * dims["Columns"]
-        * dims.get("SamplesPerPixel", 1)
-        * dims.get("NumberOfFrames", 1)
-        * dims["BitsAllocated"]
-        + 7
-    ) // 8
-
-
 # -- encoding --------------------------------------------------------------------------------
 
-_J2K = {"1.2.840.10008.1.2.4.90", "1.2.840.10008.1.2.4.91", "1.2.840.10008.1.2.4.92"}
-_J2K |= {"1.2.840.10008.1.2.4.93", "1.2.840.10008.1.2.4.201", "1.2.840.10008.1.2.4.202"}
-_J2K |= {"1.2.840.10008.1.2.4.203"}
-_RLE = "1.2.840.10008.1.2.5"
+_J2K = frozenset(JPEG2000TransferSyntaxes)  # JPEG 2000 and HTJ2K
 _JP2_SIGNATURE = b"\x00\x00\x00\x0cjP  "
 
 
@@ -202,9 +188,9 @@ def _check_codestream(fp, syntax: UID) -> None:  # noqa: ANN001 - a binary file 
     if len(item) < 8 or item[:4] != b"\xfe\xff\x00\xe0":
         return  # no fragment: the pixel check reports missing data
     first = fp.read(16)
-    if str(syntax) in _J2K:
+    if syntax in _J2K:
         ok = first[:4] == b"\xff\x4f\xff\x51" or first[:8] == _JP2_SIGNATURE
-    elif str(syntax) == _RLE:
+    elif syntax == RLELossless:
         segments = struct.unpack("<I", first[:4])[0] if len(first) >= 4 else 0
         ok = 1 <= segments <= 15
     else:  # JPEG baseline/extended/lossless and JPEG-LS: an SOI marker

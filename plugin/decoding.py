@@ -18,7 +18,7 @@ from pathlib import Path
 from pydicom import Dataset, dcmread
 
 from models.mammogram import Mammogram, MammogramError
-from models.reading import read_mammogram
+from models.pixels import read_mammogram
 from plugin.header_repair import copyable_header
 from plugin.observability import cap
 from plugin.outputs.common import header_copy

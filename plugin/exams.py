@@ -13,59 +13,42 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import replace
 
 from plugin.config import ExamsConfig
 from plugin.observability import AuditTrail, Metrics, hash_uid
-from plugin.selection import select_views
+from plugin.selection import Selection, SelectionPolicy, select_views
 from plugin.store import Exam, Instance, Store
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Plan:
-    """What the selection policy made of an exam's instances right now."""
-
-    chosen: dict[str, Instance]
-    """One instance per view key ("L-CC", …)."""
-    skipped: list[tuple[Instance, str]]
-    """Instances not analysed, each with the reason."""
-    missing: tuple[str, ...]
-    """Screening views with no usable image."""
-
-    @property
-    def complete(self) -> bool:
-        return not self.missing and bool(self.chosen)
-
-    def summary(self, closed_by: str) -> dict[str, object]:
-        """What the job (and later the result objects) record about the selection."""
-        return {
-            "closed_by": closed_by,
-            "chosen": {view: inst.sop_instance_uid for view, inst in sorted(self.chosen.items())},
-            "skipped": [
-                {"sop_instance_uid": inst.sop_instance_uid, "reason": reason}
-                for inst, reason in self.skipped
-            ],
-            "missing": list(self.missing),
-        }
-
-
-def plan_exam(instances: list[Instance], options: dict[str, object]) -> Plan:
+def plan_exam(instances: list[Instance], policy: SelectionPolicy) -> Selection[Instance]:
     """Apply the selection policy to the study's current instances. Instances the listener
     already ignored (non-mammography, unusable header) are carried as skipped with their
     reason."""
     ignored = [(i, i.reason or "ignored") for i in instances if i.status == "ignored"]
-    candidates = [i for i in instances if i.status == "accepted"]
-    selection = select_views(candidates, options)
-    return Plan(
-        chosen=dict(selection.chosen),
-        skipped=ignored + list(selection.skipped),
-        missing=tuple(selection.missing),
-    )
+    selection = select_views([i for i in instances if i.status == "accepted"], policy)
+    return replace(selection, skipped=ignored + selection.skipped)
 
 
-def closing_reason(exam: Exam, plan: Plan, now: float, config: ExamsConfig) -> str | None:
+def selection_record(selection: Selection[Instance], closed_by: str) -> dict[str, object]:
+    """What the job records about the selection: how the exam closed, the instance chosen
+    per view, every skipped instance with its reason, the missing views."""
+    return {
+        "closed_by": closed_by,
+        "chosen": {view: inst.sop_instance_uid for view, inst in sorted(selection.chosen.items())},
+        "skipped": [
+            {"sop_instance_uid": inst.sop_instance_uid, "reason": reason}
+            for inst, reason in selection.skipped
+        ],
+        "missing": list(selection.missing),
+    }
+
+
+def closing_reason(
+    exam: Exam, plan: Selection[Instance], now: float, config: ExamsConfig
+) -> str | None:
     """Why the exam should be analysed now, or None to keep waiting."""
     quiet_for = now - exam.last_seen
     if plan.complete and quiet_for >= config.settle_seconds:
@@ -91,6 +74,7 @@ class Assembler:
         poll_seconds: float = 0.25,
     ) -> None:
         self.config = config
+        self.policy = SelectionPolicy.from_mapping(config.selection)
         self.store = store
         self.audit = audit
         self.metrics = metrics
@@ -133,7 +117,7 @@ class Assembler:
         return closed
 
     def _consider(self, exam: Exam, now: float) -> int:
-        plan = plan_exam(self.store.instances(exam.study_instance_uid), self.config.selection)
+        plan = plan_exam(self.store.instances(exam.study_instance_uid), self.policy)
         reason = closing_reason(exam, plan, now, self.config)
         if reason is None:
             return 0
@@ -151,7 +135,7 @@ class Assembler:
         job = self.store.queue_job(
             exam.id,
             [inst.id for inst in plan.chosen.values()],
-            plan.summary(reason),
+            selection_record(plan, reason),
             partial=not plan.complete,
             seen=exam.last_seen,
             now=now,

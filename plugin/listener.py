@@ -37,6 +37,7 @@ import ssl
 import tempfile
 import threading
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,8 +47,17 @@ from pydicom.uid import UID
 from pynetdicom import AE, AllStoragePresentationContexts, _config, evt
 from pynetdicom.sop_class import Verification
 
+from models.header import (
+    BREAST_PROJECTION_FOR_PRESENTATION,
+    BREAST_PROJECTION_FOR_PROCESSING,
+    BREAST_TOMOSYNTHESIS,
+    MG_FOR_PRESENTATION,
+    MG_FOR_PROCESSING,
+    ImageDescription,
+    describe,
+)
 from models.mammogram import MammogramError
-from models.reading import describe
+from models.pixels import expected_pixel_bytes
 from plugin.admission import (
     BAD_ATTRIBUTE,
     BAD_UIDS,
@@ -56,7 +66,6 @@ from plugin.admission import (
     TRUNCATED_PIXELS,
     Refused,
     check_encoding,
-    expected_pixel_bytes,
     image_integers,
     read_header,
     valid_uid,
@@ -64,20 +73,21 @@ from plugin.admission import (
 from plugin.config import ListenerConfig
 from plugin.durable import fsync_dir, make_dirs
 from plugin.observability import AuditTrail, Metrics, cap
-from plugin.selection import acquisition_time
 from plugin.store import NewInstance, Recorded, Store
 
 log = logging.getLogger(__name__)
 
 OUT_OF_RESOURCES = 0xA700
 
-MAMMOGRAPHY_SOP_CLASSES = {
-    "1.2.840.10008.5.1.4.1.1.1.2": "Digital Mammography X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.1.2.1": "Digital Mammography X-Ray Image Storage - For Processing",
-    "1.2.840.10008.5.1.4.1.1.13.1.3": "Breast Tomosynthesis Image Storage",
-    "1.2.840.10008.5.1.4.1.1.13.1.4": "Breast Projection X-Ray Image Storage - For Presentation",
-    "1.2.840.10008.5.1.4.1.1.13.1.5": "Breast Projection X-Ray Image Storage - For Processing",
-}
+MAMMOGRAPHY_SOP_CLASSES = frozenset(
+    {
+        MG_FOR_PRESENTATION,
+        MG_FOR_PROCESSING,
+        BREAST_TOMOSYNTHESIS,
+        BREAST_PROJECTION_FOR_PRESENTATION,
+        BREAST_PROJECTION_FOR_PROCESSING,
+    }
+)
 
 _HASH_CHUNK = 1 << 20
 _ERROR_COMMENT = 64
@@ -122,7 +132,7 @@ class Listener:
         self.late_images = late_images
         # One folder per process: on a shared spool the sweep must never touch another
         # node's transfers in flight.
-        self.incoming = store.spool / ".incoming" / _folder_name(store.claimant)
+        self.incoming = incoming_folder(store)
         self.instances_dir = store.spool / "instances"
         self._server: Any = None
         self._ae: AE | None = None
@@ -141,10 +151,7 @@ class Listener:
         self.instances_dir.mkdir(parents=True, exist_ok=True)
         for stale in self.incoming.iterdir():  # never acknowledged: the sender will resend
             stale.unlink(missing_ok=True)
-        # pynetdicom writes the streamed data set to a NamedTemporaryFile in the default temp
-        # folder; on the spool's filesystem the final rename is atomic.
-        tempfile.tempdir = str(self.incoming)
-        _config.STORE_RECV_CHUNKED_DATASET = True
+        receive_into(self.incoming)  # a no-op where `plugin serve` did it at start
 
         cfg = self.config
         ae = AE(ae_title=cfg.ae_title)
@@ -523,32 +530,26 @@ class Listener:
         fields = {
             **fields,
             "replaced": replaced,
-            "laterality": description.get("laterality"),
-            "view": description.get("view"),
+            "laterality": description.laterality if description else None,
+            "view": description.view if description else None,
         }
         return Outcome(0x0000, "replaced" if replaced else "accepted", None, "received", fields)
 
-    def _classify(self, header: Dataset, sop_class: str) -> tuple[str, str | None, dict[str, Any]]:
+    def _classify(
+        self, header: Dataset, sop_class: str
+    ) -> tuple[str, str | None, ImageDescription | None]:
         """("accepted" | "ignored", reason, header facts for the selection policy)."""
         if sop_class not in MAMMOGRAPHY_SOP_CLASSES:
             name = UID(sop_class).name if UID(sop_class).is_valid else "unknown SOP class"
-            return "ignored", cap(f"not a mammography image ({name})", 200), {}
+            return "ignored", cap(f"not a mammography image ({name})", 200), None
         dims = image_integers(header)
         pixels = dims["Rows"] * dims["Columns"] * dims.get("NumberOfFrames", 1)
         if pixels > self.config.max_image_pixels:
             raise Refused(TOO_LARGE, "header claims more pixels than max_image_pixels")
         try:
-            desc = describe(header)
+            return "accepted", None, describe(header)
         except MammogramError as exc:
-            return "ignored", cap(f"unusable mammography header: {exc}"), {}
-        facts = dataclasses.asdict(desc)
-        facts["acquisition"] = cap(acquisition_time(header), 32)
-        number = header.get("InstanceNumber")
-        try:
-            facts["instance_number"] = int(number) if number not in (None, "") else None
-        except (TypeError, ValueError):
-            facts["instance_number"] = None  # only orders duplicates; not worth a refusal
-        return "accepted", None, _jsonable(facts)
+            return "ignored", cap(f"unusable mammography header: {exc}"), None
 
     def _check_pixels(self, header: Dataset, syntax: UID, src: Path, offset: int | None) -> None:
         """For uncompressed data, the bytes after the header must hold the pixels it claims
@@ -559,7 +560,14 @@ class Listener:
             raise Refused(TRUNCATED_PIXELS, "image has no Pixel Data element")
         if syntax.is_compressed:
             return
-        expected = expected_pixel_bytes(image_integers(header))
+        dims = image_integers(header)
+        expected = expected_pixel_bytes(
+            dims["Rows"],
+            dims["Columns"],
+            dims["BitsAllocated"],
+            dims.get("SamplesPerPixel", 1),
+            dims.get("NumberOfFrames", 1),
+        )
         available = src.stat().st_size - offset - 8  # minus the shortest element header
         if available < expected:
             raise Refused(
@@ -589,14 +597,45 @@ def _hash(path: Path, *, fsync: bool) -> tuple[str, int]:
     return digest.hexdigest(), size
 
 
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    return str(value)
+def incoming_folder(store: Store) -> Path:
+    """This process's folder for transfers in progress. One per process: on a shared spool
+    the sweep must never touch another node's transfers in flight."""
+    return store.spool / ".incoming" / _folder_name(store.claimant)
+
+
+def prepare_process(store: Store, roles: Sequence[str]) -> None:
+    """`plugin serve`'s one call at start: a process with the listener role receives into
+    its incoming folder (`receive_into`); other roles leave the temp folder alone."""
+    if "listener" in roles:
+        receive_into(incoming_folder(store))
+
+
+_receiving_into: Path | None = None
+
+
+def receive_into(folder: Path) -> None:
+    """Process-wide settings for streamed receive, made once: pynetdicom streams each C-STORE
+    into a NamedTemporaryFile in the default temp folder (so that folder is `folder`, on the
+    spool's filesystem, where the final rename is atomic), and only when pynetdicom's
+    documented `_config.STORE_RECV_CHUNKED_DATASET` is on.
+
+    `plugin serve` calls this at start; `Listener.start` calls it too, a no-op then, so that a
+    listener embedded elsewhere (a benchmark, a test) works. A second listener on another
+    folder in the same process is refused: one temp folder cannot serve two spools."""
+    global _receiving_into
+    folder = Path(folder)
+    active = _receiving_into is not None and tempfile.tempdir == str(_receiving_into)
+    if active and _config.STORE_RECV_CHUNKED_DATASET:
+        if _receiving_into == folder:
+            return
+        raise RuntimeError(
+            f"this process already receives into {_receiving_into}; run one listener per "
+            "process (each `plugin serve` node has its own)"
+        )
+    folder.mkdir(parents=True, exist_ok=True)
+    tempfile.tempdir = str(folder)
+    _config.STORE_RECV_CHUNKED_DATASET = True
+    _receiving_into = folder
 
 
 def _folder_name(claimant: str) -> str:

@@ -2,10 +2,11 @@
 L-MLO, why every other instance is skipped, and which views are missing.
 
 One pure function serves `plugin run` (candidates are datasets read from files) and the
-service's exam grouper (candidates are stored instances carrying `describe`'s facts as a dict),
-so both apply the same policy. The policy is a dataclass a site configures (config key
-`exams.selection`); what the models cannot read at all (tomosynthesis, multi-frame objects,
-views other than CC/MLO, both-breast images, broken headers) is always skipped, with the reason.
+service's exam grouper (candidates are stored instances carrying the `ImageDescription` the
+listener made of their header), so both apply the same policy. The policy is a dataclass a
+site configures (config key `exams.selection`); what the models cannot read at all
+(tomosynthesis, multi-frame objects, views other than CC/MLO, both-breast images, broken
+headers) is always skipped, with the reason.
 
 Among the eligible images of a view, the one with the fewest fallback traits wins (a For
 Presentation original before a For Processing or synthetic one, unless the policy prefers it),
@@ -22,10 +23,8 @@ from typing import Any, Generic, TypeVar
 
 import pydicom
 
-from models.mammogram import ImageKind, MammogramError
-from models.reading import ImageDescription, describe
-
-SCREENING_VIEWS: tuple[str, ...] = ("R-CC", "L-CC", "R-MLO", "L-MLO")
+from models.header import ImageDescription, acquisition_time, describe
+from models.mammogram import SCREENING_VIEW_KEYS, ImageKind, MammogramError, view_key
 
 T = TypeVar("T")
 
@@ -109,30 +108,30 @@ class Candidate:
 
     @property
     def view_key(self) -> str:
-        return f"{self.laterality or '?'}-{self.view or self.view_code or '?'}"
+        return view_key(self.laterality or "?", self.view or self.view_code or "?")
 
     @classmethod
-    def from_description(cls, d: ImageDescription, **times: Any) -> Candidate:
-        return cls(
-            sop_instance_uid=d.sop_instance_uid,
-            kind=d.kind,
-            laterality=None if d.laterality is None else str(d.laterality),
-            view=None if d.view is None else str(d.view),
-            view_code=d.view_code,
-            view_modifiers=tuple(d.view_modifiers),
-            number_of_frames=d.number_of_frames,
-            not_screening_reason=d.not_screening_reason,
-            **times,
-        )
+    def from_description(cls, d: ImageDescription, **known: Any) -> Candidate:
+        """From the header's facts; `known` gives what the caller knows better (the stored
+        row's SOP Instance UID, when it was received)."""
+        facts: dict[str, Any] = {
+            "sop_instance_uid": d.sop_instance_uid,
+            "kind": d.kind,
+            "laterality": None if d.laterality is None else str(d.laterality),
+            "view": None if d.view is None else str(d.view),
+            "view_code": d.view_code,
+            "view_modifiers": d.view_modifiers,
+            "number_of_frames": d.number_of_frames,
+            "not_screening_reason": d.not_screening_reason,
+            "acquisition": d.acquisition,
+            "instance_number": d.instance_number,
+        }
+        return cls(**{**facts, **known})
 
     @classmethod
     def from_dataset(cls, ds: pydicom.Dataset) -> Candidate:
-        times = {
-            "acquisition": acquisition_time(ds),
-            "instance_number": _int(ds, "InstanceNumber"),
-        }
         try:
-            return cls.from_description(describe(ds), **times)
+            return cls.from_description(describe(ds))
         except MammogramError as exc:
             return cls(
                 sop_instance_uid=str(ds.get("SOPInstanceUID", "")),
@@ -140,29 +139,9 @@ class Candidate:
                 laterality=None,
                 view=None,
                 problem=f"unusable header: {exc}",
-                **times,
+                acquisition=acquisition_time(ds),
+                instance_number=_int(ds, "InstanceNumber"),
             )
-
-    @classmethod
-    def from_facts(
-        cls, facts: Mapping[str, Any], sop_instance_uid: str, received_at: float | None = None
-    ) -> Candidate:
-        """From `describe`'s fields stored as JSON (the service's store), plus the optional
-        keys "acquisition" and "instance_number" when the listener recorded them."""
-        number = facts.get("instance_number")
-        return cls(
-            sop_instance_uid=sop_instance_uid,
-            kind=ImageKind(facts.get("kind", ImageKind.FOR_PRESENTATION)),
-            laterality=facts.get("laterality"),
-            view=facts.get("view"),
-            view_code=facts.get("view_code") or "",
-            view_modifiers=tuple(facts.get("view_modifiers") or ()),
-            number_of_frames=int(facts.get("number_of_frames") or 1),
-            not_screening_reason=facts.get("not_screening_reason"),
-            acquisition=str(facts.get("acquisition") or ""),
-            instance_number=int(number) if number not in (None, "") else None,
-            received_at=received_at,
-        )
 
 
 @dataclass(frozen=True)
@@ -170,7 +149,8 @@ class Selection(Generic[T]):
     chosen: dict[str, T]
     """View key ("R-CC", …) → the instance the models analyse."""
     skipped: list[tuple[T, str]] = field(default_factory=list)
-    """Every other instance, with the specific reason."""
+    """Every other instance, with the specific reason (the service adds those the listener
+    already ignored)."""
     missing: tuple[str, ...] = ()
     """Screening views with no usable instance, in R-CC, L-CC, R-MLO, L-MLO order."""
 
@@ -187,8 +167,9 @@ def select_views(
     """Choose one instance per screening view from one study's instances.
 
     `items` are returned as given: `Candidate`s, `ImageDescription`s, pydicom datasets, or any
-    object with `sop_instance_uid` and a `description` dict of `describe`'s fields (and
-    optionally `received_at`); `candidate` converts anything else.
+    object with `sop_instance_uid` and an `ImageDescription` as `description` (the store's
+    instances; optionally `received_at`); `candidate` converts anything else. Pass the
+    policy built once (`SelectionPolicy.from_mapping`); a mapping is parsed on every call.
     """
     if not isinstance(policy, SelectionPolicy):
         policy = SelectionPolicy.from_mapping(policy)
@@ -209,7 +190,7 @@ def select_views(
             by_view.setdefault(c.view_key, []).append((rank, item, c))
 
     chosen: dict[str, T] = {}
-    for key in SCREENING_VIEWS:
+    for key in SCREENING_VIEW_KEYS:
         entries = by_view.get(key, [])
         if not entries:
             continue
@@ -218,7 +199,7 @@ def select_views(
         chosen[key] = best_item
         for rank, item, c in entries[1:]:
             skipped.append((item, _superseded(key, best, c, rank, entries[0][0], policy)))
-    missing = tuple(k for k in SCREENING_VIEWS if k not in chosen)
+    missing = tuple(k for k in SCREENING_VIEW_KEYS if k not in chosen)
     return Selection(chosen=chosen, skipped=skipped, missing=missing)
 
 
@@ -230,24 +211,16 @@ def as_candidate(item: Any) -> Candidate:
     if isinstance(item, pydicom.Dataset):
         return Candidate.from_dataset(item)
     facts = getattr(item, "description", None)
-    if isinstance(facts, Mapping):
-        return Candidate.from_facts(
-            facts, str(item.sop_instance_uid), getattr(item, "received_at", None)
+    if isinstance(facts, ImageDescription):
+        return Candidate.from_description(
+            facts,
+            sop_instance_uid=str(item.sop_instance_uid),
+            received_at=getattr(item, "received_at", None),
         )
     raise TypeError(
         f"cannot select views from {type(item).__name__}; pass Candidates, ImageDescriptions, "
         "datasets, or give select_views a `candidate` converter"
     )
-
-
-def acquisition_time(ds: pydicom.Dataset) -> str:
-    """AcquisitionDateTime, else AcquisitionDate+Time, else ContentDate+Time; sortable."""
-    if ds.get("AcquisitionDateTime"):
-        return str(ds.AcquisitionDateTime).split("+")[0].split("-")[0]
-    for date, time in (("AcquisitionDate", "AcquisitionTime"), ("ContentDate", "ContentTime")):
-        if ds.get(date):
-            return f"{ds.get(date)}{str(ds.get(time) or '').ljust(6, '0')}"
-    return ""
 
 
 # -- ranking --------------------------------------------------------------------------------

@@ -28,11 +28,12 @@ import threading
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
+from models.header import ImageDescription
 from plugin.store_db import Database, describe, is_postgres
 from plugin.store_schema import SCHEMA_VERSION, NewerSchema, current_version, migrate
 
@@ -69,8 +70,9 @@ class NewInstance:
     status: str
     """"accepted" (a candidate for analysis) or "ignored" (kept only in the audit)."""
     reason: str | None = None
-    description: dict[str, Any] = field(default_factory=dict)
-    """Header facts for the selection policy (laterality, view, kind, modifiers, times)."""
+    description: ImageDescription | None = None
+    """What the header says (laterality, view, kind, modifiers, times): the selection
+    policy's facts; None for an ignored instance."""
 
 
 @dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Instance:
     received_at: float
     status: str
     reason: str | None
-    description: dict[str, Any]
+    description: ImageDescription | None
 
 
 @dataclass(frozen=True)
@@ -354,7 +356,7 @@ class Store:
                         now,
                         new.status,
                         _cap(new.reason),
-                        json.dumps(new.description, sort_keys=True, default=str),
+                        new.description.to_json() if new.description else "{}",
                     ),
                 )
             )
@@ -428,7 +430,11 @@ class Store:
             Instance,
             row,
             path=self._path(row["path"]),
-            description=json.loads(row["description"]),
+            description=(
+                ImageDescription.from_json(row["description"])
+                if row["description"] not in ("", "{}")
+                else None
+            ),
         )
 
     # -- exams and jobs ---------------------------------------------------------------------

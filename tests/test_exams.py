@@ -4,10 +4,14 @@ restart because they come from stored timestamps."""
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from pydicom.uid import ExplicitVRLittleEndian
 
+from models.header import MG_FOR_PRESENTATION, ImageDescription, VoiInfo
+from models.mammogram import ImageKind, Laterality, View
 from plugin.config import ExamsConfig
 from plugin.exams import Assembler
 from plugin.observability import AuditTrail, Metrics
@@ -17,18 +21,35 @@ STUDY = "1.2.3"
 CONFIG = ExamsConfig(settle_seconds=2, quiet_seconds=10, max_wait_seconds=30)
 
 
-def facts(view_key: str, **extra) -> dict:
+def facts(view_key: str, **changes) -> ImageDescription:
+    """What `describe` says of a plain screening view, with `changes` (e.g. kind=…)."""
     side, view = view_key.split("-")
-    return {
-        "kind": "for_presentation",
-        "laterality": side,
-        "view": view,
-        "view_code": view,
-        "view_modifiers": [],
-        "number_of_frames": 1,
-        "not_screening_reason": None,
-        **extra,
-    }
+    return replace(
+        ImageDescription(
+            sop_instance_uid="",
+            series_instance_uid=f"{STUDY}.9",
+            study_instance_uid=STUDY,
+            sop_class_uid=MG_FOR_PRESENTATION,
+            kind=ImageKind.FOR_PRESENTATION,
+            laterality=Laterality(side),
+            view=View(view),
+            view_code=view,
+            view_modifiers=(),
+            transfer_syntax_uid=ExplicitVRLittleEndian,
+            rows=64,
+            columns=52,
+            bits_allocated=16,
+            bits_stored=12,
+            pixel_representation=0,
+            samples_per_pixel=1,
+            number_of_frames=1,
+            photometric_interpretation="MONOCHROME2",
+            pixel_spacing_mm=(0.1, 0.1),
+            patient_orientation=("A", "R" if side == "L" else "L"),
+            voi=VoiInfo(),
+        ),
+        **changes,
+    )
 
 
 def add(store: Store, n: int, view_key: str, at: float, study: str = STUDY, **extra) -> None:
@@ -38,13 +59,13 @@ def add(store: Store, n: int, view_key: str, at: float, study: str = STUDY, **ex
             f"sha{n}",
             study,
             f"{study}.9",
-            "1.2.840.10008.5.1.4.1.1.1.2",
-            "1.2.840.10008.1.2.1",
+            MG_FOR_PRESENTATION,
+            ExplicitVRLittleEndian,
             1,
             Path(f"/x/{n}.dcm"),
             "PACS",
             "accepted",
-            description=facts(view_key, **extra),
+            description=facts(view_key, sop_instance_uid=f"{study}.{n}", **extra),
         ),
         now=at,
     )
@@ -98,7 +119,7 @@ def test_trickling_exam_closes_at_the_maximum_wait(store: Store, tmp_path: Path)
 
 
 def test_nothing_analysable_is_skipped_with_the_reason(store: Store, tmp_path: Path) -> None:
-    add(store, 1, "L-CC", at=100.0, kind="for_processing")
+    add(store, 1, "L-CC", at=100.0, kind=ImageKind.FOR_PROCESSING)
     assembler(store, tmp_path).run_once(now=200.0)
     exam = store.exam(STUDY)
     assert exam.state == "skipped"
@@ -107,7 +128,7 @@ def test_nothing_analysable_is_skipped_with_the_reason(store: Store, tmp_path: P
 
 
 def test_selection_policy_comes_from_the_config(store: Store, tmp_path: Path) -> None:
-    add(store, 1, "L-CC", at=100.0, kind="for_processing")
+    add(store, 1, "L-CC", at=100.0, kind=ImageKind.FOR_PROCESSING)
     config = ExamsConfig(
         settle_seconds=2,
         quiet_seconds=10,
@@ -179,7 +200,7 @@ def test_an_exam_is_not_skipped_over_an_image_recorded_during_planning(tmp_path:
     store = _ImageArrivesWhilePlanning(
         tmp_path / "db.sqlite", tmp_path / "spool", late=(5, "R-CC", 199.0)
     )
-    add(store, 1, "L-CC", at=100.0, kind="for_processing")
+    add(store, 1, "L-CC", at=100.0, kind=ImageKind.FOR_PROCESSING)
     a = assembler(store, tmp_path)
     assert a.run_once(now=200.0) == 0
     assert store.exam(STUDY).state == "collecting"

@@ -95,7 +95,7 @@ def test_stores_durably_then_acknowledges(make_listener, synth_exam_small) -> No
     (inst,) = listener.store.instances(ds.StudyInstanceUID)
     assert inst.status == "accepted" and inst.path.parent.parent == listener.instances_dir
     assert dcmread(inst.path).SOPInstanceUID == ds.SOPInstanceUID
-    assert inst.description["laterality"] == "L" and inst.description["view"] == "CC"
+    assert inst.description.laterality == "L" and inst.description.view == "CC"
     assert list(listener.incoming.iterdir()) == []  # nothing left half-written
     assert send(listener, ds).Status == 0x0000  # a re-send is a duplicate, not a new image
     assert len(listener.store.instances(ds.StudyInstanceUID, current_only=False)) == 1

@@ -151,7 +151,7 @@ def test_bytes_not_in_the_negotiated_syntax_are_refused(make_listener, image) ->
     # The same data sets in the syntax they are in are stored.
     with RawAssociation.open(listener.port, [(MG, [JPEG2000Lossless])]) as assoc:
         assert (
-            assoc.store(MG, j2k.SOPInstanceUID, dataset_bytes(j2k, "1.2.840.10008.1.2.1")).status
+            assoc.store(MG, j2k.SOPInstanceUID, dataset_bytes(j2k, ExplicitVRLittleEndian)).status
             == 0
         )
     nothing_left(listener)

@@ -1,4 +1,4 @@
-"""models.reading: header classification and pixel decoding of mammograms.
+"""models.header and models.pixels: header classification and pixel decoding of mammograms.
 
 Images come from `trainer.synth` (the `synth_exam_small` fixture); each test edits a copy of a
 header to produce one situation a PACS sends. JPEG Lossless Process 14 SV1 has no Python
@@ -15,21 +15,29 @@ import numpy as np
 import pytest
 from pydicom import Dataset, dcmread
 from pydicom.sequence import Sequence
-from pydicom.uid import JPEGLSLossless
+from pydicom.uid import (
+    ComputedRadiographyImageStorage,
+    DigitalXRayImageStorageForPresentation,
+    JPEG2000Lossless,
+    JPEGLSLossless,
+    SecondaryCaptureImageStorage,
+)
 
-from models.mammogram import ImageKind, Laterality, View
-from models.reading import (
+from models.header import (
     BREAST_TOMOSYNTHESIS,
     MG_FOR_PROCESSING,
     ContradictoryHeaderError,
-    ImplausibleDimensionsError,
     MissingLateralityError,
     NotAMammogramError,
+    UnknownViewError,
+    describe,
+)
+from models.mammogram import ImageKind, Laterality, View
+from models.pixels import (
+    ImplausibleDimensionsError,
     NotScreeningViewError,
     PixelDataLengthError,
     TruncatedPixelDataError,
-    UnknownViewError,
-    describe,
     read_mammogram,
     read_mammogram_file,
 )
@@ -305,7 +313,7 @@ def test_for_processing_is_recognised(lcc):
 
 
 def test_for_processing_from_presentation_intent_on_a_cr_object(lcc):
-    lcc.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"  # CR, Modality MG: older mammography units
+    lcc.SOPClassUID = ComputedRadiographyImageStorage  # with Modality MG: older units
     lcc.PresentationIntentType = "FOR PROCESSING"
     assert describe(lcc).kind is ImageKind.FOR_PROCESSING
 
@@ -352,14 +360,14 @@ def test_synthetic_2d_from_series_description(lcc):
 
 
 def test_not_a_mammogram(lcc):
-    lcc.SOPClassUID = "1.2.840.10008.5.1.4.1.1.7"  # Secondary Capture
+    lcc.SOPClassUID = SecondaryCaptureImageStorage
     lcc.Modality = "OT"
     with pytest.raises(NotAMammogramError, match="Secondary Capture"):
         describe(lcc)
 
 
 def test_dx_class_with_modality_mg_is_read_with_a_note(lcc):
-    lcc.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1.1"
+    lcc.SOPClassUID = DigitalXRayImageStorageForPresentation
     d = describe(lcc)
     assert d.screening_view and any("Modality MG" in n for n in d.notes)
 
@@ -377,7 +385,7 @@ def test_describe_needs_no_pixels(tmp_path, lcc):
     d = describe(header)
     assert "PixelData" not in header
     assert (d.rows, d.columns, d.bits_stored) == (lcc.Rows, lcc.Columns, 12)
-    assert d.transfer_syntax_uid == "1.2.840.10008.1.2.4.90"
+    assert d.transfer_syntax_uid == JPEG2000Lossless
     assert d.view_key == "L-CC"
 
 

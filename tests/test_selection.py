@@ -4,17 +4,20 @@ the policy's options, and the store's JSON facts as input."""
 from __future__ import annotations
 
 import copy
-import dataclasses
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import pydicom
 import pytest
 from pydicom.dataset import Dataset
-from pydicom.uid import generate_uid
+from pydicom.uid import (
+    BreastTomosynthesisImageStorage,
+    DigitalMammographyXRayImageStorageForProcessing,
+    generate_uid,
+)
 
-from models.reading import describe
+from models.header import ImageDescription, describe
+from models.mammogram import SCREENING_VIEW_KEYS
 from plugin.selection import (
     Candidate,
     SelectionPolicy,
@@ -23,8 +26,8 @@ from plugin.selection import (
     select_views,
 )
 
-FOR_PROCESSING = "1.2.840.10008.5.1.4.1.1.1.2.1"
-TOMOSYNTHESIS = "1.2.840.10008.5.1.4.1.1.13.1.3"
+FOR_PROCESSING = DigitalMammographyXRayImageStorageForProcessing
+TOMOSYNTHESIS = BreastTomosynthesisImageStorage
 
 
 @pytest.fixture
@@ -165,16 +168,18 @@ def test_policy_from_config_mapping_names_bad_keys():
 
 @dataclass(frozen=True)
 class StoredInstance:
-    """The shape of the service's stored instance: describe's fields as JSON."""
+    """The shape of the service's stored instance: the header's facts as stored and read
+    back (`to_json` / `from_json`)."""
 
     sop_instance_uid: str
     received_at: float
-    description: dict[str, Any]
+    description: ImageDescription
 
 
 def test_store_facts_select_like_datasets(headers):
     def stored(ds: Dataset, received_at: float) -> StoredInstance:
-        facts = json.loads(json.dumps(dataclasses.asdict(describe(ds)), default=str))
+        facts = ImageDescription.from_json(describe(ds).to_json())
+        assert facts == describe(ds)
         return StoredInstance(str(ds.SOPInstanceUID), received_at, facts)
 
     again = variant(headers["R-CC"])
@@ -183,7 +188,7 @@ def test_store_facts_select_like_datasets(headers):
     assert selection.complete
     assert selection.chosen["R-CC"].sop_instance_uid == again.SOPInstanceUID
     assert "received later" in selection.skipped[0][1]
-    assert Candidate.from_facts(items[0].description, "x").view_key in headers
+    assert Candidate.from_description(items[0].description).view_key in headers
 
 
 def test_unknown_item_type_is_refused():
@@ -195,4 +200,9 @@ def test_reads_only_headers(tmp_path, synth_exam_small):
     path = tmp_path / "a.dcm"
     synth_exam_small.images[0].dataset.save_as(path, enforce_file_format=True)
     header = pydicom.dcmread(path, stop_before_pixels=True)
-    assert select_views([header]).chosen
+    assert "PixelData" not in header
+    selection = select_views([header])
+    key = synth_exam_small.images[0].view_key
+    assert list(selection.chosen) == [key] and selection.chosen[key] is header
+    assert selection.skipped == []
+    assert selection.missing == tuple(k for k in SCREENING_VIEW_KEYS if k != key)

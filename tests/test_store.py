@@ -7,11 +7,18 @@ import sqlite3
 import threading
 import uuid
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from pg_server import PostgresServer
+from pydicom.uid import (
+    DigitalMammographyXRayImageStorageForPresentation,
+    ExplicitVRLittleEndian,
+    MammographyCADSRStorage,
+)
 
+from models.header import describe
 from plugin.store import NewInstance, NewResult, Recorded, Store, StoreError
 from plugin.store_schema import MIGRATIONS
 
@@ -24,14 +31,13 @@ def instance(n: int, sha: str = "aa", study: str = STUDY, status: str = "accepte
         sha256=sha,
         study_instance_uid=study,
         series_instance_uid="1.2.3.4.100",
-        sop_class_uid="1.2.840.10008.5.1.4.1.1.1.2",
-        transfer_syntax_uid="1.2.840.10008.1.2.1",
+        sop_class_uid=DigitalMammographyXRayImageStorageForPresentation,
+        transfer_syntax_uid=ExplicitVRLittleEndian,
         size=10,
         path=Path(f"/spool/{n}.dcm"),
         calling_ae="PACS",
         status=status,
         reason=None if status == "accepted" else "not a mammography image",
-        description={"laterality": "L", "view": "CC"},
     )
 
 
@@ -60,7 +66,7 @@ def store(opener: Callable[..., Store]) -> Iterator[Store]:
 
 def result(n: int, destinations: tuple[str, ...] = ("pacs",)) -> NewResult:
     return NewResult(
-        "cad_sr", f"9.9.{n}", "1.2.840.10008.5.1.4.1.1.88.50", Path(f"/r/{n}.dcm"), 5, destinations
+        "cad_sr", f"9.9.{n}", MammographyCADSRStorage, Path(f"/r/{n}.dcm"), 5, destinations
     )
 
 
@@ -86,6 +92,17 @@ def test_instances_are_idempotent_by_uid_and_content(store: Store) -> None:
     store.record_instance(instance(2, study="5.6.7", status="ignored"))
     assert store.exam("5.6.7") is None
     assert store.counts()["instances"] == {"accepted": 2, "ignored": 1}
+
+
+def test_header_facts_are_read_back_as_the_dataclass_the_listener_stored(
+    store: Store, synth_exam_small
+) -> None:
+    facts = describe(synth_exam_small.image("L-CC").dataset)
+    store.record_instance(replace(instance(1), description=facts))
+    store.record_instance(instance(2, status="ignored"))
+    stored = {i.sop_instance_uid: i.description for i in store.instances(STUDY)}
+    assert stored == {"1.2.3.4.1": facts, "1.2.3.4.2": None}
+    assert isinstance(stored["1.2.3.4.1"].voi.window_center, tuple)
 
 
 def test_exam_rounds_jobs_and_versions(store: Store) -> None:

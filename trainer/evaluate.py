@@ -27,7 +27,7 @@ from torch import nn
 
 from models.ensemble import Ensemble, EnsembleSpec
 from models.family import ModelFamily
-from models.reading import read_mammogram_file
+from models.pixels import read_mammogram_file
 
 from . import metrics, plots
 from .localisation import LocalisationReport, PeakDistance, peak_distance

@@ -39,6 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    from plugin.listener import prepare_process
     from plugin.observability import configure_logging
     from plugin.service import ROLES, Service
 
@@ -64,6 +65,7 @@ def _serve(args: argparse.Namespace) -> int:
     if not roles:
         return _supervise_only(children)
     service = Service(config, roles=roles)
+    prepare_process(service.store, service.roles)  # process-wide settings, once
     service.start()
     for child in children:
         child.start()

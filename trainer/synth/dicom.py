@@ -24,6 +24,7 @@ from pydicom.uid import (
     JPEG2000,
     UID,
     DeflatedExplicitVRLittleEndian,
+    DigitalMammographyXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
     ImplicitVRLittleEndian,
     JPEG2000Lossless,
@@ -35,7 +36,7 @@ from pydicom.uid import (
 
 from models.mammogram import Laterality, View
 
-MG_FOR_PRESENTATION = UID("1.2.840.10008.5.1.4.1.1.1.2")
+MG_FOR_PRESENTATION = DigitalMammographyXRayImageStorageForPresentation
 
 # CID 4014 (SNOMED CT) codes for the two screening views, as modern modalities send them.
 _VIEW_CODES = {
