@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from models import command_line
 
 # Each module in plugin.commands adds its subcommands with `register(subparsers)`.
 COMMANDS = [
@@ -20,26 +21,16 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="plugin",
-        description="Breast-cancer screening AI as a DICOM service. Research use only.",
+    return command_line.build_parser(
+        "plugin",
+        "Breast-cancer screening AI as a DICOM service. Research use only.",
+        "plugin.commands",
+        COMMANDS,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"plugin.commands.{name}").register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, OSError) as exc:
-        # Our errors say what to do; a traceback would only hide that from the operator.
-        print(f"plugin {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return command_line.run(build_parser(), argv)
 
 
 if __name__ == "__main__":

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import importlib
 import sys
+
+from models import command_line
 
 # Each module in trainer.commands adds its subcommands with `register(subparsers)`.
 COMMANDS = [
@@ -15,25 +16,16 @@ COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="trainer",
-        description="Fine-tune and evaluate mammo-ai models on a site's images.",
+    return command_line.build_parser(
+        "trainer",
+        "Fine-tune and evaluate mammo-ai models on a site's images.",
+        "trainer.commands",
+        COMMANDS,
     )
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMANDS:
-        importlib.import_module(f"trainer.commands.{name}").register(sub)
-    return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        return int(args.func(args) or 0)
-    except KeyboardInterrupt:
-        return 130
-    except (ValueError, OSError) as exc:
-        print(f"trainer {args.command}: error: {exc}", file=sys.stderr)
-        return 2
+    return command_line.run(build_parser(), argv)
 
 
 if __name__ == "__main__":

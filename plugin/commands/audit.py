@@ -12,11 +12,12 @@ import json
 import sys
 from pathlib import Path
 
+from models.command_line import Subcommands
 from plugin.config import DEFAULT_CONFIG, load_config
 from plugin.observability import UID_FIELDS, hash_uid, scrub_uids
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("audit", help="export the committed audit events as JSON lines")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--after", type=int, default=0, metavar="ID", help="events after this id")

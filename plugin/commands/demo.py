@@ -8,10 +8,11 @@ import json
 import time
 from pathlib import Path
 
+from models.command_line import Subcommands
 from plugin.config import DEFAULT_CONFIG, load_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("demo", help="send a synthetic exam to a running listener, show results")
     p.add_argument(
         "--config",

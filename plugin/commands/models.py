@@ -6,12 +6,13 @@ import argparse
 import json
 from pathlib import Path
 
+from models.command_line import Subcommands
 from models.modelfile import ModelCard, read_card
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "models" / "weights"
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     parser = sub.add_parser("models", help="list, inspect and import model files")
     verbs = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
 

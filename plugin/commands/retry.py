@@ -8,10 +8,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from models.command_line import Subcommands
 from plugin.config import DEFAULT_CONFIG, load_config
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("retry", help="requeue dead letters or quarantined exams")
     p.add_argument(
         "ids",

@@ -8,12 +8,13 @@ import json
 import time
 from pathlib import Path
 
+from models.command_line import Subcommands
 from plugin.config import DEFAULT_CONFIG, load_config
 from plugin.observability import hash_uid, scrub_uids
 from plugin.store import Node
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser("status", help="show nodes, leases, queues, recent exams and dead letters")
     p.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     p.add_argument("--json", action="store_true", help="machine-readable output")

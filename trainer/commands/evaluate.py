@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from models.command_line import Subcommands
 from models.ensemble import FLIPS, EnsembleSpec, MemberSpec, resolve_device
 from models.family import get_family
 from models.modelfile import load_model, read_card
@@ -29,7 +30,7 @@ from ..sitedata import load_site_data
 from ..split import split_site_data
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     p = subparsers.add_parser(
         "evaluate",
         help="AUC per image, breast and exam with 95%% CIs; ROC/calibration plots; "

@@ -6,13 +6,15 @@ import argparse
 import json
 from pathlib import Path
 
+from models.command_line import Subcommands
+
 from .. import objectives
 from ..finetune import FinetuneOptions, finetune
 from ..glimpsenet import cli as glimpsenet_cli
 from ..metrics import DEFAULT_N_BOOT
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     p = subparsers.add_parser(
         "finetune",
         help="fine-tune a model on a site's labelled images (or train a preset from scratch)",

@@ -6,10 +6,11 @@ import argparse
 import re
 import time
 
+from models.command_line import Subcommands
 from trainer.synth import DEFAULT_COLS, DEFAULT_ROWS, LOOKS, SYNTAXES, write_dataset
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: Subcommands) -> None:
     parser = subparsers.add_parser(
         "synth",
         help="write synthetic four-view mammography exams (DICOM) with lesion masks and labels",
