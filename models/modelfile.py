@@ -9,13 +9,12 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -38,11 +37,17 @@ class ModelFileError(ValueError):
 
 @dataclass
 class ModelCard:
+    """What a model file says of its model. Built freely in code; checked strictly (pydantic,
+    no coercion: `"false"` is no boolean, `1` no boolean, `true` no integer) whenever it is
+    read from or written to a file."""
+
+    __pydantic_config__ = ConfigDict(strict=True, extra="forbid", allow_inf_nan=False)
+
     family: str
     """"gmic", "allconv" or "glimpsenet"; picks the module class and preprocessing."""
     architecture: dict[str, Any]
     preprocessing: dict[str, Any]
-    name: str
+    name: Annotated[str, Field(pattern=r"\S")]
     version: str
     licence: str
     intended_use: str = NOT_VALIDATED
@@ -76,70 +81,60 @@ class ModelCard:
     def from_json(cls, text: str, source: str = "model file") -> ModelCard:
         """Parse and check a card; every refusal names `source` and the offending field."""
         try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ModelFileError(f"{source}: model card is not valid JSON ({exc})") from exc
-        if not isinstance(data, dict):
-            raise ModelFileError(
-                f"{source}: model card is a JSON {type(data).__name__}, not an object"
-            )
-        version = data.get("format_version", FORMAT_VERSION)
-        _check_field("format_version", version, int, source)
-        if version > FORMAT_VERSION:
+            version = json.loads(text).get("format_version", FORMAT_VERSION)
+        except (json.JSONDecodeError, AttributeError):
+            version = FORMAT_VERSION  # the validation below names what is wrong
+        if isinstance(version, int) and not isinstance(version, bool) and version > FORMAT_VERSION:
             raise ModelFileError(
                 f"{source}: model card format {version} is newer than this software supports "
                 f"({FORMAT_VERSION}); upgrade mammo-ai-plugin"
             )
-        types = _field_types()
-        unknown = sorted(set(data) - set(types))
-        if unknown:
-            raise ModelFileError(
-                f"{source}: unknown model card fields {unknown}; the file was written by other "
-                "software or edited by hand. Re-export it with `plugin models import` or "
-                "`trainer finetune`"
-            )
-        required = [f.name for f in dataclasses.fields(cls) if _is_required(f)]
-        missing = [name for name in required if name not in data]
-        if missing:
-            raise ModelFileError(
-                f"{source}: model card lacks required fields {missing}; re-export the model "
-                "with `plugin models import` or `trainer finetune`"
-            )
-        for name, value in data.items():
-            _check_field(name, value, types[name], source)
-        return cls(**data)
+        try:
+            return _CARD.validate_json(text)
+        except ValidationError as exc:
+            raise _card_error(exc, source) from None
 
 
-def _is_required(f: dataclasses.Field) -> bool:
-    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+_CARD = TypeAdapter(ModelCard)
+_REEXPORT = "re-export the model with `plugin models import` or `trainer finetune`"
+_JSON_WORDS = {
+    "string_type": "a string",
+    "dict_type": "an object",
+    "bool_type": "true or false",
+    "int_type": "an integer",
+}
 
 
-_JSON_WORDS = {str: "a string", dict: "an object", bool: "true or false", int: "an integer"}
-
-
-def _field_types() -> dict[str, type]:
-    """Each card field's JSON type, from ModelCard's annotations (`dict[str, Any]` → dict)."""
-    hints = typing.get_type_hints(ModelCard)
-    return {name: typing.get_origin(hint) or hint for name, hint in hints.items()}
-
-
-def _check_field(name: str, value: Any, kind: type, source: str) -> None:
-    # Strict: a card saying `"clinical_use": "false"` must not pass as validated for clinical
-    # use, and JSON's true is no integer.
-    if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
-        raise ModelFileError(
-            f"{source}: model card field {name!r} must be {_JSON_WORDS[kind]}, got {value!r}"
+def _card_error(exc: ValidationError, source: str) -> ModelFileError:
+    """The card's first problem, in the words of someone fixing a model file."""
+    errors = exc.errors()
+    kinds = {e["type"] for e in errors}
+    if "json_invalid" in kinds:
+        return ModelFileError(f"{source}: model card is not valid JSON ({errors[0]['msg']})")
+    if "dataclass_type" in kinds:
+        found = type(errors[0]["input"]).__name__
+        return ModelFileError(f"{source}: model card is a JSON {found}, not an object")
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "unexpected_keyword_argument")
+    if unknown:
+        return ModelFileError(
+            f"{source}: unknown model card fields {unknown}; the file was written by other "
+            f"software or edited by hand: {_REEXPORT}"
         )
-    if name == "name" and not value.strip():
-        raise ModelFileError(f"{source}: model card field 'name' is empty")
-    if name == "operating_points":
-        for point, threshold in value.items():
-            number = isinstance(threshold, int | float) and not isinstance(threshold, bool)
-            if not number or math.isnan(threshold):
-                raise ModelFileError(
-                    f"{source}: operating point {point!r} must be a number, got {threshold!r}; "
-                    "set it again with `trainer evaluate --set-operating-point`"
-                )
+    order = [f.name for f in dataclasses.fields(ModelCard)]
+    missing = sorted((str(e["loc"][0]) for e in errors if e["type"] == "missing"), key=order.index)
+    if missing:
+        return ModelFileError(f"{source}: model card lacks required fields {missing}; {_REEXPORT}")
+    first = errors[0]
+    name, value = str(first["loc"][0]), first["input"]
+    if name == "operating_points" and len(first["loc"]) > 1:
+        return ModelFileError(
+            f"{source}: operating point {first['loc'][1]!r} must be a number, got {value!r}; "
+            "set it again with `trainer evaluate --set-operating-point`"
+        )
+    if name == "name" and first["type"] == "string_pattern_mismatch":
+        return ModelFileError(f"{source}: model card field 'name' is empty")
+    must = _JSON_WORDS.get(first["type"], f"valid ({first['msg']})")
+    return ModelFileError(f"{source}: model card field {name!r} must be {must}, got {value!r}")
 
 
 def save_model(module: nn.Module, card: ModelCard, path: str | Path) -> Path:
