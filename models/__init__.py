@@ -1,6 +1,8 @@
 """Everything from a mammogram to predictions: reading, preprocessing, GMIC, the
-all-convolutional classifier, GlimpseNet, model files and the flip-TTA ensemble. No networking, and no
-imports from `plugin` or `trainer`."""
+all-convolutional classifier, GlimpseNet, model files and the flip-TTA ensemble. No networking,
+and no imports from `plugin` or `trainer`."""
+
+from importlib.metadata import PackageNotFoundError, version
 
 from .family import Prepared, ScoreMaps, get_family
 from .geometry import Crop, Flip, Geometry, Pad, Resize
@@ -20,6 +22,11 @@ from .results import (
     ModelInfo,
     RegionOfInterest,
 )
+
+try:
+    __version__ = version("mammo-ai-plugin")
+except PackageNotFoundError:  # a source tree that was never installed (`make install`)
+    __version__ = "0+unknown"
 
 __all__ = [
     "BreastPrediction",
