@@ -124,10 +124,26 @@ def test_bad_input_gets_specific_answers_and_loses_nothing(service: Serve, tmp_p
         store.close()
 
     audit = service.audit()
-    skipped = sorted(e["reason"] for e in audit if e["event"] == "skipped")
-    assert skipped[0] == "not a mammography image (CT Image Storage)"
-    assert "laterality" in skipped[1].lower() or "laterality" in skipped[2].lower()
-    assert any("view" in r.lower() for r in skipped[1:])
+    # Which instance got which answer: the audit names each by its hashed SOP Instance UID.
+    said = {e["sop_instance"]: e for e in audit if e["event"] in ("skipped", "refused")}
+    heard = {name: said[hash_uid(str(ds.SOPInstanceUID))] for name, ds, _ in cases}
+    answers = {name: (e["event"], e.get("status"), e["reason"]) for name, e in heard.items()}
+    assert answers["truncated pixel data"][:2] == ("refused", "0xC102")
+    assert answers["truncated pixel data"][2].startswith("pixel data truncated: ")
+    assert answers["65535x65535 header"] == (
+        "refused",
+        "0xC103",
+        "header claims more pixels than max_image_pixels",
+    )
+    assert answers["missing laterality"][:2] == ("skipped", None)
+    assert answers["missing laterality"][2].startswith(
+        "unusable mammography header: no laterality: ImageLaterality (0020,0062)"
+    )
+    assert answers["missing view"][:2] == ("skipped", None)
+    assert answers["missing view"][2].startswith(
+        "unusable mammography header: no view: ViewCodeSequence (0054,0220)"
+    )
+    assert answers["CT image"] == ("skipped", None, "not a mammography image (CT Image Storage)")
     refused = sorted(e["status"] for e in audit if e["event"] == "refused")
     assert refused == ["0xC100", "0xC102", "0xC103"]
     assert [e["calling_ae"] for e in audit if e["event"] == "association_rejected"] == ["STRANGER"]

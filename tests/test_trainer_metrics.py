@@ -85,7 +85,12 @@ def test_calibration_bins_count_every_case_and_report_observed_rates():
     assert sum(b.count for b in bins) == 6
     top = bins[-1]
     assert (top.lower, top.count, top.observed) == (0.9, 2, 1.0)
-    assert metrics.expected_calibration_error(bins) >= 0
+    # Per bin, count x |mean score - observed rate|: 0.05 and 0.15 (benign, alone in their
+    # bins), 0.5 and 0.55 (one each: 2 x 0.025), 0.9 and 0.95 (malignant: 2 x 0.075).
+    ece = (1 * 0.05 + 1 * 0.15 + 2 * 0.025 + 2 * 0.075) / 6
+    assert metrics.expected_calibration_error(bins) == pytest.approx(ece)
+    perfect = metrics.calibration_bins(np.array([0, 1]), np.array([0.0, 1.0]), n_bins=10)
+    assert metrics.expected_calibration_error(perfect) == 0.0
 
 
 def test_a_target_threshold_needs_the_class_it_measures():
