@@ -1,0 +1,144 @@
+"""The analysis pipeline (`plugin.pipeline`) on the real demo ensemble: many exams in flight
+give what one exam at a time gives; the in-flight limit holds; a failing image is left out.
+
+About 40 s on 2 CPU cores (512×416 synthetic exams; pool processes start once per module).
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pydicom
+import pytest
+from service_harness import demo_models, exam_files
+
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from plugin.isolation import NoUsableImage
+from plugin.outputs import DEFAULT_KINDS, OutputKind
+from plugin.pipeline import ExamRequest, Naming, Outcome, Pipeline, Settings
+
+EXAMS = 3
+
+
+@pytest.fixture(scope="module")
+def ensemble(tmp_path_factory: pytest.TempPathFactory) -> Ensemble:
+    models = demo_models(tmp_path_factory.mktemp("models"))
+    return Ensemble(
+        EnsembleSpec(tuple(MemberSpec(p, ("none", "hflip")) for p in models), device="cpu")
+    )
+
+
+@pytest.fixture(scope="module")
+def exams(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[tuple[str, Path], ...]]:
+    """Three exams, uncompressed and JPEG 2000, as (SOPInstanceUID, path) of each image."""
+    folder = tmp_path_factory.mktemp("exams")
+    out = []
+    for n in range(EXAMS):
+        syntax = "jpeg2000" if n % 2 else "explicit"
+        paths = exam_files(folder / str(n), 70 + n, syntax)
+        out.append(
+            tuple(
+                (str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID), p) for p in paths
+            )
+        )
+    return out
+
+
+def analyse(ensemble: Ensemble, exams, folder: Path, settings: Settings) -> dict[int, Outcome]:
+    outcomes: dict[int, Outcome] = {}
+    pipeline = Pipeline(ensemble, settings, lambda o: outcomes.__setitem__(o.request.tag, o))
+    try:
+        for n, files in enumerate(exams):
+            pipeline.submit(ExamRequest(files, folder / str(n), Naming.BY_UID, tag=n))
+        assert pipeline.wait_idle(300)
+    finally:
+        assert pipeline.close(60)
+    return outcomes
+
+
+def test_many_in_flight_gives_what_one_at_a_time_gives(ensemble, exams, tmp_path) -> None:
+    kinds = (*DEFAULT_KINDS, OutputKind.TID1500_SCORES)
+    serial = analyse(
+        ensemble, exams, tmp_path / "serial", Settings(0, 0, in_flight=1, max_batch=1, kinds=kinds)
+    )
+    pipelined = analyse(
+        ensemble,
+        exams,
+        tmp_path / "pipelined",
+        Settings(1, 1, in_flight=EXAMS, max_batch=8, max_batch_wait_ms=500, kinds=kinds),
+    )
+    assert sorted(serial) == sorted(pipelined) == list(range(EXAMS))
+    for n in range(EXAMS):
+        one, many = serial[n], pipelined[n]
+        assert one.error is None and many.error is None
+        assert one.left_out == many.left_out == ()
+        # The same objects: kinds, sources, UIDs, file names; each file is what it says.
+        assert [(o.kind, o.source_sop_instance_uid, o.sop_instance_uid) for o in one.objects] == [
+            (o.kind, o.source_sop_instance_uid, o.sop_instance_uid) for o in many.objects
+        ]
+        assert [o.path.name for o in one.objects] == [o.path.name for o in many.objects]
+        assert len(many.objects) == 3 + 4 * 2
+        for o in many.objects:
+            ds = pydicom.dcmread(o.path, stop_before_pixels=True)
+            assert (ds.SOPInstanceUID, ds.SOPClassUID) == (o.sop_instance_uid, o.sop_class_uid)
+            assert o.size == o.path.stat().st_size
+        # The same scores, within 1e-5.
+        a, b = one.prediction, many.prediction
+        assert a is not None and b is not None
+        assert a.malignant == pytest.approx(b.malignant, abs=1e-5)
+        for x, y in zip(a.images, b.images, strict=True):
+            assert x.sop_instance_uid == y.sop_instance_uid
+            assert x.malignant == pytest.approx(y.malignant, abs=1e-5)
+            assert x.per_model == pytest.approx(y.per_model, abs=1e-5)
+            assert abs(x.malignant_map - y.malignant_map).max() <= 1e-5
+
+
+def test_in_flight_limit_holds_and_submit_waits_for_room(ensemble, exams, tmp_path) -> None:
+    """A flood: six exams through a pipeline that may hold two. `submit` blocks while two
+    are in flight, so the caller (the worker claiming jobs) never holds more in memory."""
+    most = 0
+    gate = threading.Event()
+
+    def slow_commit(outcome: Outcome) -> None:
+        gate.wait(60)  # the first outcome waits until the submitter has had to wait
+
+    settings = Settings(1, 1, in_flight=2, max_batch=8, kinds=(OutputKind.CAD_SR,))
+    pipeline = Pipeline(ensemble, settings, slow_commit)
+    waited = []
+    try:
+        for n in range(6):
+            files = exams[n % EXAMS]
+            room = pipeline.wait_for_room(0.5 if n == 2 else 60)
+            if n == 2:
+                waited.append(room)  # both slots busy: no room yet
+                gate.set()
+                assert pipeline.wait_for_room(60)
+            pipeline.submit(ExamRequest(files, tmp_path / str(n), tag=n))
+            most = max(most, pipeline.in_flight)
+        assert pipeline.wait_idle(300)
+    finally:
+        assert pipeline.close(60)
+    assert waited == [False]
+    assert most == 2
+
+
+def test_an_unreadable_image_is_left_out_and_an_empty_exam_has_no_usable_image(
+    ensemble, exams, tmp_path
+) -> None:
+    broken = tmp_path / "broken.dcm"
+    broken.write_bytes(b"DICM" * 64)
+    files = (*exams[0][:3], ("R-MLO-key", broken))
+    outcomes = analyse(
+        ensemble,
+        [files, (("lost", broken),)],
+        tmp_path / "out",
+        Settings(0, 0, in_flight=2, kinds=(OutputKind.CAD_SR, OutputKind.SEG)),
+    )
+    partial, empty = outcomes[0], outcomes[1]
+    assert partial.error is None and partial.prediction is not None
+    assert [(lo.sop_instance_uid, lo.stage) for lo in partial.left_out] == [("R-MLO-key", "decode")]
+    assert len(partial.prediction.images) == 3 and len(partial.objects) == 1 + 3
+    assert isinstance(empty.error, NoUsableImage)
+    assert [lo.stage for lo in empty.error.left_out] == ["decode"]
+    assert not (tmp_path / "out" / "1").exists()
