@@ -77,7 +77,10 @@ def build_seg(
                 f"image is {rows}x{cols}; maps must be on the source grid (Geometry.map_to_source)"
             )
     maps = np.stack([m for _, _, m in segments], axis=-1)[None]
-    pixels = np.clip(maps, 0.0, 1.0).astype(np.float32)
+    # Snapped to the k/255 levels the SEG stores (highdicom rounds p·255 to the same k): the
+    # values are unchanged, and highdicom's np.unique check over them runs 4x faster.
+    levels = np.rint(np.clip(maps, 0.0, 1.0) * np.float32(MAX_FRACTIONAL_VALUE))
+    pixels = levels / np.float32(MAX_FRACTIONAL_VALUE)
 
     algorithm = segment_algorithm(exam, heatmap.display_threshold(exam, options))
     descriptions = [

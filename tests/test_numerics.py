@@ -1,0 +1,86 @@
+"""Numerics: fp32 is fp32 while the ensemble runs (TF32 only when asked, the process's settings
+restored after), reduced precision never changes GMIC's crops, the precision travels with
+the prediction, and the crop stage's distance transform (the accelerator path) is exact.
+About 40 s on 2 cores."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.ndimage as ndi
+import torch
+
+from models import new_model_file
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.gmic import GMIC, PRESETS
+from models.gmic.preprocess import _city_block_distance
+from models.reading import read_mammogram
+
+
+@pytest.fixture(scope="module")
+def gmic_file(tmp_path_factory):
+    torch.manual_seed(0)
+    folder = tmp_path_factory.mktemp("numerics")
+    return new_model_file(folder / "gmic.safetensors", "gmic", PRESETS["demo"], name="gmic-n")
+
+
+@pytest.fixture(scope="module")
+def exam(synth_exam_small):
+    return [read_mammogram(img.dataset) for img in synth_exam_small.images]
+
+
+@pytest.mark.parametrize("precision, inside", [("fp32", "ieee"), ("tf32", "tf32")])
+def test_tf32_only_when_asked_and_settings_restored(gmic_file, exam, precision, inside):
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    ensemble = Ensemble(EnsembleSpec((MemberSpec(gmic_file),), device="cpu", precision=precision))
+    seen = []
+    hook = ensemble._members[0].module.register_forward_hook(
+        lambda *_: seen.append((matmul.fp32_precision, conv.fp32_precision))
+    )
+    try:
+        prediction = ensemble.predict_exam(exam[:1])
+    finally:
+        hook.remove()
+    assert seen == [(inside, inside)]
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    assert prediction.precision == precision
+
+
+def test_bf16_takes_the_same_crops_as_fp32(exam):
+    """bf16 saliency used to tie and pick other crops; the crop decision now runs in fp32."""
+    torch.manual_seed(3)
+    model = GMIC(PRESETS["demo"]).eval()
+    family_spec = {"window": [768, 512], "scale": "fit"}
+    from models.gmic import preprocess
+
+    x = torch.stack([preprocess(img, family_spec).tensor for img in exam])
+    with torch.inference_mode():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x)
+    assert torch.equal(bf16.roi_positions, fp32.roi_positions)
+    assert torch.equal(bf16.saliency, fp32.saliency) and bf16.saliency.dtype == torch.float32
+    assert torch.equal(bf16.y_global, fp32.y_global)
+    # The local network did run in bf16: the fused score moves, a little.
+    assert bf16.y_fusion.dtype == torch.bfloat16
+    np.testing.assert_allclose(bf16.y_fusion.float(), fp32.y_fusion, atol=0.02)
+
+
+def test_bf16_ensemble_says_so_and_keeps_the_boxes(gmic_file, exam):
+    members = (MemberSpec(gmic_file, ("none", "hflip")),)
+    fp32 = Ensemble(EnsembleSpec(members, device="cpu")).predict_exam(exam)
+    bf16 = Ensemble(EnsembleSpec(members, device="cpu", precision="bf16")).predict_exam(exam)
+    assert bf16.precision == "bf16" and fp32.precision == "fp32"
+    for a, b in zip(fp32.images, bf16.images, strict=True):
+        assert [r.box for r in a.rois] == [r.box for r in b.rois]
+
+
+def test_city_block_distance_is_scipys_iterated_erosion():
+    rng = np.random.default_rng(1)
+    for _ in range(20):
+        shape = tuple(int(v) for v in rng.integers(5, 90, size=2))
+        mask = rng.random(shape) > rng.choice([0.02, 0.2, 0.5])
+        distance = _city_block_distance(torch.from_numpy(mask)).numpy()
+        for r in (1, 2, 5, 17):
+            np.testing.assert_array_equal(distance > r, ndi.binary_erosion(mask, iterations=r))
