@@ -3,6 +3,8 @@ partial exams, labelling, and the validators as real peers."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from outputs_samples import (
@@ -202,12 +204,16 @@ def test_not_for_clinical_use_label(synth_exam_small):
     feature, _ = _findings(impressions[0])
     assert only(children(feature, "111002")).TextValue.startswith(NOT_FOR_CLINICAL_USE)
 
+    assert only(children(feature, "111002")).TextValue.endswith("; precision fp32")
+
     validated, sources = prediction_for(synth_exam_small, models=[model_info(clinical_use=True)])
+    validated = dataclasses.replace(validated, precision="bf16")
     sr = build_cad_sr(validated, sources)
     assert NOT_FOR_CLINICAL_USE not in sr.SeriesDescription
     _, impressions = _impressions(sr)
     feature, _ = _findings(impressions[0])
     assert NOT_FOR_CLINICAL_USE not in only(children(feature, "111002")).TextValue
+    assert only(children(feature, "111002")).TextValue.endswith("; precision bf16")
 
 
 def test_dciodvfy_and_dsrdump_accept(synth_exam_small, tmp_path):

@@ -300,15 +300,15 @@ class _TreeBuilder:
         return finding
 
     def algorithm(self, rel: Rel) -> list[TextContentItem]:
-        """TID 4019: name, version, and the members + clinical-use label as parameters."""
+        """TID 4019: name, version, and as parameters the members, the clinical-use label and
+        the numeric precision the scores were computed at (bf16 scores differ from fp32)."""
+        parameters = f"{algorithm_parameters(self.exam)}; precision {self.exam.precision}"
         return [
             TextContentItem(_ALGORITHM_NAME, algorithm_name(self.exam), relationship_type=rel),
             TextContentItem(
                 _ALGORITHM_VERSION, algorithm_version(self.exam), relationship_type=rel
             ),
-            TextContentItem(
-                _ALGORITHM_PARAMETERS, algorithm_parameters(self.exam), relationship_type=rel
-            ),
+            TextContentItem(_ALGORITHM_PARAMETERS, parameters, relationship_type=rel),
         ]
 
     def probability(self, p: float) -> NumContentItem:
