@@ -110,6 +110,44 @@ class Outcome:
     """The audit event's fields (UIDs among them are hashed by the audit trail)."""
 
 
+@dataclass(frozen=True)
+class _Admitted:
+    """A received data set that passed admission: its identity and what its header says."""
+
+    sop_uid: str
+    study_uid: str
+    series_uid: str
+    sop_class: str
+    syntax: UID
+    status: str
+    """"accepted" (kept for analysis) or "ignored" (recorded for the audit only)."""
+    reason: str | None
+    description: ImageDescription | None
+
+
+def _outcome(got: _Admitted, recorded: Recorded, calling_ae: str, size: int) -> Outcome:
+    """The answer and the audit event for an instance the store has recorded."""
+    fields: dict[str, Any] = {
+        "study": got.study_uid,
+        "sop_instance": got.sop_uid,
+        "calling_ae": calling_ae,
+        "transfer_syntax": str(got.syntax),
+        "bytes": size,
+    }
+    if got.status == "ignored":
+        return Outcome(0x0000, "ignored", got.reason, "skipped", {**fields, "reason": got.reason})
+    if recorded is Recorded.DUPLICATE:
+        return Outcome(0x0000, "duplicate", None, "duplicate", fields)
+    replaced = recorded is Recorded.REPLACED
+    d = got.description
+    fields |= {
+        "replaced": replaced,
+        "laterality": d.laterality if d else None,
+        "view": d.view if d else None,
+    }
+    return Outcome(0x0000, "replaced" if replaced else "accepted", None, "received", fields)
+
+
 class Listener:
     """The SCP. `start()` binds and returns; `stop()` stops accepting and waits for the
     associations in progress (each C-STORE either commits or is never acknowledged)."""
@@ -446,6 +484,41 @@ class Listener:
             log.info(message, extra={"fields": outcome.fields})
 
     def _receive(self, event: evt.Event, src: Path) -> Outcome:
+        self._check_room()
+        got = self._admit(event, src)
+        # Ignored instances are recorded but not kept (pynetdicom deletes the file): only the
+        # kept ones pay for the fsync.
+        kept = got.status == "accepted"
+        sha, size = _hash(src, fsync=kept)
+        path, fresh = self._spool(src, got, sha) if kept else (None, False)
+        if kept:
+            self.metrics.ingest_bytes.inc(size)
+        try:
+            recorded, _ = self.store.record_instance(
+                NewInstance(
+                    sop_instance_uid=got.sop_uid,
+                    sha256=sha,
+                    study_instance_uid=got.study_uid,
+                    series_instance_uid=got.series_uid,
+                    sop_class_uid=got.sop_class,
+                    transfer_syntax_uid=str(got.syntax),
+                    size=size,
+                    path=path,
+                    calling_ae=_calling_ae(event),
+                    status=got.status,
+                    reason=got.reason,
+                    description=got.description,
+                ),
+                late_images=self.late_images,
+            )
+        except BaseException:
+            if path is not None and fresh:
+                path.unlink(missing_ok=True)  # never recorded nor acknowledged: not kept
+            raise
+        return _outcome(got, recorded, _calling_ae(event), size)
+
+    def _check_room(self) -> None:
+        """Refuse, for a later resend, while stopping or below the disk watermark."""
         if self._stopping.is_set():
             raise Refused(OUT_OF_RESOURCES, "service is shutting down; resend later")
         free = shutil.disk_usage(self.store.spool).free
@@ -455,6 +528,9 @@ class Listener:
                 OUT_OF_RESOURCES,
                 f"spool below disk watermark ({free // 2**20} MB free)",
             )
+
+    def _admit(self, event: evt.Event, src: Path) -> _Admitted:
+        """What the received file is, from its header; `Refused` when the bytes are at fault."""
         header, pixel_offset = read_header(src)
         sop_uid = header.get("SOPInstanceUID")
         study_uid = header.get("StudyInstanceUID")
@@ -478,62 +554,26 @@ class Listener:
             raise Refused(
                 BAD_ATTRIBUTE, f"header cannot be classified ({type(exc).__name__})"
             ) from None
+        return _Admitted(
+            str(sop_uid),
+            str(study_uid),
+            str(series_uid),
+            sop_class,
+            syntax,
+            status,
+            reason,
+            description,
+        )
 
-        # Ignored instances are recorded but not kept (pynetdicom deletes the file): only the
-        # kept ones pay for the fsync.
-        sha, size = _hash(src, fsync=status == "accepted")
-        path: Path | None = None
-        if status == "accepted":
-            folder = self.instances_dir / str(study_uid)
-            make_dirs(folder)
-            path = folder / f"{sop_uid}.{sha[:16]}.dcm"
-            fresh = not path.exists()  # else the same bytes, stored and recorded before
-            os.replace(src, path)
-            fsync_dir(folder)
-            self.metrics.ingest_bytes.inc(size)
-        else:
-            fresh = False
-        try:
-            recorded, _ = self.store.record_instance(
-                NewInstance(
-                    sop_instance_uid=str(sop_uid),
-                    sha256=sha,
-                    study_instance_uid=str(study_uid),
-                    series_instance_uid=str(series_uid),
-                    sop_class_uid=sop_class,
-                    transfer_syntax_uid=str(syntax),
-                    size=size,
-                    path=path,
-                    calling_ae=_calling_ae(event),
-                    status=status,
-                    reason=reason,
-                    description=description,
-                ),
-                late_images=self.late_images,
-            )
-        except BaseException:
-            if path is not None and fresh:
-                path.unlink(missing_ok=True)  # never recorded nor acknowledged: not kept
-            raise
-        fields = {
-            "study": str(study_uid),
-            "sop_instance": str(sop_uid),
-            "calling_ae": _calling_ae(event),
-            "transfer_syntax": str(syntax),
-            "bytes": size,
-        }
-        if status == "ignored":
-            return Outcome(0x0000, "ignored", reason, "skipped", {**fields, "reason": reason})
-        if recorded is Recorded.DUPLICATE:
-            return Outcome(0x0000, "duplicate", None, "duplicate", fields)
-        replaced = recorded is Recorded.REPLACED
-        fields = {
-            **fields,
-            "replaced": replaced,
-            "laterality": description.laterality if description else None,
-            "view": description.view if description else None,
-        }
-        return Outcome(0x0000, "replaced" if replaced else "accepted", None, "received", fields)
+    def _spool(self, src: Path, got: _Admitted, sha: str) -> tuple[Path, bool]:
+        """Rename the fsync'd file into the spool; (its path, whether it is new there)."""
+        folder = self.instances_dir / got.study_uid
+        make_dirs(folder)
+        path = folder / f"{got.sop_uid}.{sha[:16]}.dcm"
+        fresh = not path.exists()  # else the same bytes, stored and recorded before
+        os.replace(src, path)
+        fsync_dir(folder)
+        return path, fresh
 
     def _classify(
         self, header: Dataset, sop_class: str
