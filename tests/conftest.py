@@ -13,14 +13,24 @@ Session-scoped, so each is built once per test run; treat what they return as re
   alternating MONOCHROME2/MONOCHROME1 per exam. Returns the folder; `synth_dir / "labels.csv"`
   lists the files (see `trainer.synth.LABEL_COLUMNS`, `read_labels`).
 - `shared_reference`: the ../shared/reference folder, or a skip when it is absent.
+- `make_listener`: `make(spool=…, database=…, min_free_bytes=…, **listener_config)` starts a
+  real `Listener` on a free port over a fresh store in the test's folder; all are stopped, and
+  the process-wide receive settings restored, after the test.
 """
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 import pytest
+from dcmtk_peer import free_port
+from pynetdicom import _config
 
+from plugin.config import ListenerConfig
+from plugin.listener import Listener
+from plugin.observability import AuditTrail, Metrics
+from plugin.store import Store
 from trainer.synth import LesionType, SynthExam, synth_exam, write_dataset
 
 SMALL_ROWS, SMALL_COLS = 512, 416
@@ -65,3 +75,34 @@ def shared_reference() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared reference notes not found at {path}; they live beside the repo")
     return path
+
+
+@pytest.fixture
+def make_listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    # A listener sets these process-wide; restore them for the other tests.
+    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
+    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
+    started: list[Listener] = []
+
+    def make(
+        spool: Path | None = None,
+        database: Path | None = None,
+        min_free_bytes: int = 0,
+        **config,
+    ) -> Listener:
+        store = Store(database or tmp_path / "db.sqlite", spool or tmp_path / "spool")
+        listener = Listener(
+            ListenerConfig(host="127.0.0.1", port=free_port(), **config),
+            store,
+            min_free_bytes=min_free_bytes,
+            audit=AuditTrail(tmp_path / "audit.jsonl"),
+            metrics=Metrics(),
+        )
+        listener.port = listener.start()
+        started.append(listener)
+        return listener
+
+    yield make
+    for listener in started:
+        listener.stop(timeout=5)
+        listener.store.close()

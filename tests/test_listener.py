@@ -6,11 +6,9 @@ from __future__ import annotations
 import copy
 import os
 import ssl
-import tempfile
 from pathlib import Path
 
-import pytest
-from dcmtk_peer import free_port, make_test_pki
+from dcmtk_peer import make_test_pki
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -26,37 +24,9 @@ from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
 from pynetdicom.sop_class import Verification
 
-from plugin.config import ListenerConfig
 from plugin.listener import Listener
-from plugin.observability import AuditTrail, Metrics
 from plugin.store import Store
 from trainer.synth import encode
-
-
-@pytest.fixture
-def make_listener(tmp_path: Path, monkeypatch):
-    # The listener sets these process-wide; restore them for the other tests.
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
-    started: list[Listener] = []
-
-    def make(min_free_bytes: int = 0, **config) -> Listener:
-        store = Store(tmp_path / "db.sqlite", tmp_path / "spool")
-        listener = Listener(
-            ListenerConfig(host="127.0.0.1", port=free_port(), **config),
-            store,
-            min_free_bytes=min_free_bytes,
-            audit=AuditTrail(tmp_path / "audit.jsonl"),
-            metrics=Metrics(),
-        )
-        listener.port = listener.start()
-        started.append(listener)
-        return listener
-
-    yield make
-    for listener in started:
-        listener.stop(timeout=5)
-        listener.store.close()
 
 
 def associate(

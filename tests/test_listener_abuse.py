@@ -12,12 +12,10 @@ import logging
 import os
 import socket
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-from dcmtk_peer import free_port
 from pydicom.dataelem import RawDataElement
 from pydicom.dataset import Dataset
 from pydicom.tag import Tag
@@ -28,14 +26,11 @@ from pydicom.uid import (
     JPEGLSLossless,
     generate_uid,
 )
-from pynetdicom import _config
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
 from raw_dicom import Closed, RawAssociation, dataset_bytes
 
-from plugin.config import ListenerConfig
 from plugin.listener import Listener
-from plugin.observability import AuditTrail, JsonFormatter, Metrics
-from plugin.store import Store
+from plugin.observability import JsonFormatter
 from trainer.synth import encode, synth_exam
 
 
@@ -45,29 +40,14 @@ def image() -> Dataset:
 
 
 @pytest.fixture
-def make_listener(tmp_path: Path, monkeypatch):
-    monkeypatch.setattr(_config, "STORE_RECV_CHUNKED_DATASET", False)
-    monkeypatch.setattr(tempfile, "tempdir", tempfile.tempdir)
-    started: list[Listener] = []
+def make_listener(make_listener):
+    """conftest's, with short network and DIMSE timeouts: abusive peers stall on purpose."""
 
-    def make(spool: Path | None = None, database: Path | None = None, **config) -> Listener:
-        store = Store(database or tmp_path / "db.sqlite", spool or tmp_path / "spool")
-        config = {"network_timeout_seconds": 10, "dimse_timeout_seconds": 10} | config
-        listener = Listener(
-            ListenerConfig(host="127.0.0.1", port=free_port(), **config),
-            store,
-            min_free_bytes=0,
-            audit=AuditTrail(tmp_path / "audit.jsonl"),
-            metrics=Metrics(),
-        )
-        listener.port = listener.start()
-        started.append(listener)
-        return listener
+    def make(**config) -> Listener:
+        timeouts = {"network_timeout_seconds": 10, "dimse_timeout_seconds": 10}
+        return make_listener(**(timeouts | config))
 
-    yield make
-    for listener in started:
-        listener.stop(timeout=5)
-        listener.store.close()
+    return make
 
 
 def variant(ds: Dataset, **changes) -> Dataset:
