@@ -220,6 +220,10 @@ def ensemble_spec(models: ModelsConfig) -> EnsembleSpec:
     )
 
 
+SPARE_CPUS = 4
+"""From this many CPUs on, the pipeline's decode and output stages get processes of their own."""
+
+
 def machine_cpus() -> int:
     """CPUs this process may run on (its affinity mask, which containers narrow)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
@@ -234,10 +238,12 @@ class WorkerConfig(Section):
     `models.device`, in the serving process."""
     decode_processes: int | None = Field(None, ge=0, le=256)
     """Processes that read and decode images (JPEG 2000 costs seconds an exam); 0 decodes
-    in the worker itself; null: half the machine's CPUs, at least 1, at most 8."""
+    in a thread of the worker; null: half the machine's CPUs (at most 8), 0 below 4 CPUs."""
     output_processes: int | None = Field(None, ge=0, le=256)
-    """Processes that build and write the result objects; 0 builds in the worker itself;
-    null: a quarter of the machine's CPUs, at least 1, at most 8."""
+    """Processes that build and write the result objects; 0 builds in a thread of the
+    worker; null: a quarter of the machine's CPUs (1 to 8), 0 below 4 CPUs. Below 4 CPUs the
+    ensemble's threads use every core, and handing an exam to a process (hundreds of MB of
+    pixels and maps pickled each way) costs more than it overlaps."""
     max_exams_in_flight: int | None = Field(None, ge=1, le=1024)
     """Exams claimed and not yet committed, which bounds the worker's memory (a 3328×2560
     four-view exam holds a few hundred MB in flight); further jobs stay queued in the store,
@@ -247,13 +253,15 @@ class WorkerConfig(Section):
     def decoders(self) -> int:
         if self.decode_processes is not None:
             return self.decode_processes
-        return max(1, min(8, machine_cpus() // 2))
+        cpus = machine_cpus()
+        return 0 if cpus < SPARE_CPUS else min(8, cpus // 2)
 
     @property
     def builders(self) -> int:
         if self.output_processes is not None:
             return self.output_processes
-        return max(1, min(8, machine_cpus() // 4))
+        cpus = machine_cpus()
+        return 0 if cpus < SPARE_CPUS else max(1, min(8, cpus // 4))
 
     def in_flight(self, max_batch: int) -> int:
         """Exams the worker holds at once: each pool busy with one and one waiting, plus a

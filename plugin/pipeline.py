@@ -418,12 +418,16 @@ class _Pool:
     def _new(self) -> Executor:
         if self.processes == 0:
             return ThreadPoolExecutor(1, thread_name_prefix=self.name)
-        return ProcessPoolExecutor(
+        executor = ProcessPoolExecutor(
             self.processes,
             mp_context=get_context("spawn"),  # no fork of a process running torch threads
             initializer=_child_started,
             initargs=(os.getpid(),),
         )
+        # Start the processes now (each imports torch and pydicom for seconds), not when
+        # the first exam arrives.
+        executor.submit(os.getpid)
+        return executor
 
     def submit(self, fn: Callable[..., Any], *args: Any) -> Future:
         with self._lock:
