@@ -56,6 +56,16 @@ def test_example_configuration_loads_plugins_and_routing(example_orthanc):
         assert anonymous.get("/mammo-ai/routing").status_code == 401
 
 
+def test_orthanc_explorer_gets_the_overlay_viewer_button(example_orthanc):
+    """With "Viewer": true, Orthanc Explorer's study page gets a button to our viewer."""
+    orthanc, _ = example_orthanc
+    with orthanc.client() as client:
+        script = client.get("/plugins/explorer.js")
+    script.raise_for_status()
+    assert "mammo-ai-viewer" in script.text
+    assert "'../mammo-ai/studies/' + $.mobile.pageData.uuid" in script.text
+
+
 def test_ohif_proxy_serves_dist_and_dicomweb_on_one_origin(example_orthanc, tmp_path):
     orthanc, _ = example_orthanc
     dist = tmp_path / "dist"

@@ -10,7 +10,7 @@ import pydicom
 from outputs_samples import dciodvfy_errors, model_info, prediction_for
 
 from plugin import isolation
-from plugin.outputs import OutputKind, build_labelmap_segs, build_segs, output_kind
+from plugin.outputs import OutputKind, build_labelmap_segs, build_segs
 from plugin.outputs.heatmap import DISPLAY_FLOOR
 
 
@@ -37,6 +37,11 @@ def test_region_at_the_threshold_on_the_source_grid(synth_exam_small, tmp_path):
         assert mask.shape == img.malignant_map.shape
         assert (mask.astype(bool) == expected).all()
         assert "from 50%" in seg.SegmentSequence[0].SegmentLabel
+        # Our heat-map's hot end (OHIF warns and picks a colour of its own without one).
+        colour = hd.color.CIELabColor.from_dicom_value(
+            seg.SegmentSequence[0].RecommendedDisplayCIELabValue
+        )
+        assert np.abs(np.subtract(colour.to_rgb(), (253, 231, 37))).max() <= 1
         # The nominal plane OHIF needs, in a frame of reference of the SEG's own.
         shared = seg.SharedFunctionalGroupsSequence[0]
         assert [float(v) for v in shared.PlaneOrientationSequence[0].ImageOrientationPatient] == [
@@ -84,7 +89,7 @@ def test_the_worker_builds_every_kind(synth_exam_small):
     prediction, sources = prediction_for(synth_exam_small)
     objects, failed = isolation.build_isolated(prediction, sources, list(OutputKind))
     assert failed == {}
-    assert {output_kind(o) for o in objects} == set(OutputKind)
+    assert {o.kind for o in objects} == set(OutputKind)
 
 
 def _source(seg: pydicom.Dataset) -> str:

@@ -41,6 +41,9 @@ from .common import (
 from .seg import CATEGORY, MALIGNANT, fix_dimension_organization, pixel_spacing, slice_thickness
 
 _IDENTITY = (1.0, 0.0, 0.0, 0.0, 1.0, 0.0)
+_HOT = heatmap.VIRIDIS[-1]
+"""The region's colour, the hot end of our heat-map scale (without a Recommended Display
+CIELab Value, OHIF warns "default color was used" and picks one)."""
 
 
 def build_labelmap_segs(
@@ -92,6 +95,7 @@ def build_labelmap_seg(
         algorithm_type=hd.seg.SegmentAlgorithmTypeValues.AUTOMATIC,
         algorithm_identification=segment_algorithm(exam, threshold),
         anatomic_regions=[BREAST_CODE[img.laterality]],
+        display_color=hd.color.CIELabColor.from_rgb(*_HOT),
     )
     info = series_info(OutputKind.LABELMAP_SEG, exam)
     content = f"AI region of {key}: malignant saliency at or above {100 * threshold:.0f}%"
