@@ -25,15 +25,24 @@ import numpy as np
 import torch
 from torch import nn
 
-from models.ensemble import Ensemble, EnsembleSpec
-from models.family import ModelFamily
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec, resolve_device
+from models.family import ModelFamily, get_family
+from models.modelfile import load_model, read_card
 from models.pixels import read_mammogram_file
 
 from . import metrics, plots
-from .localisation import LocalisationReport, PeakDistance, peak_distance
+from .localisation import (
+    DEFAULT_WITHIN_MM,
+    LocalisationReport,
+    PeakDistance,
+    localisation_report,
+    peak_distance,
+)
+from .operating import Criterion, write_operating_point
 from .prepare import InputCache
 from .progress import progress as progress_bar
-from .sitedata import SiteImage
+from .sitedata import SiteImage, load_site_data
+from .split import split_site_data
 
 LEVELS = ("image", "breast", "exam")
 TABLE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -310,3 +319,118 @@ def write_outputs(
     metrics_json.write_text(json.dumps(payload, indent=2) + "\n")
     written.append(metrics_json)
     return written
+
+
+# -- the whole evaluation ---------------------------------------------------------------------
+
+
+@dataclass
+class Evaluation:
+    """What `evaluate` measured on one split of a site's data."""
+
+    title: str
+    """The model (or ensemble) as "name version [flips] + …"."""
+    split: str
+    split_source: str
+    seed: int
+    fingerprint: str
+    """The site data's fingerprint: an operating point records what it was chosen on."""
+    images: list[SiteImage]
+    scores: np.ndarray
+    reports: dict[str, LevelReport]
+    localisation: LocalisationReport
+
+
+def evaluate(
+    members: Sequence[MemberSpec],
+    site_data: Path,
+    *,
+    split: str = "test",
+    seed: int | None = None,
+    device: str = "auto",
+    batch_size: int = 4,
+    n_boot: int = metrics.DEFAULT_N_BOOT,
+    within_mm: float = DEFAULT_WITHIN_MM,
+    cache_dir: Path | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """Score one split of a site's data with a model file (or an ensemble of them) and report
+    AUC with CIs per image, breast and exam, and how close the maps peak to the lesions.
+
+    The split is recomputed exactly as `trainer finetune` made it: with the seed in the first
+    model's card when that model was trained on this data, unless `seed` is given."""
+    cards = [read_card(m.path) for m in members]
+    card = cards[0]
+    data = load_site_data(site_data)
+    seed = _split_seed(card.provenance, data.fingerprint(), seed)
+    made = split_site_data(data, seed=seed)
+    images = made.images(data, split)
+    if not images:
+        raise ValueError(f"the {split} split is empty; use --split all or another split")
+    spec = EnsembleSpec(tuple(members), device=device, max_batch=batch_size)
+    if len(members) == 1 and members[0].flips == ("none",):
+        family = get_family(card.family)
+        on = resolve_device(device)
+        module = load_model(members[0].path, device=on)
+        cache = InputCache(family, card.preprocessing, cache_dir)
+        cache.prepare(images, progress=progress)
+        scores = score_images(module, family, cache, images, on, batch_size, progress=progress)
+        lesions = [im for im in images if im.malignant and im.malignant_mask is not None]
+        _, distances = ensemble_scores(spec, lesions, progress) if lesions else (None, [])
+    else:
+        scores, distances = ensemble_scores(spec, images, progress)
+    title = " + ".join(
+        f"{c.name} {c.version}" + ("" if m.flips == ("none",) else f" [{','.join(m.flips)}]")
+        for c, m in zip(cards, members, strict=True)
+    )
+    return Evaluation(
+        title=title,
+        split=split,
+        split_source=made.source,
+        seed=seed,
+        fingerprint=data.fingerprint(),
+        images=images,
+        scores=scores,
+        reports=report(images, scores, n_boot=n_boot),
+        localisation=localisation_report(distances, within_mm),
+    )
+
+
+def _split_seed(card_provenance: dict, fingerprint: str, given: int | None) -> int:
+    if given is not None:
+        return given
+    data = card_provenance.get("training_data", {})
+    if data.get("fingerprint_sha256") == fingerprint:
+        return int(data.get("split", {}).get("seed", 0))
+    return 0
+
+
+def set_operating_point(
+    evaluation: Evaluation, path: Path, criterion: Criterion, level: str
+) -> tuple[float, metrics.OperatingPoint]:
+    """Choose the `level` threshold that meets `criterion` on the evaluated split and write it
+    into the model file at `path` as its default operating point, with what it was chosen on."""
+    cases = aggregate(evaluation.images, evaluation.scores)[level]
+    labels = np.array([c.label for c in cases])
+    scores = np.array([c.score for c in cases])
+    if criterion.kind != "threshold" and evaluation.reports[level].auc is None:
+        raise ValueError(
+            f"cannot choose an operating point at {level} level: {evaluation.reports[level].note}"
+        )
+    threshold = criterion.threshold(labels, scores)
+    achieved = metrics.at_threshold(labels, scores, threshold)
+    write_operating_point(
+        path,
+        threshold,
+        {
+            "criterion": str(criterion),
+            "level": level,
+            "split": evaluation.split,
+            "split_seed": evaluation.seed,
+            "data_fingerprint_sha256": evaluation.fingerprint,
+            "n": len(cases),
+            "sensitivity": achieved.sensitivity,
+            "specificity": achieved.specificity,
+        },
+    )
+    return threshold, achieved

@@ -6,28 +6,20 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
-
 from models.command_line import Subcommands
-from models.ensemble import FLIPS, EnsembleSpec, MemberSpec, resolve_device
-from models.family import get_family
-from models.modelfile import load_model, read_card
+from models.ensemble import FLIPS, MemberSpec
+from models.modelfile import read_card
 
 from ..evaluate import (
     LEVELS,
-    aggregate,
-    ensemble_scores,
-    report,
+    Evaluation,
+    evaluate,
     reports_to_json,
-    score_images,
+    set_operating_point,
     write_outputs,
 )
-from ..localisation import DEFAULT_WITHIN_MM, localisation_report
-from ..metrics import at_threshold
-from ..operating import Criterion, write_operating_point
-from ..prepare import InputCache
-from ..sitedata import load_site_data
-from ..split import split_site_data
+from ..localisation import DEFAULT_WITHIN_MM
+from ..operating import Criterion
 
 
 def register(subparsers: Subcommands) -> None:
@@ -108,15 +100,6 @@ def register(subparsers: Subcommands) -> None:
     p.set_defaults(func=run)
 
 
-def _split_seed(card_provenance: dict, fingerprint: str, given: int | None) -> int:
-    if given is not None:
-        return given
-    data = card_provenance.get("training_data", {})
-    if data.get("fingerprint_sha256") == fingerprint:
-        return int(data.get("split", {}).get("seed", 0))
-    return 0
-
-
 def _member(text: str) -> MemberSpec:
     path, _, flips = text.partition(":")
     names = tuple(f.strip() for f in flips.split(",") if f.strip()) or ("none",)
@@ -142,38 +125,50 @@ def run(args: argparse.Namespace) -> int:
                 "that is meant to measure it; choose it on the validation split (--split val), "
                 "or pass --allow-test-split if this test set is never used to report results"
             )
-    cards = [read_card(m.path) for m in members]
-    card = cards[0]
-    data = load_site_data(args.site_data)
-    seed = _split_seed(card.provenance, data.fingerprint(), args.seed)
-    split = split_site_data(data, seed=seed)
-    images = split.images(data, args.split)
-    if not images:
-        raise ValueError(f"the {args.split} split is empty; use --split all or another split")
-    progress = not args.no_progress
-    spec = EnsembleSpec(tuple(members), device=args.device, max_batch=args.batch_size)
-    if single:
-        family = get_family(card.family)
-        device = resolve_device(args.device)
-        module = load_model(members[0].path, device=device)
-        cache = InputCache(family, card.preprocessing, args.cache_dir)
-        cache.prepare(images, progress=progress)
-        scores = score_images(
-            module, family, cache, images, device, args.batch_size, progress=progress
-        )
-        lesions = [im for im in images if im.malignant and im.malignant_mask is not None]
-        _, distances = ensemble_scores(spec, lesions, progress) if lesions else (None, [])
-    else:
-        scores, distances = ensemble_scores(spec, images, progress)
-    reports = report(images, scores, n_boot=args.n_boot)
-    located = localisation_report(distances, args.within_mm)
-
-    title = " + ".join(
-        f"{c.name} {c.version}" + ("" if m.flips == ("none",) else f" [{','.join(m.flips)}]")
-        for c, m in zip(cards, members, strict=True)
+    ev = evaluate(
+        members,
+        args.site_data,
+        split=args.split,
+        seed=args.seed,
+        device=args.device,
+        batch_size=args.batch_size,
+        n_boot=args.n_boot,
+        within_mm=args.within_mm,
+        cache_dir=args.cache_dir,
+        progress=not args.no_progress,
     )
-    print(f"{title} on {args.split} split ({split.source}): {len(images)} images")
-    for level, r in reports.items():
+    _print(ev)
+    if args.json:
+        payload = {**reports_to_json(ev.reports), "localisation": ev.localisation.to_json()}
+        args.json.write_text(json.dumps(payload, indent=2) + "\n")
+    if args.out:
+        operating = read_card(members[0].path).operating_points.get("default") if single else None
+        written = write_outputs(
+            args.out,
+            ev.images,
+            ev.scores,
+            ev.reports,
+            f"{ev.title} {ev.split}",
+            operating,
+            ev.localisation,
+        )
+        for path in written:
+            print(f"  wrote {path}")
+    if args.set_operating_point is not None:
+        criterion: Criterion = args.set_operating_point
+        level = args.operating_point_level
+        threshold, achieved = set_operating_point(ev, members[0].path, criterion, level)
+        print(
+            f"  operating point ({criterion}, {level} level): threshold {threshold:.4f}, "
+            f"sensitivity {achieved.sensitivity:.3f}, specificity {achieved.specificity:.3f}; "
+            f"written to {members[0].path}"
+        )
+    return 0
+
+
+def _print(ev: Evaluation) -> None:
+    print(f"{ev.title} on {ev.split} split ({ev.split_source}): {len(ev.images)} images")
+    for level, r in ev.reports.items():
         if r.auc is None:
             print(f"  {level:6s} n={r.n:5d}  {r.note}")
         else:
@@ -181,49 +176,7 @@ def run(args: argparse.Namespace) -> int:
                 f"  {level:6s} n={r.n:5d} ({r.positives} malignant)  AUC {r.auc:.3f} "
                 f"[95% CI {r.ci95[0]:.3f}-{r.ci95[1]:.3f}]"
             )
-    print(f"  {located.line()}")
-    for r in reports.values():
+    print(f"  {ev.localisation.line()}")
+    for r in ev.reports.values():
         for warning in r.warnings:
             print(f"  warning: {warning}")
-    operating = card.operating_points.get("default") if single else None
-    if args.json:
-        payload = {**reports_to_json(reports), "localisation": located.to_json()}
-        args.json.write_text(json.dumps(payload, indent=2) + "\n")
-    if args.out:
-        written = write_outputs(
-            args.out, images, scores, reports, f"{title} {args.split}", operating, located
-        )
-        for path in written:
-            print(f"  wrote {path}")
-    if args.set_operating_point is not None:
-        level = args.operating_point_level
-        cases = aggregate(images, scores)[level]
-        labels = np.array([c.label for c in cases])
-        level_scores = np.array([c.score for c in cases])
-        criterion: Criterion = args.set_operating_point
-        if criterion.kind != "threshold" and reports[level].auc is None:
-            raise ValueError(
-                f"cannot choose an operating point at {level} level: {reports[level].note}"
-            )
-        threshold = criterion.threshold(labels, level_scores)
-        achieved = at_threshold(labels, level_scores, threshold)
-        write_operating_point(
-            members[0].path,
-            threshold,
-            {
-                "criterion": str(criterion),
-                "level": level,
-                "split": args.split,
-                "split_seed": seed,
-                "data_fingerprint_sha256": data.fingerprint(),
-                "n": len(cases),
-                "sensitivity": achieved.sensitivity,
-                "specificity": achieved.specificity,
-            },
-        )
-        print(
-            f"  operating point ({criterion}, {level} level): threshold {threshold:.4f}, "
-            f"sensitivity {achieved.sensitivity:.3f}, specificity {achieved.specificity:.3f}; "
-            f"written to {members[0].path}"
-        )
-    return 0
