@@ -11,7 +11,9 @@ from __future__ import annotations
 import colorsys
 import io
 import json
+import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -57,6 +59,7 @@ class Page:
 
     page: object
     errors: list[str] = field(default_factory=list)
+    messages: list[str] = field(default_factory=list)  # every console message
 
     @classmethod
     @contextmanager
@@ -82,6 +85,7 @@ class Page:
         out = cls(page)
 
         def console(message) -> None:
+            out.messages.append(f"{message.type}: {message.text}")
             if message.type == "error" and not any(s in message.text for s in ignore):
                 out.errors.append(f"console: {message.text}")
 
@@ -140,6 +144,118 @@ class OverlayViewer(Page):
 
     def press(self, key: str) -> None:
         self.page.keyboard.press(key)
+
+
+_PANES_JS = """() => [...document.querySelectorAll('[data-cy=viewport-pane]')].map(pane => {
+  const rect = e => { const r = e.getBoundingClientRect();
+                      return {x: r.x, y: r.y, width: r.width, height: r.height}; };
+  const canvas = pane.querySelector('canvas.cornerstone-canvas');
+  const svg = pane.querySelector('svg.svg-layer');
+  const top = pane.querySelector('[data-cy=viewport-overlay-top-left]');
+  return {
+    label: top ? top.innerText.trim().split('\\n').pop().trim() : '',
+    canvas: canvas ? rect(canvas) : null,
+    svg: svg ? rect(svg) : null,
+    boxes: svg ? [...svg.querySelectorAll('polyline')].map(p => p.getAttribute('points')) : [],
+    text: pane.innerText,
+  };
+})"""
+
+
+@dataclass
+class OhifPane:
+    """One OHIF viewport: the series description OHIF shows top left, where its canvas is,
+    and the SR outlines drawn on it (screen coordinates)."""
+
+    label: str
+    canvas: dict
+    boxes: list[np.ndarray]
+    text: str
+
+    def at_source(self, rows: int, cols: int, x: float, y: float) -> tuple[int, int]:
+        """Screen (column, row) of source pixel (x, y) of a rows x cols image, which OHIF
+        fits into the viewport (aspect kept, centred), unless zoomed or panned."""
+        c = self.canvas
+        scale = min(c["width"] / cols, c["height"] / rows)
+        x0 = c["x"] + (c["width"] - cols * scale) / 2
+        y0 = c["y"] + (c["height"] - rows * scale) / 2
+        return int(x0 + x * scale), int(y0 + y * scale)
+
+    def crop(self, shot: np.ndarray) -> np.ndarray:
+        c = self.canvas
+        return shot[int(c["y"]) : int(c["y"] + c["height"]), int(c["x"]) : int(c["x"] + c["width"])]
+
+
+@dataclass
+class OhifViewer(Page):
+    """OHIF 3.13 (orthanc/ohif/dist behind serve_ohif.py)."""
+
+    def panes(self) -> list[OhifPane]:
+        out = []
+        for pane in self.page.evaluate(_PANES_JS):
+            if pane["canvas"] is None:
+                continue
+            origin = pane["svg"] or pane["canvas"]
+            boxes = [
+                np.array(re.findall(r"-?[\d.]+", points), dtype=float).reshape(-1, 2)
+                + [origin["x"], origin["y"]]
+                for points in pane["boxes"]
+                if points.strip()
+            ]
+            out.append(OhifPane(pane["label"], pane["canvas"], boxes, pane["text"]))
+        return out
+
+    def pane(self, label: str) -> OhifPane:
+        found = [p for p in self.panes() if p.label == label]
+        assert len(found) == 1, (label, [p.label for p in self.panes()])
+        return found[0]
+
+    def activate(self, index: int) -> None:
+        """Click into the index-th pane: series opened next go there."""
+        c = self.panes()[index].canvas
+        self.page.mouse.click(c["x"] + c["width"] / 2, c["y"] + c["height"] / 2)
+
+    def open_series(self, description: str) -> None:
+        """Double-click the study browser's thumbnail of a series: it opens in the active
+        viewport."""
+        thumbnail = self.page.locator("[data-cy^=study-browser-thumbnail]", has_text=description)
+        thumbnail.first.scroll_into_view_if_needed()
+        thumbnail.first.dblclick()
+
+    def answer(self, button: str) -> None:
+        """Answer OHIF's prompt in the viewport (track the SR's measurements? open the SEG?)."""
+        self.page.get_by_role("button", name=button, exact=True).first.click(timeout=60_000)
+
+    def wait_for_sr(self, timeout: float) -> OhifPane:
+        """The pane that shows an SR's outline and "Probability of cancer"."""
+
+        def shown():
+            panes = [p for p in self.panes() if p.boxes and "Probability of cancer" in p.text]
+            return panes[0] if panes else None
+
+        return wait_for(shown, timeout, "the TID 1500 SR drawn in OHIF", self)
+
+    def errors_except(self, *expected: str) -> list[str]:
+        """Errors, less OHIF cancelling its own prefetches (a switched series) and `expected`."""
+        return [
+            e
+            for e in self.errors
+            if not (e.startswith("request failed:") and "net::ERR_ABORTED" in e)
+            and not any(x in e for x in expected)
+        ]
+
+
+def wait_for(condition, timeout: float, what: str, page: Page, interval: float = 0.5):
+    """Poll `condition` up to `timeout` seconds: its value once neither None nor False."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = condition()
+        if value is not None and value is not False:
+            return value
+        if time.monotonic() > deadline:
+            page.screenshot("wait-timed-out")
+            raise AssertionError(f"{what}: not seen within {timeout:.0f} s; errors: {page.errors}")
+        page.page.wait_for_timeout(interval * 1000)
 
 
 def pixel(shot: np.ndarray, at: tuple[int, int]) -> tuple[int, int, int]:
