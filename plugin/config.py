@@ -217,6 +217,8 @@ def ensemble_spec(models: ModelsConfig) -> EnsembleSpec:
         device=models.device,
         precision=models.precision,
         max_batch=models.max_batch,
+        channels_last=models.channels_last,
+        compile=models.compile,
     )
 
 

@@ -117,6 +117,11 @@ def test_pipeline_defaults_come_from_the_machine(default_data: dict) -> None:
     spec = ensemble_spec(config.models)
     assert [m.flips for m in spec.members] == [("none", "hflip"), ("none", "hflip")]
     assert (spec.device, spec.precision, spec.max_batch) == ("auto", "fp32", 8)
+    assert (spec.channels_last, spec.compile) == (False, False)
+    data = copy.deepcopy(default_data)
+    data["models"].update(precision="tf32", channels_last=True, compile=True)
+    spec = ensemble_spec(parse_config(data, REPO).models)
+    assert (spec.precision, spec.channels_last, spec.compile) == ("tf32", True, True)
 
 
 def test_relative_paths_follow_the_config_file(tmp_path: Path, default_data: dict) -> None:
