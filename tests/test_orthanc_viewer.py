@@ -103,7 +103,7 @@ def viewer_orthanc(tmp_path_factory, synth_exam_small):
         ) as orthanc,
         orthanc.client() as client,
     ):
-        for ds in [*exam.datasets, *objects]:
+        for ds in [*exam.datasets, *(o.dataset for o in objects)]:
             client.post("/instances", content=dicom_bytes(ds)).raise_for_status()
         study = client.post(
             "/tools/find",
