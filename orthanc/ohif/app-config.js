@@ -2,10 +2,12 @@
  *
  * serve_ohif.py serves this dist and proxies /dicom-web to Orthanc's DICOMweb plugin, so the
  * browser never needs CORS (Orthanc 1.10 has none) and never talks to another host.
- * What shows (dicom-outputs.md §6.3): the mammograms, our TID 1500 SR ("AI regions and
- * scores": a box per view labelled "Probability of cancer") and the SC heat-maps ("AI
- * heat-map"). The CAD SR and the fractional SEG are listed as unsupported by OHIF; the
- * mammo-ai overlay viewer in Orthanc (/mammo-ai/studies/{id}) draws the SEG heat-map.
+ * What shows (tests/test_ohif_viewer.py): the mammograms, our TID 1500 SR ("AI regions and
+ * scores": a region per view labelled "Probability of cancer"), the labelmap SEGs ("AI region
+ * overlay <view>", output kind labelmap_seg) over their mammograms and the SC heat-maps ("AI
+ * heat-map"). OHIF refuses the CAD SR and the fractional SEG; the mammo-ai overlay viewer in
+ * Orthanc (/mammo-ai/studies/{id}) draws the SEG's probabilities.
+ * Four views 2x2: /viewer?StudyInstanceUIDs=<uid>&hangingProtocolId=@ohif/mnGrid
  */
 // A reading station: no onboarding tour over the first study (OHIF remembers shown tours in
 // localStorage; an existing choice is kept).
