@@ -179,11 +179,20 @@ def test_ohif_shows_mammograms_sr_regions_and_overlays(ohif_study, chromium_brow
 
 
 def test_objects_ohif_cannot_show_leave_it_working(ohif_study, chromium_browser):
-    """The fractional SEG (OHIF issue #1346) and the CAD SR are refused, not fatal: OHIF says
-    so, and the viewport that waits on "Loading SEG..." shows a mammogram opened there."""
+    """The scores SR opens; the fractional SEG (OHIF issue #1346) and the CAD SR are refused,
+    not fatal: OHIF says so, and the viewport left on "Loading SEG..." shows a mammogram
+    opened there."""
     url, exam, _ = ohif_study
     with OhifViewer.open(chromium_browser, url, credentials=USER, window=(1400, 1000)) as viewer:
         _four_views_drawn(viewer)
+        # The machine-readable scores SR opens too (its scores drawn on the images' regions).
+        viewer.open_series("AI scores (machine-readable)")
+        wait_for(
+            lambda: any("Probability of benign finding" in p.text for p in viewer.panes()),
+            LOAD_S,
+            "the scores SR in OHIF",
+            viewer,
+        )
         viewer.open_series("AI saliency maps")
         wait_for(
             lambda: any(FRACTIONAL in e for e in viewer.errors),
