@@ -16,9 +16,10 @@ from typing import Annotated, Any
 import torch
 from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import save
 from torch import nn
 
+from .durable import write_atomically
 from .family import get_family
 from .results import ModelInfo
 
@@ -159,14 +160,8 @@ def _write(tensors: dict[str, torch.Tensor], card: ModelCard, path: Path) -> Pat
     text = card.to_json()
     ModelCard.from_json(text, source=f"card for {path}")
     get_family(card.family)  # an unknown family raises here, naming the known ones
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".partial")
-    try:
-        save_file(tensors, str(tmp), metadata={METADATA_KEY: text})
-        tmp.chmod(0o644)  # safetensors creates 0600; the service often runs as another user
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = save(tensors, metadata={METADATA_KEY: text})
+    write_atomically(path, lambda f: f.write(data))
     return path
 
 

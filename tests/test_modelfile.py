@@ -79,7 +79,7 @@ def test_round_trip_keeps_weights_and_card(saved):
     expected = module.state_dict()
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, expected[k]), k
-    assert not list(path.parent.glob("*.partial"))
+    assert [p.name for p in path.parent.iterdir()] == [path.name]  # no temporary file left
 
 
 def test_missing_and_foreign_files(saved, tmp_path: Path):

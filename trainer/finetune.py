@@ -17,7 +17,6 @@ import copy
 import hashlib
 import importlib
 import json
-import os
 import platform
 import time
 from collections.abc import Callable, Iterator
@@ -32,6 +31,7 @@ import torch
 from torch import nn
 
 import trainer
+from models.durable import write_atomically
 from models.ensemble import resolve_device
 from models.family import ModelFamily, get_family
 from models.modelfile import (
@@ -279,9 +279,7 @@ class _Checkpoint:
             "fingerprint": self.fingerprint,
             **state,
         }
-        tmp = self.path.with_name(self.path.name + ".partial")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
+        write_atomically(self.path, lambda f: torch.save(state, f))
 
 
 @contextmanager
