@@ -7,7 +7,7 @@ APT_PACKAGES = dcmtk dicom3tools pixelmed-apps default-jre-headless openssl util
                orthanc orthanc-python orthanc-dicomweb chromium postgresql npm
 STAMP = .make
 
-.PHONY: install system-deps ohif serve test lint bench demo-models clean
+.PHONY: install system-deps ohif serve test test-fast lint bench demo-models clean
 
 $(STAMP)/install: pyproject.toml
 	$(PIP) install -q torch==2.13.0
@@ -46,6 +46,10 @@ serve: install
 
 test: install system-deps ohif
 	$(PYTHON) -m pytest -q -ra
+
+# The suite without the tests marked slow (end-to-end services, training runs): for the edit loop.
+test-fast: install system-deps ohif
+	$(PYTHON) -m pytest -q -ra -m "not slow"
 
 lint: install
 	ruff check .

@@ -29,6 +29,8 @@ from service_harness import (
 from plugin.observability import hash_uid
 from trainer.synth import synth_exam
 
+pytestmark = pytest.mark.slow  # a running `plugin serve` with models
+
 
 def variant(ds, **changes):
     out = copy.deepcopy(ds)

@@ -47,6 +47,8 @@ SECRET = "PIDLEAK-19610412"
 """Planted in patient attributes of every mutated data set: must never reach a log."""
 EX, IM = ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
+pytestmark = pytest.mark.slow  # a running `plugin serve` with models
+
 
 def _raw(ds: Dataset, tag: int, vr: str, value: bytes) -> None:
     value += b" " if len(value) % 2 else b""

@@ -8,6 +8,7 @@ import os
 import ssl
 from pathlib import Path
 
+import pytest
 from dcmtk_peer import make_test_pki
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
@@ -217,6 +218,7 @@ def test_statuses_for_bad_input(make_listener, synth_exam_small, tmp_path, monke
     assert list(listener.instances_dir.rglob("*.dcm")) == []
 
 
+@pytest.mark.slow  # makes a test PKI with openssl: about 10 s
 def test_tls_with_client_certificates(make_listener, tmp_path) -> None:
     pki = make_test_pki(tmp_path / "pki")
     listener = make_listener(

@@ -47,7 +47,7 @@ def postgres() -> Iterator[PostgresServer]:
         yield server
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.slow)])
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Store]:
     """Opens the test's database (each backend in turn) as a new process would."""
     if request.param == "sqlite":

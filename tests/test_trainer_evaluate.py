@@ -70,6 +70,7 @@ def test_operating_point_on_the_test_split_is_refused_unless_allowed(
     assert read_card(small_model).operating_points == {}
 
 
+@pytest.mark.slow
 def test_finetune_and_evaluate_report_the_same_ci(small_site: Path, small_model: Path, tmp_path):
     out = tmp_path / "tuned.safetensors"
     result = finetune(
@@ -88,6 +89,7 @@ def test_finetune_and_evaluate_report_the_same_ci(small_site: Path, small_model:
         assert card.provenance["metrics"]["test"][level]["ci95"] == pytest.approx(list(r.ci95))
 
 
+@pytest.mark.slow
 def test_an_ensemble_is_evaluated_with_flips_localisation_and_a_marked_roc(
     small_site: Path, small_model: Path, tmp_path: Path, capsys
 ):

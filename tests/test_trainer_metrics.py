@@ -36,6 +36,7 @@ def test_auc_with_one_class_says_so():
         metrics.roc_auc([0, 0, 0], [0.1, 0.2, 0.3])
 
 
+@pytest.mark.slow  # about 30 s on 2 cores
 def test_bootstrap_ci_matches_a_direct_resampling_loop(sample):
     labels, scores = sample
     lo, hi = metrics.bootstrap_auc_ci(labels, scores, n_boot=300, seed=5)
