@@ -1,9 +1,13 @@
 """The ensemble: configured member models, each with its flip set for test-time augmentation,
-scoring one (possibly partial) four-view exam.
+scoring (possibly partial) four-view exams, one or many at a time.
 
 Per image, each member's probabilities are averaged over its flips (saliency maps are flipped
 back first), then averaged over members on the source grid. A breast scores the mean of its CC
 and MLO images (or the one present); the exam scores the max over breasts.
+
+Everything between the decoded pixels and the finished maps runs in torch on the ensemble's
+device: preprocessing, flips, forward passes batched across exams, flip-back, averaging and
+the mapping onto each source grid; only maps on the source grid, boxes and scores come back.
 """
 
 from __future__ import annotations
@@ -218,7 +222,7 @@ class Ensemble:
         images = [img for exam in exams for img in exam]
         if not images:
             return []
-        with _numerics(self.device, tf32=self.spec.precision == "tf32"), torch.inference_mode():
+        with _numerics(self.device, tf32=False), torch.inference_mode():
             passes = self._forward_all(images)
             predictions = [self._image_prediction(i, img, passes) for i, img in enumerate(images)]
         results, start = [], 0
@@ -301,10 +305,14 @@ class Ensemble:
     def _forward(self, member: _Member, x: torch.Tensor):
         if self.spec.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with torch.autocast(
-            self.device.type,
-            dtype=self.autocast_dtype or torch.float32,
-            enabled=self.autocast_dtype is not None,
+        # TF32 (when asked) for the forwards only: the mapping onto the source grid stays fp32.
+        with (
+            _numerics(self.device, tf32=self.spec.precision == "tf32"),
+            torch.autocast(
+                self.device.type,
+                dtype=self.autocast_dtype or torch.float32,
+                enabled=self.autocast_dtype is not None,
+            ),
         ):
             return member.run(x)
 
