@@ -87,6 +87,22 @@ def test_predict_exams_equals_one_exam_at_a_time(model_files, exam, exam_negativ
     assert ens.predict_exams([]) == []
 
 
+def test_predict_exams_batches_forwards_across_exams(model_files, exam, exam_negative):
+    ens = Ensemble(
+        EnsembleSpec(
+            (MemberSpec(model_files["gmic"], ("none", "hflip")),), device="cpu", max_batch=16
+        )
+    )
+    batches = []
+    module = ens._members[0].module
+    hook = module.register_forward_hook(lambda _m, args, _out: batches.append(len(args[0])))
+    try:
+        ens.predict_exams([exam, exam_negative])
+    finally:
+        hook.remove()
+    assert batches == [16]  # 2 exams x 4 views x 2 flips in one forward pass
+
+
 def _single_pass(path, image, flip: str):
     """One member, one flip, computed the long way: preprocess, flip, forward, un-flip."""
     ens = Ensemble(EnsembleSpec((MemberSpec(path, (flip,)),), device="cpu"))
