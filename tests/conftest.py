@@ -16,16 +16,21 @@ Session-scoped, so each is built once per test run; treat what they return as re
 - `make_listener`: `make(spool=…, database=…, min_free_bytes=…, **listener_config)` starts a
   real `Listener` on a free port over a fresh store in the test's folder; all are stopped, and
   the process-wide receive settings restored, after the test.
+- `folder_service`: `with folder_service(name, outputs=[…], **config_sections) as running:`
+  a real `plugin serve` with the demo models, delivering into a folder destination (see
+  `service_harness.Serve`); for module-scoped service fixtures.
 """
 
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
 from dcmtk_peer import free_port
 from pynetdicom import _config
+from service_harness import Serve, demo_models, write_config
 
 from plugin.config import ListenerConfig
 from plugin.listener import Listener
@@ -106,3 +111,21 @@ def make_listener(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     for listener in started:
         listener.stop(timeout=5)
         listener.store.close()
+
+
+@pytest.fixture(scope="session")
+def folder_service(tmp_path_factory: pytest.TempPathFactory):
+    def start(name: str, outputs: Sequence[str] = ("cad_sr",), **sections) -> Serve:
+        tmp = tmp_path_factory.mktemp(name)
+        config = write_config(
+            tmp / "svc",
+            port=free_port(),
+            models=demo_models(tmp / "models"),
+            destinations=[
+                {"type": "folder", "name": "folder", "path": "results", "outputs": list(outputs)}
+            ],
+            **sections,
+        )
+        return Serve.start(config)
+
+    return start

@@ -19,11 +19,8 @@ from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentati
 from service_harness import (
     Serve,
     counts,
-    demo_models,
-    free_port,
     storescu,
     wait_until,
-    write_config,
 )
 
 from plugin.observability import hash_uid
@@ -58,18 +55,8 @@ def garbage_file(folder: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("bad")
-    config = write_config(
-        tmp / "svc",
-        port=free_port(),
-        models=demo_models(tmp / "models"),
-        destinations=[
-            {"type": "folder", "name": "folder", "path": "results", "outputs": ["cad_sr"]}
-        ],
-        listener={"allowed_callers": [{"ae_title": "PACS"}]},
-    )
-    with Serve.start(config) as running:
+def service(folder_service):
+    with folder_service("bad", listener={"allowed_callers": [{"ae_title": "PACS"}]}) as running:
         yield running
 
 
@@ -152,22 +139,8 @@ def test_bad_input_gets_specific_answers_and_loses_nothing(service: Serve, tmp_p
 
 
 @pytest.fixture(scope="module")
-def service_all_outputs(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("bad-views")
-    config = write_config(
-        tmp / "svc",
-        port=free_port(),
-        models=demo_models(tmp / "models"),
-        destinations=[
-            {
-                "type": "folder",
-                "name": "folder",
-                "path": "results",
-                "outputs": ["cad_sr", "seg", "sc"],
-            }
-        ],
-    )
-    with Serve.start(config) as running:
+def service_all_outputs(folder_service):
+    with folder_service("bad-views", outputs=["cad_sr", "seg", "sc"]) as running:
         yield running
 
 

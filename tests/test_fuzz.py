@@ -30,11 +30,8 @@ from raw_dicom import Closed, RawAssociation, dataset_bytes
 from service_harness import (
     Serve,
     counts,
-    demo_models,
-    free_port,
     storescu,
     wait_until,
-    write_config,
 )
 
 from plugin.admission import valid_uid
@@ -157,18 +154,8 @@ class Mutator:
 
 
 @pytest.fixture(scope="module")
-def service(tmp_path_factory: pytest.TempPathFactory):
-    tmp = tmp_path_factory.mktemp("fuzz")
-    config = write_config(
-        tmp / "svc",
-        port=free_port(),
-        models=demo_models(tmp / "models"),
-        destinations=[
-            {"type": "folder", "name": "folder", "path": "results", "outputs": ["cad_sr"]}
-        ],
-        listener={"max_associations_per_address": 20},
-    )
-    with Serve.start(config) as running:
+def service(folder_service):
+    with folder_service("fuzz", listener={"max_associations_per_address": 20}) as running:
         yield running
 
 
