@@ -234,40 +234,63 @@ def write_outputs(
     with `threshold` (the model's image-level operating point), that point marked."""
     out_dir.mkdir(parents=True, exist_ok=True)
     cases = aggregate(images, scores)
-    written = []
+    measured = {level: _arrays(cases[level]) for level in LEVELS if reports[level].auc is not None}
+    bins = metrics.calibration_bins(*_arrays(cases["image"]))
+    roc = _roc_png(out_dir / "roc.png", measured, reports, title, threshold)
+    written = [] if roc is None else [roc]
+    written.append(plots.calibration_png(out_dir / "calibration.png", bins, title + " (image)"))
+    written.append(_operating_points_csv(out_dir / "operating_points.csv", measured))
+    written.append(_scores_csv(out_dir / "scores.csv", images, scores))
+    payload = {
+        **reports_to_json(reports),
+        **({"localisation": localisation.to_json()} if localisation else {}),
+        "calibration": {
+            "bins": [asdict(b) for b in bins],
+            "expected_calibration_error": metrics.expected_calibration_error(bins),
+        },
+    }
+    metrics_json = out_dir / "metrics.json"
+    metrics_json.write_text(json.dumps(payload, indent=2) + "\n")
+    written.append(metrics_json)
+    return written
+
+
+def _arrays(cases: Sequence[Case]) -> tuple[np.ndarray, np.ndarray]:
+    """(labels, scores) of one level's cases."""
+    return np.array([c.label for c in cases]), np.array([c.score for c in cases])
+
+
+def _roc_png(
+    path: Path,
+    measured: dict[str, tuple[np.ndarray, np.ndarray]],
+    reports: dict[str, LevelReport],
+    title: str,
+    threshold: float | None,
+) -> Path | None:
+    """One ROC curve per level that has an AUC; None when none has."""
+    if not measured:
+        return None
     curves = {}
-    for level in LEVELS:
-        if reports[level].auc is None:
-            continue
-        labels = np.array([c.label for c in cases[level]])
-        s = np.array([c.score for c in cases[level]])
+    for level, (labels, s) in measured.items():
         fpr, tpr, _ = metrics.roc_curve(labels, s)
         r = reports[level]
         curves[f"{level} AUC {r.auc:.3f}, n={r.n} ({r.positives} malignant)"] = (fpr, tpr)
-    if curves:
-        band = point = None
-        if reports["image"].auc is not None:
-            labels = np.array([c.label for c in cases["image"]])
-            s = np.array([c.score for c in cases["image"]])
-            band = metrics.bootstrap_roc_band(labels, s)
-            if threshold is not None:
-                p = metrics.at_threshold(labels, s, threshold)
-                point = (1 - p.specificity, p.sensitivity, f"operating point {threshold:.3g}")
-        written.append(plots.roc_png(out_dir / "roc.png", curves, title, band, point))
-    image_labels = np.array([c.label for c in cases["image"]])
-    image_scores = np.array([c.score for c in cases["image"]])
-    bins = metrics.calibration_bins(image_labels, image_scores)
-    written.append(plots.calibration_png(out_dir / "calibration.png", bins, title + " (image)"))
+    band = point = None
+    if "image" in measured:
+        labels, s = measured["image"]
+        band = metrics.bootstrap_roc_band(labels, s)
+        if threshold is not None:
+            p = metrics.at_threshold(labels, s, threshold)
+            point = (1 - p.specificity, p.sensitivity, f"operating point {threshold:.3g}")
+    return plots.roc_png(path, curves, title, band, point)
 
-    table = out_dir / "operating_points.csv"
-    with table.open("w", newline="") as f:
+
+def _operating_points_csv(path: Path, measured: dict[str, tuple[np.ndarray, np.ndarray]]) -> Path:
+    """Sensitivity and specificity at fixed thresholds and at target sensitivities."""
+    with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["level", "criterion", "threshold", "sensitivity", "specificity", "called"])
-        for level in LEVELS:
-            if reports[level].auc is None:
-                continue
-            labels = np.array([c.label for c in cases[level]])
-            s = np.array([c.score for c in cases[level]])
+        for level, (labels, s) in measured.items():
             rows = [(f"threshold {t}", t) for t in TABLE_THRESHOLDS]
             rows += [
                 (f"sensitivity >= {q}", metrics.threshold_for_sensitivity(labels, s, q))
@@ -285,10 +308,11 @@ def write_outputs(
                         p.positives,
                     ]
                 )
-    written.append(table)
+    return path
 
-    scores_csv = out_dir / "scores.csv"
-    with scores_csv.open("w", newline="") as f:
+
+def _scores_csv(path: Path, images: Sequence[SiteImage], scores: np.ndarray) -> Path:
+    with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
             ["sop_instance_uid", "study_instance_uid", "laterality", "view", "malignant", "score"]
@@ -304,21 +328,7 @@ def write_outputs(
                     f"{s:.6f}",
                 ]
             )
-    written.append(scores_csv)
-
-    metrics_json = out_dir / "metrics.json"
-    calibration = [asdict(b) for b in bins]
-    payload = {
-        **reports_to_json(reports),
-        **({"localisation": localisation.to_json()} if localisation else {}),
-        "calibration": {
-            "bins": calibration,
-            "expected_calibration_error": metrics.expected_calibration_error(bins),
-        },
-    }
-    metrics_json.write_text(json.dumps(payload, indent=2) + "\n")
-    written.append(metrics_json)
-    return written
+    return path
 
 
 # -- the whole evaluation ---------------------------------------------------------------------
