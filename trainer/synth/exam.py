@@ -104,37 +104,14 @@ def synth_exam(
     anatomy at lower resolution. `look` renders the exam through another vendor's processing
     (`trainer.synth.look.LOOKS`); the anatomy and lesions stay the same for a seed.
     """
-    if not 8 <= bits_stored <= 16:
-        raise ValueError(f"bits_stored must be 8..16, not {bits_stored}")
-    if malignant_type is not None and not (malignant and malignant_type.malignant):
-        raise ValueError(
-            f"malignant_type {malignant_type.value} needs malignant=True and a "
-            "malignant lesion type"
-        )
-    if rows < 64 or cols < 64:
-        raise ValueError(f"image size {rows}x{cols} is too small to draw a breast; use ≥ 64x64")
+    _check(rows, cols, bits_stored, malignant, malignant_type)
     detector = get_look(look) if isinstance(look, str) else look
     rng = seed if isinstance(seed, np.random.Generator) else np.random.default_rng(seed)
     # The look draws its noise from a child stream, so a seed gives the same anatomy, lesions
     # and UIDs under every look.
     look_rng = np.random.default_rng(rng.bit_generator.seed_seq.spawn(1)[0])
     spacing = spacing_mm or round(DEFAULT_SPACING_MM * DEFAULT_ROWS / rows, 4)
-
-    breasts = {side: random_breast(rng) for side in Laterality}
-    malignant_side = _side(rng) if malignant else None
-    if benign is None:
-        benign = bool(rng.random() < 0.3)
-    lesions: dict[Laterality, list[Lesion]] = {side: [] for side in Laterality}
-    if malignant_side is not None:
-        lesions[malignant_side].append(random_lesion(rng, malignant=True, kind=malignant_type))
-    if benign:
-        side = _side(rng)
-        lesions[side].append(_apart_from(rng, lesions[side]))
-    breasts = {
-        side: Breast(b.extent, b.height, b.density, tuple(lesions[side]))
-        for side, b in breasts.items()
-    }
-
+    breasts, malignant_side = _breasts(rng, malignant, malignant_type, benign)
     identity = _identity(rng, patient_id)
     images = []
     for number, (side, view) in enumerate(VIEW_ORDER, start=1):
@@ -148,12 +125,7 @@ def synth_exam(
             spacing_mm=spacing,
         )
         intensity = detector.apply(rendered.intensity, rendered.breast_mask, spacing, look_rng)
-        stored = quantize(intensity, bits_stored)
-        window = _window(stored, rendered.breast_mask)
-        if photometric == "MONOCHROME1":
-            top = (1 << bits_stored) - 1
-            stored = top - stored
-            window = (top - window[0], window[1])
+        stored, window = _stored(intensity, rendered.breast_mask, bits_stored, photometric)
         ds = mammogram_dataset(
             stored,
             identity=identity,
@@ -176,6 +148,57 @@ def synth_exam(
         patient_id=identity.patient_id,
         study_instance_uid=identity.study_instance_uid,
     )
+
+
+def _check(
+    rows: int, cols: int, bits_stored: int, malignant: bool, malignant_type: LesionType | None
+) -> None:
+    if not 8 <= bits_stored <= 16:
+        raise ValueError(f"bits_stored must be 8..16, not {bits_stored}")
+    if malignant_type is not None and not (malignant and malignant_type.malignant):
+        raise ValueError(
+            f"malignant_type {malignant_type.value} needs malignant=True and a "
+            "malignant lesion type"
+        )
+    if rows < 64 or cols < 64:
+        raise ValueError(f"image size {rows}x{cols} is too small to draw a breast; use ≥ 64x64")
+
+
+def _breasts(
+    rng: np.random.Generator,
+    malignant: bool,
+    malignant_type: LesionType | None,
+    benign: bool | None,
+) -> tuple[dict[Laterality, Breast], Laterality | None]:
+    """Both breasts with their lesions, and the side of the malignant one (None if none)."""
+    breasts = {side: random_breast(rng) for side in Laterality}
+    malignant_side = _side(rng) if malignant else None
+    if benign is None:
+        benign = bool(rng.random() < 0.3)
+    lesions: dict[Laterality, list[Lesion]] = {side: [] for side in Laterality}
+    if malignant_side is not None:
+        lesions[malignant_side].append(random_lesion(rng, malignant=True, kind=malignant_type))
+    if benign:
+        side = _side(rng)
+        lesions[side].append(_apart_from(rng, lesions[side]))
+    with_lesions = {
+        side: Breast(b.extent, b.height, b.density, tuple(lesions[side]))
+        for side, b in breasts.items()
+    }
+    return with_lesions, malignant_side
+
+
+def _stored(
+    intensity: np.ndarray, breast: np.ndarray, bits_stored: int, photometric: str
+) -> tuple[np.ndarray, tuple[float, float]]:
+    """Stored pixel values and their window (center, width), MONOCHROME1 inverted."""
+    stored = quantize(intensity, bits_stored)
+    window = _window(stored, breast)
+    if photometric == "MONOCHROME1":
+        top = (1 << bits_stored) - 1
+        stored = top - stored
+        window = (top - window[0], window[1])
+    return stored, window
 
 
 def _apart_from(rng: np.random.Generator, others: list[Lesion]) -> Lesion:
