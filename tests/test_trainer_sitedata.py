@@ -44,6 +44,18 @@ def _write(root: Path, rows: list[dict[str, str]], columns: list[str]) -> None:
         w.writerows(rows)
 
 
+def _per_breast(root: Path, breasts: dict[tuple[str, str], object]) -> None:
+    """labels.csv with one row per (study, laterality): breast-level labels."""
+    _write(
+        root,
+        [
+            {"study_instance_uid": s, "laterality": lat, "malignant": m}
+            for (s, lat), m in breasts.items()
+        ],
+        ["study_instance_uid", "laterality", "malignant"],
+    )
+
+
 def _per_uid(root: Path, rows: list[dict[str, str]] | None = None) -> None:
     _write(root, rows or _rows(root), ["sop_instance_uid", "malignant", "benign"])
 
@@ -81,14 +93,7 @@ def test_per_breast_labels_apply_to_both_views(site: Path):
     for r in rows:
         key = (r["study_instance_uid"], r["laterality"])
         breasts[key] = max(breasts.get(key, 0), int(r["malignant"]))
-    _write(
-        site,
-        [
-            {"study_instance_uid": s, "laterality": lat, "malignant": m}
-            for (s, lat), m in breasts.items()
-        ],
-        ["study_instance_uid", "laterality", "malignant"],
-    )
+    _per_breast(site, breasts)
     data = load_site_data(site)
     assert data.label_level == "breast" and len(data.images) == 16
     assert sum(im.malignant for im in data.images) == 2 * sum(breasts.values())
@@ -100,7 +105,7 @@ def test_per_breast_labels_leave_out_views_the_models_do_not_analyse(site: Path)
     import pydicom
     from pydicom.uid import generate_uid
 
-    from models.reading import MG_FOR_PROCESSING
+    from models.header import MG_FOR_PROCESSING
 
     rows = _rows(site)
     ds = pydicom.dcmread(site / "exam_00002" / "L-CC.dcm")
@@ -109,14 +114,7 @@ def test_per_breast_labels_leave_out_views_the_models_do_not_analyse(site: Path)
     ds.PresentationIntentType = "FOR PROCESSING"
     ds.save_as(site / "exam_00002" / "L-CC-raw.dcm")
     breasts = {(r["study_instance_uid"], r["laterality"]): r["malignant"] for r in rows}
-    _write(
-        site,
-        [
-            {"study_instance_uid": s, "laterality": lat, "malignant": m}
-            for (s, lat), m in breasts.items()
-        ],
-        ["study_instance_uid", "laterality", "malignant"],
-    )
+    _per_breast(site, breasts)
     data = load_site_data(site)
     assert len(data.images) == 16 and data.unlabelled == 1
     assert ds.SOPInstanceUID not in {im.sop_instance_uid for im in data.images}
