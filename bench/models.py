@@ -123,13 +123,15 @@ class Stage:
 
 
 def _seconds(fn, repeats: int) -> tuple[float, object]:
-    """Median wall seconds of `fn()` (after one warm-up call) and its last result."""
+    """Median CPU seconds of this process for `fn()` (after one warm-up call) and its last
+    result. With one torch thread that is the wall time on an idle machine, and it stays
+    meaningful on a shared one, where wall time mostly measures the neighbours."""
     result = fn()
     times = []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start = time.process_time()
         result = fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.process_time() - start)
     return float(np.median(times)), result
 
 
@@ -249,7 +251,7 @@ def stage_rows(
 
 def print_stages(title: str, rows: list[Stage]) -> None:
     print(f"\n{title}")
-    header = f"{'stage':52} {'s':>7} {'before s':>9} {'x faster':>9}"
+    header = f"{'stage (CPU seconds, one thread)':52} {'s':>7} {'before s':>9} {'x faster':>9}"
     print(header)
     print("-" * len(header))
     for r in rows:
