@@ -8,8 +8,8 @@ between leaves it `sending`, and `Store.recover()` makes it pending again at sta
 
 from __future__ import annotations
 
+import functools
 import logging
-import threading
 import time
 from collections.abc import Mapping
 
@@ -17,6 +17,7 @@ from plugin.config import DeliveryConfig
 from plugin.delivery import Sender, SendOutcome
 from plugin.delivery.backoff import next_delay, should_dead_letter
 from plugin.observability import AuditTrail, Metrics
+from plugin.polling import PollingThread
 from plugin.store import Delivery, Store
 
 log = logging.getLogger(__name__)
@@ -39,55 +40,43 @@ class Dispatcher:
         self.audit = audit
         self.metrics = metrics
         self.batch = batch
-        self._stop = threading.Event()
-        # One event per destination thread: with a shared one, the first thread to wake
-        # would clear it before a thread busy sending had seen it.
-        self._wake = {name: threading.Event() for name in self.senders}
-        self._threads: list[threading.Thread] = []
+        self._pollers = [
+            PollingThread(
+                f"deliver-{name}",
+                functools.partial(self.run_once, name),
+                config.poll_seconds,
+                log=log,
+                failure="delivery pass failed",
+                fields={"destination": name},
+            )
+            for name in self.senders
+        ]
 
     def start(self) -> None:
-        for name in self.senders:
-            thread = threading.Thread(
-                target=self._loop, args=(name,), name=f"deliver-{name}", daemon=True
-            )
-            thread.start()
-            self._threads.append(thread)
+        for poller in self._pollers:
+            poller.start()
 
     def wake(self) -> None:
         """New rows were queued: look now rather than at the next poll."""
-        for event in self._wake.values():
-            event.set()
+        for poller in self._pollers:
+            poller.wake()
 
     @property
     def alive(self) -> bool:
-        return all(t.is_alive() for t in self._threads)
+        return all(p.alive for p in self._pollers)
 
     def stop(self, timeout: float = 30.0) -> None:
         """Finish the sends in progress, then return; pending rows stay for the next start."""
-        self._stop.set()
-        self.wake()
+        for poller in self._pollers:
+            poller.request_stop()
         deadline = time.monotonic() + timeout
-        for thread in self._threads:
-            thread.join(max(0.0, deadline - time.monotonic()))
+        for poller in self._pollers:
+            poller.join(max(0.0, deadline - time.monotonic()))
         for sender in self.senders.values():
             try:
                 sender.close()
             except Exception:  # noqa: BLE001 - closing must not hide the shutdown
                 log.exception("closing a sender failed")
-
-    def _loop(self, destination: str) -> None:
-        wake = self._wake[destination]
-        while not self._stop.is_set():
-            wake.clear()  # before the pass: a wake during the pass makes the wait return
-            try:
-                sent = self.run_once(destination)
-            except Exception:  # noqa: BLE001 - the loop must survive a database hiccup
-                log.exception(
-                    "delivery pass failed", extra={"fields": {"destination": destination}}
-                )
-                sent = 0
-            if not sent:
-                wake.wait(self.config.poll_seconds)
 
     def run_once(self, destination: str, *, now: float | None = None) -> int:
         """Send this destination's due rows (one batch); returns how many were attempted."""

@@ -10,13 +10,13 @@ waiting when the process stopped closes on time after a restart.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
 from dataclasses import replace
 
 from plugin.config import ExamsConfig
 from plugin.observability import AuditTrail, Metrics, hash_uid
+from plugin.polling import PollingThread
 from plugin.selection import Selection, SelectionPolicy, select_views
 from plugin.store import Exam, Instance, Store
 
@@ -79,29 +79,19 @@ class Assembler:
         self.audit = audit
         self.metrics = metrics
         self.on_queued = on_queued
-        self.poll_seconds = poll_seconds
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="exams", daemon=True)
+        self._poller = PollingThread(
+            "exams", self.run_once, poll_seconds, log=log, failure="exam assembly pass failed"
+        )
 
     def start(self) -> None:
-        self._thread.start()
+        self._poller.start()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._poller.alive
 
     def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
-
-    def _loop(self) -> None:
-        while not self._stop.is_set():
-            try:
-                self.run_once()
-            except Exception:  # noqa: BLE001 - a database hiccup must not end assembly
-                log.exception("exam assembly pass failed")
-            self._stop.wait(self.poll_seconds)
+        self._poller.stop(timeout)
 
     def run_once(self, now: float | None = None) -> int:
         """One pass; returns how many exams were closed (queued or skipped)."""
