@@ -283,6 +283,8 @@ def forward_only(
         module = load_model(path, device=device)
         family = get_family(module.card.family)
         prepared = [family.preprocess(m, module.card.preprocessing).tensor for m in images]
+        with torch.inference_mode():  # warm-up, not timed: the service's module is warm
+            module(prepared[0].unsqueeze(0).to(device))
         for count in batches:
             x = torch.stack([prepared[i % len(prepared)] for i in range(count)]).to(device)
             batch = torch.cat([torch.flip(x, FLIPS[f]) if FLIPS[f] else x for f in flips])

@@ -283,7 +283,8 @@ class Pipeline:
                     )
                 except Exception as exc:  # noqa: BLE001 - NoUsableImage, or the job's fault
                     if isinstance(exc, NoUsableImage):
-                        exc = NoUsableImage([*exam.left_out, *exc.left_out])
+                        exam.left_out += exc.left_out
+                        exc = NoUsableImage(exam.left_out)
                     self._fail(exam, exc)
                     continue
                 exam.left_out += left_out
