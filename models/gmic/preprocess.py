@@ -150,11 +150,11 @@ def window_tensor(
     source = np.asarray(image.pixels)
     if source.ndim != 2:
         raise MammogramError(f"GMIC needs a 2-D image, got pixel array shape {source.shape}")
-    pixels = torch.from_numpy(np.ascontiguousarray(source, dtype=np.float32)).to(device)
     geometry = Geometry(image.shape)
     flip = needs_flip(image, spec.orientation)
-    if flip:
-        geometry, pixels = _step(geometry, pixels, Flip(axis=1))
+    if flip:  # mirrored by the one copy that makes the float32 tensor
+        geometry, source = geometry.then(Flip(axis=1)), source[:, ::-1]
+    pixels = torch.from_numpy(np.ascontiguousarray(source, dtype=np.float32)).to(device)
 
     box = find_tissue(pixels, spec, flipped=flip)
     crop = Crop(box.top, box.left, box.bottom - box.top, box.right - box.left)
@@ -368,15 +368,15 @@ def _step(geometry: Geometry, pixels: torch.Tensor, step: Step) -> tuple[Geometr
 
 def _apply(step: Step, pixels: torch.Tensor) -> torch.Tensor:
     """Apply one geometry step to an image; outside the image reads as zero."""
-    if isinstance(step, Flip):
-        return pixels.flip(step.axis)
     if isinstance(step, Pad):
         return F.pad(pixels, (step.left, step.right, step.top, step.bottom))
     if isinstance(step, Crop):
-        out = pixels.new_zeros((step.height, step.width))
         r0, c0 = max(step.top, 0), max(step.left, 0)
         r1 = min(step.top + step.height, pixels.shape[0])
         c1 = min(step.left + step.width, pixels.shape[1])
+        if (r1 - r0, c1 - c0) == (step.height, step.width):
+            return pixels[r0:r1, c0:c1]  # inside the image: a view, no copy
+        out = pixels.new_zeros((step.height, step.width))
         if r1 > r0 and c1 > c0:
             out[r0 - step.top : r1 - step.top, c0 - step.left : c1 - step.left] = pixels[
                 r0:r1, c0:c1
