@@ -469,7 +469,12 @@ def _unflip_box(box: list[float], flip: str, shape: torch.Size) -> tuple[float, 
 
 
 def _mean_map(maps: list[torch.Tensor]) -> torch.Tensor:
-    return torch.stack(maps).mean(0) if len(maps) > 1 else maps[0]
+    if len(maps) == 1:
+        return maps[0]
+    total = maps[0] + maps[1]  # summed in place: no stacked copy of full-size maps
+    for m in maps[2:]:
+        total += m
+    return total.div_(len(maps))
 
 
 def _breast(laterality: Laterality, images: Sequence[ImagePrediction]) -> BreastPrediction:

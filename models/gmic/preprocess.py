@@ -231,11 +231,17 @@ def find_tissue(pixels: torch.Tensor, spec: PreprocessSpec, flipped: bool) -> Ti
             "no breast tissue found: the image has no region of non-zero pixels wider than "
             f"{2 * r} pixels; check that the image is a mammogram whose background is 0"
         )
-    sizes = np.bincount(labels.ravel())
-    sizes[0] = 0
-    largest = int(sizes.argmax())
-    rows_slice, cols_slice = ndi.find_objects(labels, max_label=largest)[largest - 1]
-    component = labels[rows_slice, cols_slice] == largest
+    if count == 1:
+        tissue = labels > 0
+    else:
+        sizes = np.bincount(labels.ravel())
+        sizes[0] = 0
+        tissue = labels == int(sizes.argmax())
+    occupied_rows = np.flatnonzero(tissue.any(axis=1))
+    occupied_cols = np.flatnonzero(tissue.any(axis=0))
+    rows_slice = slice(int(occupied_rows[0]), int(occupied_rows[-1]) + 1)
+    cols_slice = slice(int(occupied_cols[0]), int(occupied_cols[-1]) + 1)
+    component = tissue[rows_slice, cols_slice]
     # Right-most component column per component row (every row of its bounding box has one:
     # a 4-connected component has no empty row inside its extent).
     row_right = cols_slice.start + component.shape[1] - 1 - component[:, ::-1].argmax(axis=1)
