@@ -7,6 +7,7 @@ import dataclasses
 import sys
 from pathlib import Path
 
+from models.command_line import Subcommands
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from plugin.config import DEFAULT_CONFIG, Config, WorkerConfig, ensemble_spec, load_config
 from plugin.observability import quiet_pydicom
@@ -19,7 +20,7 @@ WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "models" / "weights"
 DEMO_MODELS = ("demo-gmic.safetensors", "demo-allconv.safetensors")
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     p = sub.add_parser(
         "run",
         help="analyse DICOM files offline and write the result objects to a folder",

@@ -12,12 +12,13 @@ import threading
 import time
 from pathlib import Path
 
+from models.command_line import Subcommands
 from plugin.config import DEFAULT_CONFIG, Config, load_config
 
 log = logging.getLogger(__name__)
 
 
-def register(sub: argparse._SubParsersAction) -> None:
+def register(sub: Subcommands) -> None:
     from plugin.service import ROLES
 
     p = sub.add_parser("serve", help="run the DICOM listener and the analysis pipeline")
