@@ -27,6 +27,9 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "tests"))  # the test peers: free_port, PostgreSQL
+
+from dcmtk_peer import free_port  # noqa: E402
 
 from plugin.config import ListenerConfig  # noqa: E402
 from plugin.listener import Listener  # noqa: E402
@@ -43,14 +46,6 @@ def dcmtk(name: str) -> str:
             if "dcmtk" in (out.stdout + out.stderr).lower():
                 return str(path)
     sys.exit(f"dcmtk's {name} not found; install it with `apt-get install dcmtk`")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_port(port: int, timeout: float = 60) -> None:
@@ -115,7 +110,9 @@ def ingest_storescp(files: list[Path], work: Path) -> float:
 
 
 def ingest_listener(files: list[Path], work: Path) -> float:
-    store = Store(work / "listener" / "db.sqlite", work / "listener" / "spool")
+    # One spool for every run: a process receives into one folder (plugin.listener.receive_into).
+    spool = work.parent / "listener-spool"
+    store = Store(work / "listener" / "db.sqlite", spool)
     listener = Listener(
         ListenerConfig(port=free_port()),
         store,
@@ -129,6 +126,11 @@ def ingest_listener(files: list[Path], work: Path) -> float:
     finally:
         listener.stop()
         store.close()
+        for entry in spool.iterdir():  # the next run starts empty, like storescp's
+            if entry.is_dir() and entry.name != ".incoming":
+                shutil.rmtree(entry)
+            elif entry.is_file():
+                entry.unlink()
 
 
 def model_files(work: Path) -> list[Path]:
@@ -199,20 +201,14 @@ def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dic
             finally:
                 store.close()
         store = Store(folder / "var/db.sqlite", folder / "var/spool")
-        rows_ = store._db.execute(  # read-only reporting query
-            "SELECT e.id, MAX(i.received_at) AS last_in, j.started_at, j.finished_at,"
-            " (SELECT MAX(d.delivered_at) FROM deliveries d JOIN results r ON r.id=d.result_id"
-            "  WHERE r.job_id=j.id) AS delivered"
-            " FROM exams e JOIN jobs j ON j.exam_id=e.id"
-            " JOIN instances i ON i.study_instance_uid=e.study_instance_uid GROUP BY j.id"
-        ).fetchall()
+        times = store.job_times()
         store.close()
     finally:
         proc.send_signal(signal.SIGTERM)
         proc.wait(60)
     return {
-        "turnaround": [r["delivered"] - r["last_in"] for r in rows_],
-        "analysis": [r["finished_at"] - r["started_at"] for r in rows_],
+        "turnaround": [t.delivered - t.last_received for t in times],
+        "analysis": [t.finished - t.started for t in times],
     }
 
 
@@ -227,7 +223,6 @@ def scale_out(
     env = dict(os.environ)
     server = None
     if backend == "postgresql":
-        sys.path.insert(0, str(REPO / "tests"))
         from pg_server import PASSWORD_ENV, PostgresServer
 
         server = PostgresServer.start()
@@ -400,7 +395,6 @@ def main() -> int:
 
 
 def _postgres_installed() -> bool:
-    sys.path.insert(0, str(REPO / "tests"))
     from pg_server import postgres_bindir
 
     return postgres_bindir() is not None

@@ -187,6 +187,19 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class JobTimes:
+    """When a job's exam last received an image, when its analysis started and finished, and
+    when its last result was delivered (epoch seconds; None where that has not happened)."""
+
+    job_id: int
+    study_instance_uid: str
+    last_received: float
+    started: float | None
+    finished: float | None
+    delivered: float | None
+
+
+@dataclass(frozen=True)
 class Event:
     """An audit event as committed: what happened, where (node), to which study."""
 
@@ -965,6 +978,20 @@ class Store:
     def claims(self, kind: str | None = None) -> list[Claim]:
         sql = "SELECT * FROM claims" + (" WHERE kind=?" if kind else "") + " ORDER BY id"
         return [_from_row(Claim, r) for r in self._read(sql, (kind,) if kind else ())]
+
+    def job_times(self) -> list[JobTimes]:
+        """Each job's milestones, oldest job first: turnaround (last image in to last result
+        delivered) and analysis time without reading the tables behind them."""
+        rows = self._read(
+            "SELECT j.id AS job_id, e.study_instance_uid, j.started_at AS started,"
+            " j.finished_at AS finished,"
+            " (SELECT MAX(i.received_at) FROM instances i"
+            "  WHERE i.study_instance_uid=e.study_instance_uid) AS last_received,"
+            " (SELECT MAX(d.delivered_at) FROM deliveries d JOIN results r ON r.id=d.result_id"
+            "  WHERE r.job_id=j.id) AS delivered"
+            " FROM jobs j JOIN exams e ON e.id=j.exam_id ORDER BY j.id"
+        )
+        return [_from_row(JobTimes, r) for r in rows]
 
     def counts(self) -> dict[str, dict[str, int]]:
         """Rows per state, per table: what `plugin status` and the queue gauges show."""

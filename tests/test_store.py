@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -51,10 +52,10 @@ def postgres() -> Iterator[PostgresServer]:
 def opener(request: pytest.FixtureRequest, tmp_path: Path) -> Callable[..., Store]:
     """Opens the test's database (each backend in turn) as a new process would."""
     if request.param == "sqlite":
-        return lambda **kw: Store(tmp_path / "db.sqlite", tmp_path / "spool", **kw)
+        return lambda spool=tmp_path / "spool", **kw: Store(tmp_path / "db.sqlite", spool, **kw)
     server = request.getfixturevalue("postgres")
     url = server.create_database(f"t{uuid.uuid4().hex[:12]}")
-    return lambda **kw: Store(url, tmp_path / "spool", password=server.password, **kw)
+    return lambda spool=tmp_path / "spool", **kw: Store(url, spool, password=server.password, **kw)
 
 
 @pytest.fixture
@@ -197,8 +198,7 @@ def test_deliveries_retry_dead_letter_and_requeue(store: Store) -> None:
     assert store.due_deliveries() == []
     store.retry_dead_letters()  # not dead: nothing changes
     assert store.deliveries("pending")[0].next_attempt_at == 1e12
-    with store._tx() as db:  # make it due again
-        db.execute("UPDATE deliveries SET next_attempt_at=0")
+    assert [d.id for d in store.due_deliveries(now=1e12)] == [web.id]  # due when its time comes
     store.claim_delivery(web.id)
     assert store.delivery_failed(web.id, "refused 0xC000", retry_at=None) == "dead"
     assert store.counts()["deliveries"] == {"delivered": 1, "dead": 1}
@@ -297,14 +297,39 @@ def test_concurrent_claimants_never_share_a_job(store: Store, opener: Callable[.
     assert {j.state for j in store.jobs()} == {"done"}
 
 
-def test_spool_paths_are_stored_relative_and_free_text_is_capped(store: Store) -> None:
+def test_job_times_give_turnaround_and_analysis_time(store: Store) -> None:
+    t = time.time()  # a job is due from when it is queued
+    store.record_instance(instance(1), now=t - 10)
+    store.record_instance(instance(2), now=t - 7)
+    job = store.queue_job(store.exam(STUDY).id, [1, 2], {}, partial=False)
+    (waiting,) = store.job_times()
+    assert (waiting.last_received, waiting.started, waiting.delivered) == (t - 7, None, None)
+    store.claim_job(now=t + 10)
+    store.finish_job(job.id, [result(1, ("pacs", "web"))], now=t + 12.5)
+    for delivery, at in zip(store.due_deliveries(now=t + 13), (t + 14, t + 16), strict=True):
+        store.claim_delivery(delivery.id, now=at)
+        store.delivery_succeeded(delivery.id, now=at)
+    (times,) = store.job_times()
+    assert times.job_id == job.id and times.study_instance_uid == STUDY
+    assert (times.last_received, times.started, times.finished, times.delivered) == (
+        t - 7,
+        t + 10,
+        t + 12.5,
+        t + 16,
+    )
+
+
+def test_spool_paths_are_stored_relative_and_free_text_is_capped(
+    store: Store, opener: Callable[..., Store], tmp_path: Path
+) -> None:
     new = instance(1)
     new = NewInstance(**{**new.__dict__, "path": store.spool / "instances/a/1.dcm"})
     store.record_instance(new)
     (inst,) = store.instances(STUDY)
     assert inst.path == store.spool / "instances/a/1.dcm"
-    with store._tx() as db:
-        assert db.execute("SELECT path FROM instances").fetchone()["path"] == "instances/a/1.dcm"
+    moved = opener(spool=tmp_path / "moved")  # the spool folder moved with its database
+    assert moved.instances(STUDY)[0].path == tmp_path / "moved/instances/a/1.dcm"
+    moved.close()
     job = store.queue_job(store.exam(STUDY).id, [inst.id], {}, partial=True)
     store.claim_job()
     store.fail_job(job.id, "x" * 100_000, retry_at=None)
@@ -332,9 +357,10 @@ def test_a_version_1_database_is_migrated_with_relative_paths(tmp_path: Path) ->
     s = Store(tmp_path / "db.sqlite", spool)
     assert s.schema_version == 2
     assert s.instances("2")[0].path == spool / "instances/x.dcm"
-    with s._tx() as conn:
-        assert conn.execute("SELECT path FROM instances").fetchone()["path"] == "instances/x.dcm"
     s.close()
+    moved = Store(tmp_path / "db.sqlite", tmp_path / "moved")
+    assert moved.instances("2")[0].path == tmp_path / "moved/instances/x.dcm"
+    moved.close()
 
 
 def test_audit_events_are_committed_with_their_transition(store: Store) -> None:
