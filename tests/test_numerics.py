@@ -84,3 +84,13 @@ def test_city_block_distance_is_scipys_iterated_erosion():
         distance = _city_block_distance(torch.from_numpy(mask)).numpy()
         for r in (1, 2, 5, 17):
             np.testing.assert_array_equal(distance > r, ndi.binary_erosion(mask, iterations=r))
+
+
+def test_channels_last_scores_as_the_default_layout(gmic_file, exam):
+    members = (MemberSpec(gmic_file, ("none", "hflip")),)
+    default = Ensemble(EnsembleSpec(members, device="cpu")).predict_exam(exam)
+    nhwc = Ensemble(EnsembleSpec(members, device="cpu", channels_last=True)).predict_exam(exam)
+    for a, b in zip(default.images, nhwc.images, strict=True):
+        assert b.malignant == pytest.approx(a.malignant, abs=1e-5)
+        np.testing.assert_allclose(b.malignant_map, a.malignant_map, atol=1e-5)
+        assert [r.box for r in a.rois] == [r.box for r in b.rois]
