@@ -19,7 +19,6 @@ result UIDs; nothing is recorded before the commit.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable, Mapping
 
@@ -30,6 +29,7 @@ from plugin.observability import AuditTrail, Metrics, cap
 from plugin.outputs import OutputOptions
 from plugin.outputs.common import OutputKind
 from plugin.pipeline import ExamRequest, Naming, Outcome, Pipeline, settings_for
+from plugin.polling import PollingThread
 from plugin.store import Job, NewResult, Store
 
 log = logging.getLogger(__name__)
@@ -65,49 +65,42 @@ class Worker:
         }
         self.settings = settings_for(config, self.kinds, OutputOptions())
         self.pipeline: Pipeline | None = None
-        self._stop = threading.Event()
-        self._wake = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="worker", daemon=True)
+        self._poller = PollingThread(
+            "worker", self._claim, poll_seconds, log=log, failure="claiming a job failed"
+        )
 
     def start(self) -> None:
         self.pipeline = Pipeline(self.ensemble, self.settings, self._commit)
-        self._thread.start()
+        self._poller.start()
 
     def wake(self) -> None:
-        self._wake.set()
+        self._poller.wake()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive() and self.pipeline is not None and self.pipeline.alive
+        return self._poller.alive and self.pipeline is not None and self.pipeline.alive
 
     def stop(self, timeout: float = 120.0) -> None:
         """Claim nothing more and let the exams in flight commit; those that do not within
         `timeout` are re-run after a restart (or by another node when the lease runs out)."""
-        self._stop.set()
-        self._wake.set()
-        if self._thread.is_alive():
-            self._thread.join(timeout)
+        self._poller.stop(timeout)
         if self.pipeline is not None and not self.pipeline.close(timeout):
             log.warning(
                 "stopped with exams in flight; they run again at the next start",
                 extra={"fields": {"in_flight": self.pipeline.in_flight}},
             )
 
-    def _loop(self) -> None:
+    def _claim(self) -> int:
+        """One pass of the claiming thread: 1 when it submitted a job or already waited (for
+        room in the pipeline), so the next pass starts at once; 0 when nothing was due."""
         assert self.pipeline is not None
-        while not self._stop.is_set():
-            self._wake.clear()  # before the pass: a wake during the pass makes the wait return
-            if not self.pipeline.wait_for_room(self.poll_seconds):
-                continue
-            try:
-                job = self.store.claim_job()
-            except Exception:  # noqa: BLE001 - the loop outlives database hiccups
-                log.exception("claiming a job failed")
-                job = None
-            if job is None:
-                self._wake.wait(self.poll_seconds)
-                continue
-            self._submit(job)
+        if not self.pipeline.wait_for_room(self.poll_seconds):
+            return 1
+        job = self.store.claim_job()
+        if job is None:
+            return 0
+        self._submit(job)
+        return 1
 
     def _submit(self, job: Job) -> None:
         assert self.pipeline is not None
