@@ -55,11 +55,7 @@ class CStoreSender:
         if not wanted:
             return set()
         dest = self.destination
-        ae = AE(ae_title=dest.calling_ae)
-        ae.connection_timeout = dest.connect_timeout_seconds
-        ae.acse_timeout = dest.acse_timeout_seconds
-        ae.dimse_timeout = dest.dimse_timeout_seconds
-        ae.network_timeout = dest.network_timeout_seconds
+        ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         out: set[str] = set()
         try:
@@ -97,13 +93,19 @@ class CStoreSender:
     def close(self) -> None:
         """Associations live only inside `send`; nothing stays open."""
 
-    def _send_chunk(self, chunk: dict[int, InstanceHeader]) -> dict[int, SendOutcome]:
+    def _ae(self) -> AE:
+        """Our AE for one association: calling AE title and the destination's timeouts."""
         dest = self.destination
         ae = AE(ae_title=dest.calling_ae)
         ae.connection_timeout = dest.connect_timeout_seconds
         ae.acse_timeout = dest.acse_timeout_seconds
         ae.dimse_timeout = dest.dimse_timeout_seconds
         ae.network_timeout = dest.network_timeout_seconds
+        return ae
+
+    def _send_chunk(self, chunk: dict[int, InstanceHeader]) -> dict[int, SendOutcome]:
+        dest = self.destination
+        ae = self._ae()
         contexts = sorted({(h.sop_class_uid, h.transfer_syntax_uid) for h in chunk.values()})
         for sop_class, syntax in contexts:
             ae.add_requested_context(sop_class, [syntax])
