@@ -211,7 +211,8 @@ def test_deliveries_retry_dead_letter_and_requeue(store: Store) -> None:
 def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path) -> None:
     store = Store(tmp_path / "db.sqlite", tmp_path / "spool")
     # A deferred foreign-key violation fails at COMMIT, like a full disk or an I/O error
-    # would: the transaction must be rolled back, not left open for the next caller.
+    # would: the transaction must be rolled back, not left open for the next caller. The one
+    # white-box use of `_tx`: no public call can make a COMMIT fail on demand.
     with pytest.raises(sqlite3.IntegrityError):
         with store._tx() as db:
             db.execute("PRAGMA defer_foreign_keys=ON")
