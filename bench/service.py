@@ -133,6 +133,17 @@ def ingest_listener(files: list[Path], work: Path) -> float:
                 entry.unlink()
 
 
+def write_exam(seed: int, folder: Path, rows: int, cols: int) -> list[Path]:
+    """One synthetic four-view exam as DICOM files in `folder`, named by seed and view."""
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image in synth_exam(seed, rows=rows, cols=cols).images:
+        path = folder / f"{seed}-{image.view_key}.dcm"
+        image.dataset.save_as(path, enforce_file_format=True)
+        paths.append(path)
+    return paths
+
+
 def model_files(work: Path) -> list[Path]:
     shipped = [
         REPO / "models/weights/demo-gmic.safetensors",
@@ -178,13 +189,7 @@ def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dic
     try:
         wait_port(port, 120)
         for seed in range(exams):
-            files = []
-            for image in synth_exam(1000 + seed, rows=rows, cols=cols).images:
-                path = folder / "in" / f"{seed}-{image.view_key}.dcm"
-                path.parent.mkdir(exist_ok=True)
-                image.dataset.save_as(path, enforce_file_format=True)
-                files.append(path)
-            send(files, port, "MAMMO_AI")
+            send(write_exam(1000 + seed, folder / "in", rows, cols), port, "MAMMO_AI")
             # One exam at a time: the figure is the latency of one exam, not queueing.
             store = Store(folder / "var/db.sqlite", folder / "var/spool")
             try:
@@ -337,15 +342,10 @@ def main() -> int:
         scale: dict[tuple[str, int], dict[str, float]] = {}
         if args.scale_exams:
             srows, scols = map(int, args.scale_size.lower().split("x"))
-            exams = []
-            for seed in range(args.scale_exams):
-                exam = []
-                for image in synth_exam(2000 + seed, rows=srows, cols=scols).images:
-                    path = work / "scale-in" / f"{seed}-{image.view_key}.dcm"
-                    path.parent.mkdir(exist_ok=True)
-                    image.dataset.save_as(path, enforce_file_format=True)
-                    exam.append(path)
-                exams.append(exam)
+            exams = [
+                write_exam(2000 + seed, work / "scale-in", srows, scols)
+                for seed in range(args.scale_exams)
+            ]
             backends = ["sqlite"]
             if _postgres_installed():
                 backends.append("postgresql")
