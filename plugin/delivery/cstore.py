@@ -10,6 +10,7 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from pydicom import Dataset
 from pynetdicom import AE, evt
@@ -54,18 +55,11 @@ class CStoreSender:
         wanted = [u for u in map(read_uids, map(Path, paths)) if u is not None]
         if not wanted:
             return set()
-        dest = self.destination
         ae = self._ae()
         ae.add_requested_context(StudyRootQueryRetrieveInformationModelFind)
         out: set[str] = set()
         try:
-            assoc = ae.associate(
-                dest.host,
-                dest.port,
-                ae_title=dest.called_ae,
-                max_pdu=dest.max_pdu,
-                tls_args=self._tls_args,
-            )
+            assoc = self._associate(ae)
         except Exception:  # noqa: BLE001 - cannot ask: send again
             return out
         if not assoc.is_established:
@@ -103,6 +97,18 @@ class CStoreSender:
         ae.network_timeout = dest.network_timeout_seconds
         return ae
 
+    def _associate(self, ae: AE, **kw: Any) -> Association:
+        """An association with the destination (its address, called AE title, PDU size, TLS)."""
+        dest = self.destination
+        return ae.associate(
+            dest.host,
+            dest.port,
+            ae_title=dest.called_ae,
+            max_pdu=dest.max_pdu,
+            tls_args=self._tls_args,
+            **kw,
+        )
+
     def _send_chunk(self, chunk: dict[int, InstanceHeader]) -> dict[int, SendOutcome]:
         dest = self.destination
         ae = self._ae()
@@ -111,13 +117,8 @@ class CStoreSender:
             ae.add_requested_context(sop_class, [syntax])
         for _ in range(2):
             opened: list[bool] = []
-            assoc = ae.associate(
-                dest.host,
-                dest.port,
-                ae_title=dest.called_ae,
-                max_pdu=dest.max_pdu,
-                tls_args=self._tls_args,
-                evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event, o=opened: o.append(True))],
+            assoc = self._associate(
+                ae, evt_handlers=[(evt.EVT_CONN_OPEN, lambda _event, o=opened: o.append(True))]
             )
             if assoc.is_established or assoc.is_rejected or not opened:
                 break
