@@ -9,6 +9,7 @@ it, so a reader sees a complete file or none.
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from collections.abc import Callable
 from pathlib import Path
@@ -37,6 +38,21 @@ def make_dirs(path: Path) -> None:
         except FileExistsError:
             continue  # made by another thread meanwhile
         fsync_dir(folder.parent)
+
+
+_TEMPORARY = re.compile(r"\..+\.[0-9a-f]{8}\.tmp")
+
+
+def remove_temporaries(folder: Path) -> int:
+    """Remove the temporary files `write_atomically` left in `folder` when its process was
+    killed mid-write; returns how many. Only for a folder whose writer is the caller alone
+    (a job's result folder under its lease): another writer's file in progress would go too."""
+    if not folder.is_dir():
+        return 0
+    stale = [p for p in folder.iterdir() if _TEMPORARY.fullmatch(p.name)]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> int:

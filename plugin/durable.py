@@ -7,6 +7,6 @@ destination folder) goes through here, so a reader sees a complete file or none,
 the database records is on disk before the commit that records it.
 """
 
-from models.durable import fsync_dir, make_dirs, write_atomically
+from models.durable import fsync_dir, make_dirs, remove_temporaries, write_atomically
 
-__all__ = ["fsync_dir", "make_dirs", "write_atomically"]
+__all__ = ["fsync_dir", "make_dirs", "remove_temporaries", "write_atomically"]

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping
 
 from models.ensemble import Ensemble
 from plugin.config import Config
+from plugin.durable import remove_temporaries
 from plugin.isolation import NoUsableImage
 from plugin.observability import AuditTrail, Metrics, cap
 from plugin.outputs import OutputOptions
@@ -112,6 +113,7 @@ class Worker:
             return
         files = tuple((i.sop_instance_uid, i.path) for i in instances if i.path is not None)
         folder = self.results_dir / job.study_instance_uid / f"v{job.version}"
+        remove_temporaries(folder)  # an earlier attempt killed mid-write; the lease is ours now
         self.pipeline.submit(ExamRequest(files, folder, Naming.BY_UID, tag=job))
 
     def _commit(self, outcome: Outcome) -> None:

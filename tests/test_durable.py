@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from plugin.durable import make_dirs, write_atomically
+from plugin.durable import make_dirs, remove_temporaries, write_atomically
 
 
 def test_write_creates_folders_and_replaces_whole_files(tmp_path: Path) -> None:
@@ -49,3 +49,15 @@ def test_make_dirs_accepts_existing_folders(tmp_path: Path) -> None:
     make_dirs(tmp_path / "x" / "y")
     make_dirs(tmp_path / "x" / "y")
     assert (tmp_path / "x" / "y").is_dir()
+
+
+def test_temporaries_of_a_killed_writer_are_removed_and_nothing_else(tmp_path: Path) -> None:
+    """A SIGKILL between create and rename leaves `.NAME.XXXXXXXX.tmp`; the next claimant of
+    the folder removes exactly those."""
+    (tmp_path / ".seg-1.2.3.dcm.0a1b2c3d.tmp").write_bytes(b"partial")
+    keep = [".hidden", "seg-1.2.3.dcm", "notes.tmp", ".x.tmp", ".seg.dcm.XYZ12345.tmp"]
+    for name in keep:
+        (tmp_path / name).write_bytes(b"kept")
+    assert remove_temporaries(tmp_path) == 1
+    assert sorted(os.listdir(tmp_path)) == sorted(keep)
+    assert remove_temporaries(tmp_path / "absent") == 0
