@@ -27,14 +27,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "tests"))  # the test peers: free_port, PostgreSQL
-
-from dcmtk_peer import free_port  # noqa: E402
 
 from plugin.config import ListenerConfig  # noqa: E402
 from plugin.listener import Listener  # noqa: E402
 from plugin.observability import AuditTrail, Metrics  # noqa: E402
 from plugin.store import Store  # noqa: E402
+from tests.support.dcmtk_peer import free_port  # noqa: E402
 from trainer.synth import synth_exam  # noqa: E402
 
 
@@ -228,7 +226,7 @@ def scale_out(
     env = dict(os.environ)
     server = None
     if backend == "postgresql":
-        from pg_server import PASSWORD_ENV, PostgresServer
+        from tests.support.pg_server import PASSWORD_ENV, PostgresServer
 
         server = PostgresServer.start()
         env[PASSWORD_ENV] = server.password
@@ -395,7 +393,7 @@ def main() -> int:
 
 
 def _postgres_installed() -> bool:
-    from pg_server import postgres_bindir
+    from tests.support.pg_server import postgres_bindir
 
     return postgres_bindir() is not None
 

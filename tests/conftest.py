@@ -28,14 +28,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from dcmtk_peer import free_port
 from pynetdicom import _config
-from service_harness import Serve, demo_models, write_config
 
 from plugin.config import ListenerConfig
 from plugin.listener import Listener
 from plugin.observability import AuditTrail, Metrics
 from plugin.store import Store
+from tests.support.dcmtk_peer import free_port
+from tests.support.service_harness import Serve, demo_models, write_config
 from trainer.synth import LesionType, SynthExam, synth_exam, write_dataset
 
 SMALL_ROWS, SMALL_COLS = 512, 416

@@ -16,14 +16,14 @@ from pydicom.uid import CTImageStorage, ExplicitVRLittleEndian, JPEG2000Lossless
 from pynetdicom import AE, _config
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
-from service_harness import (
+
+from plugin.observability import hash_uid
+from tests.support.service_harness import (
     Serve,
     counts,
     storescu,
     wait_until,
 )
-
-from plugin.observability import hash_uid
 from trainer.synth import synth_exam
 
 pytestmark = pytest.mark.slow  # a running `plugin serve` with models

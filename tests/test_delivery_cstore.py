@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 
 import pytest
-from dcmtk_peer import StoreSCP, free_port, make_test_pki
-from delivery_samples import SampleObject, write_sample_batch
 
 from plugin.delivery import DicomDestination, DicomTls, make_sender
+from tests.support.dcmtk_peer import StoreSCP, free_port, make_test_pki
+from tests.support.delivery_samples import SampleObject, write_sample_batch
 
 JPEG_LS_LOSSLESS = "1.2.840.10008.1.2.4.80"
 

@@ -15,11 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from delivery_samples import write_sample_batch
 from pydicom import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
 from plugin.delivery import FolderDestination, make_sender
+from tests.support.delivery_samples import write_sample_batch
 
 
 def folder_sender(path: Path):

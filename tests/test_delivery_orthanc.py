@@ -8,9 +8,6 @@ import time
 from pathlib import Path
 
 import pytest
-from dcmtk_peer import free_port
-from delivery_samples import SampleObject, write_sample_batch
-from orthanc_peer import OrthancPeer
 from pydicom import Dataset, dcmread
 from pydicom.uid import generate_uid
 
@@ -21,6 +18,9 @@ from plugin.delivery import (
     make_sender,
 )
 from plugin.delivery.stow import _instance_outcome
+from tests.support.dcmtk_peer import free_port
+from tests.support.delivery_samples import SampleObject, write_sample_batch
+from tests.support.orthanc_peer import OrthancPeer
 
 USER, PASSWORD, PASSWORD_ENV = "ai", "orthanc-test-pw", "MAMMO_TEST_ORTHANC_PW"
 LUA_FILTER = """

@@ -7,8 +7,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import httpx
-from orthanc_peer import OrthancPeer
-from service_harness import (
+
+from tests.support.orthanc_peer import OrthancPeer
+from tests.support.service_harness import (
     Serve,
     demo_models,
     exam_files,

@@ -26,15 +26,15 @@ from pydicom.sequence import Sequence
 from pydicom.tag import Tag
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, generate_uid
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
-from raw_dicom import Closed, RawAssociation, dataset_bytes
-from service_harness import (
+
+from plugin.admission import valid_uid
+from tests.support.raw_dicom import Closed, RawAssociation, dataset_bytes
+from tests.support.service_harness import (
     Serve,
     counts,
     storescu,
     wait_until,
 )
-
-from plugin.admission import valid_uid
 from trainer.synth import synth_exam
 
 SEED = 20261128

@@ -10,7 +10,6 @@ from pathlib import Path
 import pydicom
 import pytest
 import torch
-from outputs_samples import dciodvfy_errors
 
 from models import new_model_file
 from models.allconv import PRESETS as ALLCONV_PRESETS
@@ -19,6 +18,7 @@ from models.glimpsenet import PRESETS
 from models.gmic import PRESETS as GMIC_PRESETS
 from models.reading import read_mammogram
 from plugin.cli import main as plugin_main
+from tests.support.outputs_samples import dciodvfy_errors
 
 WEIGHTS = Path(__file__).resolve().parents[1] / "models" / "weights"
 

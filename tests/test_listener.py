@@ -9,7 +9,6 @@ import ssl
 from pathlib import Path
 
 import pytest
-from dcmtk_peer import make_test_pki
 from pydicom import dcmread
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.filewriter import write_file_meta_info
@@ -27,6 +26,7 @@ from pynetdicom.sop_class import Verification
 
 from plugin.listener import Listener
 from plugin.store import Store
+from tests.support.dcmtk_peer import make_test_pki
 from trainer.synth import encode
 
 

@@ -27,10 +27,10 @@ from pydicom.uid import (
     generate_uid,
 )
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
-from raw_dicom import Closed, RawAssociation, dataset_bytes
 
 from plugin.listener import Listener
 from plugin.observability import JsonFormatter
+from tests.support.raw_dicom import Closed, RawAssociation, dataset_bytes
 from trainer.synth import encode, synth_exam
 
 

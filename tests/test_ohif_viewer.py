@@ -19,12 +19,12 @@ from pathlib import Path
 import numpy as np
 import pydicom
 import pytest
-from ohif_peer import OHIF_DIST, serve_ohif
-from orthanc_peer import OrthancPeer
-from orthanc_viewer_check import OhifViewer, browser, pixel, saturation, wait_for
 from scipy import ndimage
 
 from plugin.cli import main
+from tests.support.ohif_peer import OHIF_DIST, serve_ohif
+from tests.support.orthanc_peer import OrthancPeer
+from tests.support.orthanc_viewer_check import OhifViewer, browser, pixel, saturation, wait_for
 
 pytestmark = pytest.mark.slow
 

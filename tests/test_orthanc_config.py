@@ -12,10 +12,9 @@ from pathlib import Path
 
 import httpx
 import pytest
-from ohif_peer import serve_ohif
-from orthanc_peer import OrthancPeer
-from test_orthanc_routing import REPO, SCRIPT
 
+from tests.support.ohif_peer import serve_ohif
+from tests.support.orthanc_peer import REPO, SCRIPT, OrthancPeer
 from trainer.synth import synth_exam
 
 EXAMPLE = REPO / "orthanc" / "orthanc.json"

@@ -15,12 +15,11 @@ import time
 import numpy as np
 import pydicom
 import pytest
-from dcmtk_peer import free_port
-from orthanc_peer import OrthancPeer
-from orthanc_viewer_check import OverlayViewer, browser, pixel, saturation
-from service_harness import Serve, counts, demo_models, wait_until, write_config
-from test_orthanc_routing import SCRIPT, plugin_config, upload
 
+from tests.support.dcmtk_peer import free_port
+from tests.support.orthanc_peer import SCRIPT, OrthancPeer, plugin_config, upload
+from tests.support.orthanc_viewer_check import OverlayViewer, browser, pixel, saturation
+from tests.support.service_harness import Serve, counts, demo_models, wait_until, write_config
 from trainer.synth import synth_exam
 
 STABLE_AGE = 2

@@ -8,27 +8,17 @@ twice shows up as twice the files).
 from __future__ import annotations
 
 import copy
-import io
 import time
 from pathlib import Path
 
 import pydicom
 import pytest
-from dcmtk_peer import StoreSCP
-from orthanc_peer import OrthancPeer
 from pydicom.uid import generate_uid
 
-REPO = Path(__file__).resolve().parents[1]
-SCRIPT = REPO / "orthanc" / "mammo_ai_orthanc.py"
+from tests.support.dcmtk_peer import StoreSCP
+from tests.support.orthanc_peer import SCRIPT, OrthancPeer, plugin_config, upload
+
 LISTENER_AET = "MAMMO_AI"
-
-
-def plugin_config(stable_age: int) -> dict:
-    return {
-        "StableAge": stable_age,
-        "UserMetadata": {"MammoAiRouted": 4601},
-        "MammoAI": {"Modality": "mammoai", "PollInterval": 0.5, "RetryDelays": [1]},
-    }
 
 
 def start_orthanc(workdir: Path, scp_port: int, stable_age: int) -> OrthancPeer:
@@ -39,22 +29,6 @@ def start_orthanc(workdir: Path, scp_port: int, stable_age: int) -> OrthancPeer:
         modalities={"mammoai": (LISTENER_AET, "127.0.0.1", scp_port)},
         extra_config=plugin_config(stable_age),
     )
-
-
-def dicom_bytes(ds: pydicom.Dataset) -> bytes:
-    buffer = io.BytesIO()
-    ds.save_as(buffer, enforce_file_format=True)
-    return buffer.getvalue()
-
-
-def upload(orthanc: OrthancPeer, datasets) -> list[str]:
-    ids = []
-    with orthanc.client() as client:
-        for ds in datasets:
-            response = client.post("/instances", content=dicom_bytes(ds))
-            response.raise_for_status()
-            ids.append(response.json()["ID"])
-    return ids
 
 
 def our_result_lookalike(source: pydicom.Dataset) -> pydicom.Dataset:

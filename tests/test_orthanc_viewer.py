@@ -13,15 +13,14 @@ import io
 
 import numpy as np
 import pytest
-from orthanc_peer import OrthancPeer
-from orthanc_viewer_check import OverlayViewer, browser, pixel, saturation
 from PIL import Image
 from scipy import ndimage
-from test_orthanc_routing import SCRIPT, dicom_bytes, plugin_config
 
 from models.mammogram import Laterality
 from models.results import BreastPrediction, ExamPrediction, ImagePrediction, ModelInfo
 from plugin.outputs import OutputKind, build_outputs
+from tests.support.orthanc_peer import SCRIPT, OrthancPeer, dicom_bytes, plugin_config
+from tests.support.orthanc_viewer_check import OverlayViewer, browser, pixel, saturation
 
 MODEL = ModelInfo(
     name="demo-gmic",

@@ -7,7 +7,10 @@ import dataclasses
 
 import numpy as np
 import pytest
-from outputs_samples import (
+
+from plugin.outputs import NOT_FOR_CLINICAL_USE, OutputOptions, build_cad_sr
+from plugin.outputs.common import region_for
+from tests.support.outputs_samples import (
     children,
     code_value,
     concept,
@@ -21,9 +24,6 @@ from outputs_samples import (
     prediction_for,
     referenced_uid,
 )
-
-from plugin.outputs import NOT_FOR_CLINICAL_USE, OutputOptions, build_cad_sr
-from plugin.outputs.common import region_for
 
 REQUIRED, OPTIONAL, NOT_FOR_PRESENTATION = "111150", "111151", "111152"
 LATERALITY_CODE = {"R": "73056007", "L": "80248007"}

@@ -10,7 +10,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from outputs_samples import model_info, prediction_for
 
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from plugin import __version__
@@ -22,6 +21,7 @@ from plugin.outputs import (
     build_outputs,
 )
 from plugin.outputs.common import model_device_uid
+from tests.support.outputs_samples import model_info, prediction_for
 
 ALL = list(OutputKind)
 

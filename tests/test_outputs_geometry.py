@@ -8,7 +8,14 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 import pytest
-from outputs_samples import (
+from scipy import ndimage
+
+from models.family import get_family
+from models.gmic import PRESETS
+from models.reading import read_mammogram
+from models.results import ImagePrediction, RegionOfInterest
+from plugin.outputs import build_cad_sr, build_segs
+from tests.support.outputs_samples import (
     bump,
     children,
     exam_prediction,
@@ -17,13 +24,6 @@ from outputs_samples import (
     only,
     referenced_uid,
 )
-from scipy import ndimage
-
-from models.family import get_family
-from models.gmic import PRESETS
-from models.reading import read_mammogram
-from models.results import ImagePrediction, RegionOfInterest
-from plugin.outputs import build_cad_sr, build_segs
 from trainer.synth import synth_exam
 
 MAP_STRIDE = 4

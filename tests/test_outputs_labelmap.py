@@ -7,11 +7,11 @@ from __future__ import annotations
 import highdicom as hd
 import numpy as np
 import pydicom
-from outputs_samples import dciodvfy_errors, model_info, prediction_for
 
 from plugin import isolation
 from plugin.outputs import OutputKind, build_labelmap_segs, build_segs
 from plugin.outputs.heatmap import DISPLAY_FLOOR
+from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 
 
 def _roundtrip(ds: pydicom.Dataset) -> pydicom.Dataset:

@@ -12,7 +12,6 @@ from dataclasses import replace
 import numpy as np
 import pydicom
 import pytest
-from outputs_samples import dciodvfy_errors, model_info, prediction_for
 from PIL import Image
 
 from models.results import RegionOfInterest
@@ -20,6 +19,7 @@ from plugin.outputs import NOT_FOR_CLINICAL_USE, build_sc, build_scs, display_im
 from plugin.outputs.common import DEFAULT_OPTIONS
 from plugin.outputs.heatmap import DISPLAY_FLOOR, VIRIDIS, display_threshold
 from plugin.outputs.sc import caption, label_sizes, render
+from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 from trainer.synth import synth_exam
 
 

@@ -9,10 +9,10 @@ import highdicom as hd
 import numpy as np
 import pydicom
 import pytest
-from outputs_samples import dciodvfy_errors, model_info, prediction_for
 
 from plugin.outputs import MAX_FRACTIONAL_VALUE, NOT_FOR_CLINICAL_USE, build_seg, build_segs
 from plugin.outputs.common import OutputOptions
+from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 
 
 @pytest.fixture(scope="module")

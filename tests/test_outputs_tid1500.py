@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from outputs_samples import (
+
+from plugin.outputs import NOT_FOR_CLINICAL_USE, build_tid1500, build_tid1500_scores
+from tests.support.outputs_samples import (
     children,
     code_value,
     concept,
@@ -19,8 +21,6 @@ from outputs_samples import (
     prediction_for,
     referenced_uid,
 )
-
-from plugin.outputs import NOT_FOR_CLINICAL_USE, build_tid1500, build_tid1500_scores
 
 SIDE = {"R": "24028007", "L": "7771000"}
 

@@ -11,12 +11,12 @@ from pathlib import Path
 
 import pydicom
 import pytest
-from service_harness import demo_models, exam_files
 
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from plugin.isolation import NoUsableImage
 from plugin.outputs import DEFAULT_KINDS, OutputKind
 from plugin.pipeline import ExamRequest, Naming, Outcome, Pipeline, Settings
+from tests.support.service_harness import demo_models, exam_files
 
 EXAMS = 3
 

@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 import yaml
 from pydicom import dcmread
-from service_harness import (
+
+from tests.support.service_harness import (
     Serve,
     counts,
     demo_models,

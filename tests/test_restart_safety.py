@@ -10,12 +10,14 @@ import time
 from pathlib import Path
 
 import pytest
-from dcmtk_peer import StoreSCP
 from pydicom import dcmread
 from pynetdicom import AE
 from pynetdicom.presentation import build_context
 from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentation as MG
-from service_harness import (
+
+from plugin.cli import main
+from tests.support.dcmtk_peer import StoreSCP
+from tests.support.service_harness import (
     Serve,
     counts,
     demo_models,
@@ -25,8 +27,6 @@ from service_harness import (
     wait_until,
     write_config,
 )
-
-from plugin.cli import main
 
 OBJECTS = 10  # per exam: CAD SR, TID 1500, 4 SEG, 4 SC
 

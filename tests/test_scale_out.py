@@ -31,10 +31,13 @@ from itertools import pairwise
 from pathlib import Path
 
 import pytest
-from dcmtk_peer import StoreSCP
-from pg_server import PASSWORD_ENV, PostgresServer
 from pydicom import dcmread
-from service_harness import (
+
+from plugin.config import load_config
+from plugin.store import Store
+from tests.support.dcmtk_peer import StoreSCP
+from tests.support.pg_server import PASSWORD_ENV, PostgresServer
+from tests.support.service_harness import (
     Serve,
     demo_models,
     exam_files,
@@ -43,9 +46,6 @@ from service_harness import (
     wait_until,
     write_config,
 )
-
-from plugin.config import load_config
-from plugin.store import Store
 
 OBJECTS = 10  # per exam: CAD SR, TID 1500, 4 SEG, 4 SC
 LEASE = 4.0

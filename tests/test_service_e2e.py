@@ -11,9 +11,11 @@ import subprocess
 import urllib.request
 
 import pytest
-from dcmtk_peer import StoreSCP
 from pydicom import dcmread
-from service_harness import (
+
+from plugin.cli import main
+from tests.support.dcmtk_peer import StoreSCP
+from tests.support.service_harness import (
     Serve,
     counts,
     demo_models,
@@ -23,8 +25,6 @@ from service_harness import (
     wait_until,
     write_config,
 )
-
-from plugin.cli import main
 
 SYNTAXES = {
     "explicit": "1.2.840.10008.1.2.1",

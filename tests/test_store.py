@@ -12,7 +12,6 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
-from pg_server import PostgresServer
 from pydicom.uid import (
     DigitalMammographyXRayImageStorageForPresentation,
     ExplicitVRLittleEndian,
@@ -22,6 +21,7 @@ from pydicom.uid import (
 from models.header import describe
 from plugin.store import NewInstance, NewResult, Recorded, Store, StoreError
 from plugin.store_schema import MIGRATIONS
+from tests.support.pg_server import PostgresServer
 
 STUDY = "1.2.3.4"
 

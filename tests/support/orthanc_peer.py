@@ -13,6 +13,7 @@ SQLite index stays locked until then.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -24,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pydicom
 import pytest
-from dcmtk_peer import free_port, stop_process, wait_for_port
+
+from tests.support.dcmtk_peer import free_port, stop_process, wait_for_port
 
 PLUGIN_DIR = Path("/usr/share/orthanc/plugins")
 PLUGIN_FILES = {
@@ -214,3 +217,33 @@ class OrthancPeer:
                         + self.log_path.read_text(errors="replace")[-3000:]
                     ) from None
                 time.sleep(0.1)
+
+
+# Our Orthanc plugin (orthanc/mammo_ai_orthanc.py) and uploads, as the Orthanc tests drive them.
+
+REPO = Path(__file__).resolve().parents[2]
+SCRIPT = REPO / "orthanc" / "mammo_ai_orthanc.py"
+
+
+def plugin_config(stable_age: int) -> dict:
+    return {
+        "StableAge": stable_age,
+        "UserMetadata": {"MammoAiRouted": 4601},
+        "MammoAI": {"Modality": "mammoai", "PollInterval": 0.5, "RetryDelays": [1]},
+    }
+
+
+def dicom_bytes(ds: pydicom.Dataset) -> bytes:
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
+
+
+def upload(orthanc: OrthancPeer, datasets) -> list[str]:
+    ids = []
+    with orthanc.client() as client:
+        for ds in datasets:
+            response = client.post("/instances", content=dicom_bytes(ds))
+            response.raise_for_status()
+            ids.append(response.json()["ID"])
+    return ids

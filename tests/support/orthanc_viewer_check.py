@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 WINDOW = (1400, 1100)
-ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
 # WebGL (OHIF's Cornerstone) on a machine without a GPU: SwiftShader.
 CHROMIUM_ARGS = ["--no-sandbox", "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
 

@@ -13,9 +13,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dcmtk_peer import free_port, stop_process, wait_for_port
+from tests.support.dcmtk_peer import free_port, stop_process, wait_for_port
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SERVE_OHIF = REPO / "orthanc" / "ohif" / "serve_ohif.py"
 OHIF_DIST = REPO / "orthanc" / "ohif" / "dist"
 

@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from dcmtk_peer import free_port
+
+from tests.support.dcmtk_peer import free_port
 
 USER = "plugin"
 PASSWORD_ENV = "MAMMO_TEST_PG_PASSWORD"

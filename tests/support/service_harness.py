@@ -21,13 +21,13 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from dcmtk_peer import free_port, require_dcmtk, wait_for_port
 
 from plugin.config import load_config
 from plugin.store import Store
+from tests.support.dcmtk_peer import free_port, require_dcmtk, wait_for_port
 from trainer.synth import encode, synth_exam
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 SHIPPED = [
     REPO / "models/weights/demo-gmic.safetensors",
     REPO / "models/weights/demo-allconv.safetensors",
