@@ -17,7 +17,7 @@ from PIL import Image
 from models.results import RegionOfInterest
 from plugin.outputs import NOT_FOR_CLINICAL_USE, build_sc, build_scs, display_image
 from plugin.outputs.common import DEFAULT_OPTIONS
-from plugin.outputs.heatmap import DISPLAY_FLOOR, VIRIDIS, display_threshold
+from plugin.outputs.heatmap import DISPLAY_FLOOR, VIRIDIS, display_threshold, levels
 from plugin.outputs.sc import caption, label_sizes, render
 from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 from trainer.synth import synth_exam
@@ -254,3 +254,26 @@ def test_dciodvfy_accepts(built, tmp_path):
     path = tmp_path / "sc.dcm"
     scs[0].save_as(path, enforce_file_format=True)
     assert dciodvfy_errors(path) == []
+
+
+def test_float_map_and_its_levels_give_the_same_heat_map(synth_exam_small):
+    """The ensemble hands over uint8 levels (`heatmap.levels`); the picture and the encoded
+    object are the same as from the float map, rounding ties at the threshold included."""
+    prediction, sources = prediction_for(synth_exam_small, rois=True)
+    img = next(i for i in prediction.images if i.malignant > 0.5)
+    noisy = img.malignant_map.copy()
+    noisy[-4:, :256] = (np.arange(256, dtype=np.float32) + 0.5) / 255  # exact ties
+    noisy[-5, :3] = (np.nan, -0.2, 1.3)
+    as_float, as_levels = (
+        replace(img, malignant_map=noisy),
+        replace(img, malignant_map=levels(noisy)),
+    )
+    grey = display_image(sources[img.sop_instance_uid])
+    for threshold in (0.5, DISPLAY_FLOOR, 0.0):
+        assert np.array_equal(
+            render(prediction, as_float, grey, threshold),
+            render(prediction, as_levels, grey, threshold),
+        )
+    source = sources[img.sop_instance_uid]
+    a, b = build_sc(prediction, as_float, source), build_sc(prediction, as_levels, source)
+    assert a.PixelData == b.PixelData

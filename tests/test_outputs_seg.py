@@ -4,6 +4,7 @@ wrap it avoids), the source grid, and dciodvfy."""
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import highdicom as hd
 import numpy as np
@@ -12,6 +13,7 @@ import pytest
 
 from plugin.outputs import MAX_FRACTIONAL_VALUE, NOT_FOR_CLINICAL_USE, build_seg, build_segs
 from plugin.outputs.common import OutputOptions
+from plugin.outputs.heatmap import levels
 from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 
 
@@ -120,3 +122,28 @@ def test_dciodvfy_accepts(segs):
     _, _, paths = segs
     for path in paths[:2]:
         assert dciodvfy_errors(path) == []
+
+
+def test_float_map_and_its_levels_give_the_same_seg(synth_exam_small):
+    """The ensemble hands over uint8 levels (round(p * 255), `heatmap.levels`); a float map
+    and its levels must give byte-identical pixel data, rounding ties included."""
+    prediction, sources = prediction_for(synth_exam_small)
+    img = next(i for i in prediction.images if i.malignant > 0.5)
+    noisy = img.malignant_map.copy()
+    noisy[:4, :256] = (np.arange(256, dtype=np.float32) + 0.5) / 255  # exact ties
+    noisy[4, :3] = (np.nan, -0.2, 1.3)  # out of range: clipped, NaN as 0
+    as_float = replace(img, malignant_map=noisy)
+    as_levels = replace(img, malignant_map=levels(noisy), benign_map=levels(img.benign_map))
+    source = sources[img.sop_instance_uid]
+    a, b = build_seg(prediction, as_float, source), build_seg(prediction, as_levels, source)
+    assert a.PixelData == b.PixelData
+    assert a.SOPInstanceUID == b.SOPInstanceUID
+    stored = pydicom.dcmread(_saved(a)).pixel_array
+    assert np.array_equal(stored[0], levels(noisy))
+
+
+def _saved(ds: pydicom.Dataset) -> pydicom.filebase.DicomBytesIO:
+    buffer = pydicom.filebase.DicomBytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    buffer.seek(0)
+    return buffer

@@ -76,14 +76,7 @@ def build_seg(
                 f"saliency map of {view_key(img)} is {m.shape[0]}x{m.shape[1]} but its source "
                 f"image is {rows}x{cols}; maps must be on the source grid (Geometry.map_to_source)"
             )
-    # Snapped to the k/255 levels the SEG stores (highdicom rounds p·255 to the same k): the
-    # values are unchanged, and highdicom's np.unique check over them runs 4x faster. In
-    # place, on the one stacked copy.
-    pixels = np.stack([m for _, _, m in segments], axis=-1)[None].astype(np.float32, copy=False)
-    np.clip(pixels, 0.0, 1.0, out=pixels)
-    pixels *= np.float32(MAX_FRACTIONAL_VALUE)
-    np.rint(pixels, out=pixels)
-    pixels /= np.float32(MAX_FRACTIONAL_VALUE)
+    pixels = fractions([m for _, _, m in segments])
 
     algorithm = segment_algorithm(exam, heatmap.display_threshold(exam, options))
     descriptions = [
@@ -132,6 +125,21 @@ def build_seg(
     )
     share_pixel_measures(seg, source)
     return seg
+
+
+_FRACTION_OF_LEVEL = np.arange(256, dtype=np.float32) / np.float32(MAX_FRACTIONAL_VALUE)
+"""k/255 as float32: highdicom's round(x * 255) gives k back for every k."""
+
+
+def fractions(maps: list[np.ndarray]) -> np.ndarray:
+    """(1, rows, cols, segments) float32 k/255 for highdicom: each map's 8-bit level (maps in
+    [0, 1] or uint8 levels alike, by `heatmap.levels`) looked up as the fraction the SEG
+    stores, so a float map and its levels give the same object. highdicom takes fractional
+    pixels only as floats, and its np.unique check runs fast over the 256 snapped values."""
+    pixels = np.empty((1, *maps[0].shape, len(maps)), dtype=np.float32)
+    for i, m in enumerate(maps):
+        pixels[0, ..., i] = _FRACTION_OF_LEVEL[heatmap.levels(m)]
+    return pixels
 
 
 def share_pixel_measures(seg: pydicom.Dataset, source: pydicom.Dataset) -> None:
