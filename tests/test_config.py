@@ -35,6 +35,7 @@ def test_default_config_is_embedded_and_complete() -> None:
     assert [m.path for m in config.models.members] == [
         REPO / "models/weights/demo-gmic.safetensors",
         REPO / "models/weights/demo-allconv.safetensors",
+        REPO / "models/weights/demo-glimpsenet.safetensors",
     ]
     assert config.models.device == "auto" and config.models.precision == "fp32"
     assert [r.destination.type for r in config.destinations] == ["folder"]
@@ -115,7 +116,7 @@ def test_pipeline_defaults_come_from_the_machine(default_data: dict) -> None:
     worker = parse_config(data, REPO).worker
     assert (worker.decoders, worker.builders, worker.in_flight(64)) == (0, 3, 5)
     spec = ensemble_spec(config.models)
-    assert [m.flips for m in spec.members] == [("none", "hflip"), ("none", "hflip")]
+    assert [m.flips for m in spec.members] == [("none", "hflip")] * 3
     assert (spec.device, spec.precision, spec.max_batch) == ("auto", "fp32", 8)
     assert (spec.channels_last, spec.compile) == (False, False)
     data = copy.deepcopy(default_data)

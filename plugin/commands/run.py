@@ -17,7 +17,11 @@ from plugin.pipeline import Settings
 from plugin.selection import SelectionPolicy
 
 WEIGHTS_DIR = Path(__file__).resolve().parents[2] / "models" / "weights"
-DEMO_MODELS = ("demo-gmic.safetensors", "demo-allconv.safetensors")
+DEMO_MODELS = (
+    "demo-gmic.safetensors",
+    "demo-allconv.safetensors",
+    "demo-glimpsenet.safetensors",
+)
 
 
 def register(sub: Subcommands) -> None:
