@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
+from pydicom.uid import ComprehensiveSRStorage, MammographyCADSRStorage
 
 from plugin.outputs import NOT_FOR_CLINICAL_USE, OutputOptions, build_cad_sr
 from plugin.outputs.common import region_for
@@ -51,7 +54,7 @@ def test_golden_tree(synth_exam_small):
     prediction, sources = prediction_for(synth_exam_small, rois=True)
     sr = build_cad_sr(prediction, sources)
 
-    assert sr.SOPClassUID == "1.2.840.10008.5.1.4.1.1.88.50"
+    assert sr.SOPClassUID == MammographyCADSRStorage
     assert sr.ContentTemplateSequence[0].TemplateIdentifier == "4000"
     assert concept(sr) == "111036"
     assert [concept(c) for c in sr.ContentSequence] == [
@@ -117,6 +120,23 @@ def test_golden_tree(synth_exam_small):
         done = only(children(only(item.ContentSequence), performed))
         refs = [c for c in done.ContentSequence if c.ValueType == "IMAGE"]
         assert len(refs) == 4
+
+
+def test_built_by_public_comprehensive_sr_and_relabelled(synth_exam_small, tmp_path):
+    """The boundary with highdicom (see plugin/outputs/cad_templates.py): its public
+    ComprehensiveSR builds the document and we relabel it; fails loudly if highdicom ever
+    writes the SOP class somewhere we do not relabel."""
+    prediction, sources = prediction_for(synth_exam_small, rois=True)
+    sr = build_cad_sr(prediction, sources)
+    assert not isinstance(sr, hd.SOPClass)  # not a highdicom object with the wrong IOD
+    assert sr.file_meta.MediaStorageSOPClassUID == MammographyCADSRStorage
+    path = tmp_path / "cad.dcm"
+    sr.save_as(path, enforce_file_format=True)
+    written = path.read_bytes()
+    assert ComprehensiveSRStorage.encode() not in written
+    back = pydicom.dcmread(path)
+    assert back.SOPClassUID == back.file_meta.MediaStorageSOPClassUID == MammographyCADSRStorage
+    assert back.SOPInstanceUID == back.file_meta.MediaStorageSOPInstanceUID
 
 
 def test_rendering_intent_follows_operating_point(synth_exam_small):
