@@ -14,8 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,10 +23,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from .aggregation import breast_score, exam_score
 from .family import ModelFamily, Prepared, ScoreMaps, get_family
 from .geometry import Geometry
-from .mammogram import Laterality, Mammogram, View
+from .mammogram import SCREENING_VIEW_KEYS, Laterality, Mammogram, View
 from .modelfile import ModelCard, file_sha256, load_model
+from .numerics import PRECISIONS, autocast, fp32_guard
 from .results import (
     BreastPrediction,
     ExamPrediction,
@@ -42,13 +43,6 @@ FLIPS: dict[str, tuple[int, ...]] = {
     "vflip": (-2,),
     "hvflip": (-2, -1),
 }
-PRECISIONS: dict[str, torch.dtype | None] = {
-    "fp32": None,
-    "tf32": None,
-    "bf16": torch.bfloat16,
-    "fp16": torch.float16,
-}
-SCREENING_VIEWS = ("R-CC", "L-CC", "R-MLO", "L-MLO")
 
 log = logging.getLogger(__name__)
 
@@ -169,11 +163,10 @@ class Ensemble:
     def __init__(self, spec: EnsembleSpec) -> None:
         self.spec = spec
         self.device = resolve_device(spec.device)
-        self.autocast_dtype = PRECISIONS[spec.precision]
-        if self.autocast_dtype is torch.float16 and self.device.type != "cuda":
+        if spec.precision == "fp16" and self.device.type != "cuda":
             raise ValueError("precision fp16 needs a CUDA device; use fp32 or bf16 on the CPU")
         if self.device.type == "cuda":
-            if self.autocast_dtype is torch.bfloat16 and not torch.cuda.is_bf16_supported():
+            if spec.precision == "bf16" and not torch.cuda.is_bf16_supported():
                 gpu = torch.cuda.get_device_name(self.device)
                 raise ValueError(f"precision bf16 is not supported by {gpu}; use fp16 or fp32")
         self._members: list[_Member] = []
@@ -222,7 +215,7 @@ class Ensemble:
         images = [img for exam in exams for img in exam]
         if not images:
             return []
-        with _numerics(self.device, tf32=False), torch.inference_mode():
+        with fp32_guard(self.device, tf32=False), torch.inference_mode():
             passes = self._forward_all(images)
             predictions = [self._image_prediction(i, img, passes) for i, img in enumerate(images)]
         results, start = [], 0
@@ -239,15 +232,15 @@ class Ensemble:
             for lat in (Laterality.RIGHT, Laterality.LEFT)
             if any(p.laterality == lat for p in image_preds)
         )
-        present = {f"{p.laterality}-{p.view}" for p in image_preds}
+        present = {p.view_key for p in image_preds}
         benigns = [b.benign for b in breasts if b.benign is not None]
         return ExamPrediction(
             study_instance_uid=images[0].study_instance_uid,
             images=tuple(image_preds),
             breasts=breasts,
-            malignant=max(b.malignant for b in breasts),
-            benign=max(benigns) if benigns else None,
-            missing_views=tuple(v for v in SCREENING_VIEWS if v not in present),
+            malignant=exam_score(b.malignant for b in breasts),
+            benign=exam_score(benigns) if benigns else None,
+            missing_views=tuple(v for v in SCREENING_VIEW_KEYS if v not in present),
             models=self.models,
             precision=self.spec.precision,
         )
@@ -307,12 +300,8 @@ class Ensemble:
             x = x.contiguous(memory_format=torch.channels_last)
         # TF32 (when asked) for the forwards only: the mapping onto the source grid stays fp32.
         with (
-            _numerics(self.device, tf32=self.spec.precision == "tf32"),
-            torch.autocast(
-                self.device.type,
-                dtype=self.autocast_dtype or torch.float32,
-                enabled=self.autocast_dtype is not None,
-            ),
+            fp32_guard(self.device, tf32=self.spec.precision == "tf32"),
+            autocast(self.device, self.spec.precision),
         ):
             return member.run(x)
 
@@ -413,32 +402,6 @@ def _prepare(family: ModelFamily, image: Mammogram, spec: dict, device: torch.de
     return Prepared(prepared.tensor.to(device), prepared.geometry)
 
 
-@contextmanager
-def _numerics(device: torch.device, tf32: bool) -> Iterator[None]:
-    """fp32 means fp32: TF32 for CUDA matmuls and convolutions only when `tf32`; on CUDA no
-    autotuning and deterministic kernels. Restores the process's settings on exit."""
-    b = torch.backends
-    saved = (
-        b.cuda.matmul.fp32_precision,
-        b.cudnn.conv.fp32_precision,
-        b.cudnn.benchmark,
-        b.cudnn.deterministic,
-    )
-    mode = "tf32" if tf32 else "ieee"
-    b.cuda.matmul.fp32_precision = b.cudnn.conv.fp32_precision = mode
-    if device.type == "cuda":
-        b.cudnn.benchmark, b.cudnn.deterministic = False, True
-    try:
-        yield
-    finally:
-        (
-            b.cuda.matmul.fp32_precision,
-            b.cudnn.conv.fp32_precision,
-            b.cudnn.benchmark,
-            b.cudnn.deterministic,
-        ) = saved
-
-
 def _flip(x: torch.Tensor, flip: str) -> torch.Tensor:
     return torch.flip(x, FLIPS[flip]) if FLIPS[flip] else x
 
@@ -483,7 +446,7 @@ def _breast(laterality: Laterality, images: Sequence[ImagePrediction]) -> Breast
     benign = [p.benign for p in own if p.benign is not None]
     return BreastPrediction(
         laterality=laterality,
-        malignant=float(np.mean([p.malignant for p in own])),
-        benign=float(np.mean(benign)) if benign else None,
+        malignant=breast_score(p.malignant for p in own),
+        benign=breast_score(benign) if benign else None,
         sop_instance_uids=tuple(p.sop_instance_uid for p in own),
     )

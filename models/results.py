@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .mammogram import Laterality, View
+from .mammogram import Laterality, View, view_key
 
 
 @dataclass(frozen=True)
@@ -63,6 +63,11 @@ class ImagePrediction:
     rois: tuple[RegionOfInterest, ...] = ()
     """All members' boxes, highest weight first (weights of different families are not on
     one scale: GMIC's attention sums to 1 per image, all-conv's is a probability)."""
+
+    @property
+    def view_key(self) -> str:
+        """ "R-CC", "L-MLO", …"""
+        return view_key(self.laterality, self.view)
 
 
 @dataclass(frozen=True)

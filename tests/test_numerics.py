@@ -14,6 +14,7 @@ from models import new_model_file
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.gmic import GMIC, PRESETS
 from models.gmic.preprocess import _city_block_distance
+from models.numerics import autocast
 from models.reading import read_mammogram
 
 
@@ -74,6 +75,19 @@ def test_bf16_ensemble_says_so_and_keeps_the_boxes(gmic_file, exam):
     assert bf16.precision == "bf16" and fp32.precision == "fp32"
     for a, b in zip(fp32.images, bf16.images, strict=True):
         assert [r.box for r in a.rois] == [r.box for r in b.rois]
+
+
+def test_one_autocast_for_every_precision():
+    """`models.numerics.autocast`, which the ensemble, the trainer and the benchmarks share:
+    bf16 autocasts on the CPU too, and fp32 is fp32 even inside a caller's autocast."""
+    cpu = torch.device("cpu")
+    x = torch.ones(2, 2)
+    with autocast(cpu, "bf16"):
+        assert (x @ x).dtype == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16), autocast(cpu, "fp32"):
+        assert (x @ x).dtype == torch.float32
+    with pytest.raises(ValueError, match="precision must be one of"):
+        autocast(cpu, "fp8")
 
 
 def test_city_block_distance_is_scipys_iterated_erosion():

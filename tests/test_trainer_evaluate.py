@@ -14,9 +14,11 @@ import torch
 from PIL import Image
 
 from models.allconv import PRESETS
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.pixels import read_mammogram_file
 from models.modelfile import new_model_file, read_card
 from trainer.cli import main
-from trainer.evaluate import Case, level_report
+from trainer.evaluate import Case, aggregate, level_report
 from trainer.finetune import FinetuneOptions, finetune
 from trainer.localisation import localisation_report, peak_distance, wilson_interval
 from trainer.progress import PlainProgress
@@ -128,6 +130,23 @@ def test_peak_distance_is_measured_on_the_source_grid_in_mm(small_site: Path):
     off[row, cols[rows == rows.min()][0]] = 1.0
     assert peak_distance(image, off, (0.4, 0.4)).distance_mm == pytest.approx(4.0)
     assert peak_distance(image, off, (0.6, 0.6)).distance_mm == pytest.approx(6.0)
+
+
+def test_breast_and_exam_scores_are_the_ensembles(small_site: Path, small_model: Path):
+    """`trainer evaluate` measures the scores the service reports: its breast and exam cases,
+    from the ensemble's image scores, are the ensemble's own breasts and exam."""
+    data = load_site_data(small_site)
+    study = data.images[0].study_instance_uid
+    images = [im for im in data.images if im.study_instance_uid == study]
+    ensemble = Ensemble(EnsembleSpec((MemberSpec(small_model),), device="cpu"))
+    prediction = ensemble.predict_exam([read_mammogram_file(im.path) for im in images])
+    scores = np.array([prediction.image(im.sop_instance_uid).malignant for im in images])
+    cases = aggregate(images, scores)
+    breasts = {b.laterality: b.malignant for b in prediction.breasts}
+    assert {c.key: c.score for c in cases["breast"]} == {
+        f"{study}/{side}": breasts[side] for side in breasts
+    }
+    assert [c.score for c in cases["exam"]] == [prediction.malignant]
 
 
 def test_localisation_fraction_and_wilson_interval():

@@ -3,9 +3,9 @@
 One model file is scored as trained: the family's malignancy probability per image, without
 test-time flips, from the same cached inputs `trainer finetune` validates on. Several members,
 or flips, are scored as the service scores them (`models.ensemble`), which also gives the maps
-on the source grid for the localisation figure. Aggregation follows the ensemble (DESIGN §3): a
-breast's score is the mean of its images, an exam's the max over its breasts; a breast or exam
-is malignant when any of its images is.
+on the source grid for the localisation figure. Aggregation is the ensemble's own
+(`models.aggregation`: a breast scores the mean of its images, an exam the max over its
+breasts); a breast or exam is malignant when any of its images is.
 
 A figure that cannot bear weight says so: every level report carries warnings for too few
 cases of a class, scores that are all equal, or a bootstrap interval that collapsed to a point.
@@ -17,7 +17,6 @@ import csv
 import json
 from collections import defaultdict
 from collections.abc import Sequence
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,9 +24,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from models.aggregation import breast_score, exam_score
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec, resolve_device
 from models.family import ModelFamily, get_family
 from models.modelfile import load_model, read_card
+from models.numerics import autocast
 from models.pixels import read_mammogram_file
 
 from . import metrics, plots
@@ -49,14 +50,6 @@ TABLE_THRESHOLDS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 TABLE_SENSITIVITIES = (0.8, 0.85, 0.9, 0.95)
 MIN_CLASS_CASES = 10
 """Below this many malignant or non-malignant cases an AUC and its interval are anecdotes."""
-
-
-def autocast(device: torch.device, precision: str):
-    """Mixed precision on CUDA only; fp32 elsewhere."""
-    if device.type != "cuda" or precision == "fp32":
-        return nullcontext()
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast("cuda", dtype=dtype)
 
 
 @torch.no_grad()
@@ -129,12 +122,12 @@ def aggregate(images: Sequence[SiteImage], scores: np.ndarray) -> dict[str, list
         case = Case(
             f"{study}/{side}",
             max(images[i].malignant for i in idx),
-            float(np.mean([scores[i] for i in idx])),
+            breast_score(scores[i] for i in idx),
         )
         by_level["breast"].append(case)
         exams[study].append(case)
     by_level["exam"] = [
-        Case(study, max(c.label for c in cases), max(c.score for c in cases))
+        Case(study, max(c.label for c in cases), exam_score(c.score for c in cases))
         for study, cases in sorted(exams.items())
     ]
     return by_level

@@ -20,7 +20,7 @@ from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
 from scipy import ndimage
 
-from models.mammogram import Laterality, View
+from models.mammogram import SCREENING_VIEW_KEYS, Laterality, View
 from models.results import ExamPrediction, ImagePrediction, ModelInfo
 
 from .. import __version__
@@ -326,13 +326,12 @@ def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:
 
 
 def view_key(img: ImagePrediction) -> str:
-    return f"{img.laterality}-{img.view}"
+    return img.view_key
 
 
 def ordered_images(exam: ExamPrediction) -> list[ImagePrediction]:
     """R-CC, L-CC, R-MLO, L-MLO: the hanging order readers expect."""
-    order = {"R-CC": 0, "L-CC": 1, "R-MLO": 2, "L-MLO": 3}
-    return sorted(exam.images, key=lambda i: order.get(view_key(i), 9))
+    return sorted(exam.images, key=lambda i: SCREENING_VIEW_KEYS.index(i.view_key))
 
 
 # -- the region each object marks ------------------------------------------------------------

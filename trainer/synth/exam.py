@@ -27,6 +27,10 @@ VIEW_ORDER: tuple[tuple[Laterality, View], ...] = (
     (Laterality.RIGHT, View.CC),
     (Laterality.RIGHT, View.MLO),
 )
+"""The order views are drawn in, breast by breast: it fixes what a seed produces (each view
+draws from the seed's one random stream, and numbers its instance), so it stays this order.
+Not the hanging order (`models.mammogram.SCREENING_VIEWS`, R-CC first), which readers and the
+outputs use."""
 
 DEFAULT_ROWS, DEFAULT_COLS = 2048, 1664
 DEFAULT_SPACING_MM = 0.1
