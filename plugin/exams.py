@@ -17,7 +17,7 @@ from dataclasses import replace
 from plugin.config import ExamsConfig
 from plugin.observability import AuditTrail, Metrics, hash_uid
 from plugin.polling import PollingThread
-from plugin.selection import Selection, SelectionPolicy, select_views
+from plugin.selection import Selection, SelectionPolicy, SelectionRecord, select_views
 from plugin.store import Exam, Instance, Store
 
 log = logging.getLogger(__name__)
@@ -30,20 +30,6 @@ def plan_exam(instances: list[Instance], policy: SelectionPolicy) -> Selection[I
     ignored = [(i, i.reason or "ignored") for i in instances if i.status == "ignored"]
     selection = select_views([i for i in instances if i.status == "accepted"], policy)
     return replace(selection, skipped=ignored + selection.skipped)
-
-
-def selection_record(selection: Selection[Instance], closed_by: str) -> dict[str, object]:
-    """What the job records about the selection: how the exam closed, the instance chosen
-    per view, every skipped instance with its reason, the missing views."""
-    return {
-        "closed_by": closed_by,
-        "chosen": {view: inst.sop_instance_uid for view, inst in sorted(selection.chosen.items())},
-        "skipped": [
-            {"sop_instance_uid": inst.sop_instance_uid, "reason": reason}
-            for inst, reason in selection.skipped
-        ],
-        "missing": list(selection.missing),
-    }
 
 
 def closing_reason(
@@ -125,8 +111,7 @@ class Assembler:
         job = self.store.queue_job(
             exam.id,
             [inst.id for inst in plan.chosen.values()],
-            selection_record(plan, reason),
-            partial=not plan.complete,
+            SelectionRecord.of(plan, reason),
             seen=exam.last_seen,
             now=now,
         )

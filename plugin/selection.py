@@ -16,6 +16,7 @@ then the highest instance number, then the latest received.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from enum import StrEnum
@@ -157,6 +158,65 @@ class Selection(Generic[T]):
     @property
     def complete(self) -> bool:
         return not self.missing
+
+
+@dataclass(frozen=True)
+class SkippedImage:
+    sop_instance_uid: str
+    reason: str
+    """Specific and free of header values (it goes into the audit trail)."""
+
+
+@dataclass(frozen=True)
+class SelectionRecord:
+    """What a service job keeps of the selection that made it: stored with the job, and
+    reported with its result (the `analysed` audit event), so an administrator can see why an
+    image of the study was not analysed."""
+
+    closed_by: str
+    """Why the exam's round closed: "complete", "quiet timeout", "maximum wait"."""
+    chosen: dict[str, str] = field(default_factory=dict)
+    """View key → SOP Instance UID of the image analysed for it."""
+    skipped: tuple[SkippedImage, ...] = ()
+    missing: tuple[str, ...] = ()
+
+    @property
+    def partial(self) -> bool:
+        return bool(self.missing)
+
+    @classmethod
+    def of(cls, selection: Selection[Any], closed_by: str) -> SelectionRecord:
+        """From a selection of items with a `sop_instance_uid` (the store's instances)."""
+        return cls(
+            closed_by=closed_by,
+            chosen={view: item.sop_instance_uid for view, item in sorted(selection.chosen.items())},
+            skipped=tuple(SkippedImage(i.sop_instance_uid, why) for i, why in selection.skipped),
+            missing=tuple(selection.missing),
+        )
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "closed_by": self.closed_by,
+                "chosen": self.chosen,
+                "skipped": [
+                    {"sop_instance_uid": s.sop_instance_uid, "reason": s.reason}
+                    for s in self.skipped
+                ],
+                "missing": list(self.missing),
+            },
+            sort_keys=True,
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> SelectionRecord:
+        data = json.loads(text)
+        return cls(
+            closed_by=data["closed_by"],
+            chosen=dict(data["chosen"]),
+            skipped=tuple(SkippedImage(**s) for s in data["skipped"]),
+            missing=tuple(data["missing"]),
+        )
 
 
 def select_views(
@@ -302,17 +362,18 @@ _TIE_WHY = {
 def _superseded(
     key: str, best: Candidate, c: Candidate, rank: tuple, best_rank: tuple, policy: SelectionPolicy
 ) -> str:
-    chosen = f"instance …{best.sop_instance_uid[-8:]}"
+    """Why `c` lost to `best`; the chosen image is named by its view only (the job records its
+    UID), so the reason carries no header value into the audit trail."""
     if rank != best_rank:
         mine = ", ".join(_TRAIT_LABEL[t] for t in _traits(c)) or "screening"
         theirs = ", ".join(_TRAIT_LABEL[t] for t in _traits(best)) or "screening"
-        return f"another {key} image was chosen ({chosen}, {theirs} preferred over {mine})"
+        return f"another {key} image was chosen ({theirs} preferred over {mine})"
     why = "same acquisition time and instance number; highest SOPInstanceUID kept"
     for attr in _TIE_FIELDS[policy.tie_break]:
         if getattr(c, attr) != getattr(best, attr):
             why = _TIE_WHY[attr]
             break
-    return f"duplicate {key}: another image was chosen ({chosen}, {why})"
+    return f"duplicate {key}: another image was chosen ({why})"
 
 
 def _int(ds: pydicom.Dataset, keyword: str) -> int | None:

@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from models.header import ImageDescription
+from plugin.selection import SelectionRecord
 from plugin.store_db import Database, describe, is_postgres
 from plugin.store_schema import SCHEMA_VERSION, NewerSchema, current_version, migrate
 
@@ -110,11 +111,15 @@ class Job:
     version: int
     state: str
     instance_ids: tuple[int, ...]
-    selection: dict[str, Any]
-    partial: bool
+    selection: SelectionRecord
+    """How the exam closed, which image each view got, what was skipped and why."""
     attempts: int
     created_at: float
     reason: str | None
+
+    @property
+    def partial(self) -> bool:
+        return self.selection.partial
 
 
 @dataclass(frozen=True)
@@ -474,8 +479,7 @@ class Store:
         self,
         exam_id: int,
         instance_ids: Sequence[int],
-        selection: dict[str, Any],
-        partial: bool,
+        selection: SelectionRecord,
         *,
         seen: float | None = None,
         now: float | None = None,
@@ -500,8 +504,8 @@ class Store:
                         exam_id,
                         version,
                         json.dumps(list(instance_ids)),
-                        json.dumps(selection, sort_keys=True, default=str),
-                        int(partial),
+                        selection.to_json(),
+                        int(selection.partial),
                         now,
                         now,
                     ),
@@ -698,8 +702,7 @@ class Store:
             Job,
             row,
             instance_ids=tuple(json.loads(row["instance_ids"])),
-            selection=json.loads(row["selection"]),
-            partial=bool(row["partial"]),
+            selection=SelectionRecord.from_json(row["selection"]),
         )
 
     # -- deliveries -------------------------------------------------------------------------

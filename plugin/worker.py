@@ -170,6 +170,11 @@ class Worker:
             objects=len(results),
             views=sorted(f"{i.laterality}-{i.view}" for i in prediction.images),
             missing=list(prediction.missing_views),
+            closed_by=job.selection.closed_by,
+            skipped=[
+                {"sop_instance": s.sop_instance_uid, "reason": s.reason}
+                for s in job.selection.skipped
+            ],
             left_out=left_out,
             exam_score=round(float(prediction.malignant), 4),
             **fields,

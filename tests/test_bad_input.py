@@ -167,6 +167,9 @@ def test_one_bad_view_never_sinks_the_exam(service_all_outputs: Serve, tmp_path)
     _raw(first[0], 0x00100010, "LO", b"DOE\\JANE")
     # … and one view with WindowWidth 0, which the heat-map's windowing rejects.
     first[2].WindowCenter, first[2].WindowWidth = 2048, 0
+    # … and an older exposure of its fourth view, which the later one supersedes.
+    older = copy.deepcopy(first[3])
+    older.SOPInstanceUID, older.AcquisitionDate = generate_uid(), "19990101"
     # Exam 2: one view a JPEG 2000 codestream cut short (its start is well formed).
     second = synth_exam(64, rows=512, cols=416).datasets
     cut = encode(second[1], "jpeg2000")
@@ -174,7 +177,7 @@ def test_one_bad_view_never_sinks_the_exam(service_all_outputs: Serve, tmp_path)
     cut.PixelData = encapsulate([fragment[: len(fragment) // 3]])
     second[1] = cut
     paths = []
-    for n, ds in enumerate(first + second):
+    for n, ds in enumerate([*first, *second, older]):
         path = tmp_path / f"{n}.dcm"
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
@@ -211,5 +214,13 @@ def test_one_bad_view_never_sinks_the_exam(service_all_outputs: Serve, tmp_path)
         [("output", "sc output failed (ValueError)")],
     )
     assert len(one["views"]) == 4 - len(one["left_out"])
+    # The result says which image the selection passed over, and why, without its UID.
+    assert one["closed_by"] == "complete" and two["skipped"] == []
+    ((passed_over,),) = [one["skipped"]]
+    assert passed_over["sop_instance"] == hash_uid(str(older.SOPInstanceUID))
+    view = f"{older.ImageLaterality}-{older.ViewPosition}"
+    assert passed_over["reason"] == (
+        f"duplicate {view}: another image was chosen (later acquisition)"
+    )
     assert "DOE" not in service.log and "JANE" not in service.log
     assert counts(service)["exams"].get("quarantined", 0) == 0

@@ -89,8 +89,8 @@ def test_four_views_close_after_the_settle_time(store: Store, tmp_path: Path) ->
     assert a.run_once(now=104.9) == 0  # quiet for 1.9 s < settle
     assert a.run_once(now=105.0) == 1
     (job,) = store.jobs()
-    assert not job.partial and job.selection["closed_by"] == "complete"
-    assert sorted(job.selection["chosen"]) == ["L-CC", "L-MLO", "R-CC", "R-MLO"]
+    assert not job.partial and job.selection.closed_by == "complete"
+    assert sorted(job.selection.chosen) == ["L-CC", "L-MLO", "R-CC", "R-MLO"]
 
 
 def test_partial_exam_waits_for_the_quiet_timeout(store: Store, tmp_path: Path) -> None:
@@ -100,8 +100,8 @@ def test_partial_exam_waits_for_the_quiet_timeout(store: Store, tmp_path: Path) 
     assert a.run_once(now=110.9) == 0
     assert a.run_once(now=111.0) == 1
     (job,) = store.jobs()
-    assert job.partial and job.selection["missing"] == ["R-CC", "R-MLO"]
-    assert job.selection["closed_by"] == "quiet timeout"
+    assert job.partial and job.selection.missing == ("R-CC", "R-MLO")
+    assert job.selection.closed_by == "quiet timeout"
 
 
 def test_trickling_exam_closes_at_the_maximum_wait(store: Store, tmp_path: Path) -> None:
@@ -112,10 +112,10 @@ def test_trickling_exam_closes_at_the_maximum_wait(store: Store, tmp_path: Path)
     add(store, 99, "R-CC", at=130.0)
     assert a.run_once(now=130.5) == 1
     (job,) = store.jobs()
-    assert job.selection["closed_by"] == "maximum wait"
+    assert job.selection.closed_by == "maximum wait"
     # Five duplicates of L-CC were skipped with their reason; the latest received won.
-    assert len(job.selection["skipped"]) == 5
-    assert all("duplicate L-CC" in s["reason"] for s in job.selection["skipped"])
+    assert len(job.selection.skipped) == 5
+    assert all("duplicate L-CC" in s.reason for s in job.selection.skipped)
 
 
 def test_nothing_analysable_is_skipped_with_the_reason(store: Store, tmp_path: Path) -> None:
@@ -136,7 +136,7 @@ def test_selection_policy_comes_from_the_config(store: Store, tmp_path: Path) ->
         selection={"for_processing": "fallback"},
     )
     assembler(store, tmp_path, config).run_once(now=200.0)
-    assert [j.selection["chosen"] for j in store.jobs()] == [{"L-CC": f"{STUDY}.1"}]
+    assert [j.selection.chosen for j in store.jobs()] == [{"L-CC": f"{STUDY}.1"}]
 
 
 def test_timers_survive_a_restart(tmp_path: Path) -> None:
@@ -160,7 +160,7 @@ def test_a_late_image_starts_a_new_version(store: Store, tmp_path: Path) -> None
     add(store, 2, "R-CC", at=200.0)
     assert a.run_once(now=205.0) == 0
     assert a.run_once(now=210.0) == 1
-    versions = [(j.version, sorted(j.selection["chosen"])) for j in store.jobs()]
+    versions = [(j.version, sorted(j.selection.chosen)) for j in store.jobs()]
     assert versions == [(1, ["L-CC"]), (2, ["L-CC", "R-CC"])]
 
 
@@ -192,7 +192,7 @@ def test_an_image_recorded_during_planning_is_not_left_out(tmp_path: Path) -> No
     assert store.exam(STUDY).state == "collecting" and store.jobs() == []
     assert a.run_once(now=121.0) == 1
     (job,) = store.jobs()
-    assert sorted(job.selection["chosen"]) == ["L-CC", "R-CC"]
+    assert sorted(job.selection.chosen) == ["L-CC", "R-CC"]
     store.close()
 
 
@@ -206,5 +206,5 @@ def test_an_exam_is_not_skipped_over_an_image_recorded_during_planning(tmp_path:
     assert store.exam(STUDY).state == "collecting"
     assert a.run_once(now=210.0) == 1
     (job,) = store.jobs()
-    assert job.selection["chosen"] == {"R-CC": f"{STUDY}.5"}
+    assert job.selection.chosen == {"R-CC": f"{STUDY}.5"}
     store.close()

@@ -19,11 +19,14 @@ from pydicom.uid import (
 )
 
 from models.header import describe
+from plugin.selection import SelectionRecord
 from plugin.store import NewInstance, NewResult, Recorded, Store, StoreError
 from plugin.store_schema import MIGRATIONS
 from tests.support.pg_server import PostgresServer
 
 STUDY = "1.2.3.4"
+COMPLETE = SelectionRecord("complete")
+PARTIAL = SelectionRecord("quiet timeout", missing=("R-MLO",))
 
 
 def instance(n: int, sha: str = "aa", study: str = STUDY, status: str = "accepted") -> NewInstance:
@@ -116,10 +119,10 @@ def test_exam_rounds_jobs_and_versions(store: Store) -> None:
         101.0,
         0,
     )
-    job = store.queue_job(exam.id, [1, 2], {"closed_by": "complete"}, partial=False, now=105.0)
+    job = store.queue_job(exam.id, [1, 2], COMPLETE, now=105.0)
     assert (job.version, store.exam(STUDY).state) == (1, "queued")
     with pytest.raises(StoreError, match="not collecting"):
-        store.queue_job(exam.id, [1], {}, partial=True)
+        store.queue_job(exam.id, [1], PARTIAL)
 
     claimed = store.claim_job(now=106.0)
     assert claimed.id == job.id and claimed.attempts == 1 and claimed.instance_ids == (1, 2)
@@ -130,7 +133,7 @@ def test_exam_rounds_jobs_and_versions(store: Store) -> None:
     assert finished.exam_state == "collecting"
     assert [d.destination for d in store.deliveries("pending")] == ["pacs", "folder"]
 
-    job2 = store.queue_job(exam.id, [1, 2, 3], {}, partial=False, now=110.0)
+    job2 = store.queue_job(exam.id, [1, 2, 3], COMPLETE, now=110.0)
     assert job2.version == 2
     store.claim_job(now=111.0)
     assert store.finish_job(job2.id, [result(2)]).exam_state == "analysed"
@@ -145,7 +148,7 @@ def test_exam_rounds_jobs_and_versions(store: Store) -> None:
 def test_failed_jobs_retry_then_quarantine_and_can_be_requeued(store: Store) -> None:
     store.record_instance(instance(1), now=100.0)
     exam = store.exam(STUDY)
-    job = store.queue_job(exam.id, [1], {}, partial=True, now=100.0)
+    job = store.queue_job(exam.id, [1], PARTIAL, now=100.0)
     store.claim_job(now=100.0)
     assert store.fail_job(job.id, "boom", retry_at=200.0).job_state == "queued"
     assert store.claim_job(now=150.0) is None  # not due yet
@@ -160,13 +163,13 @@ def test_failed_jobs_retry_then_quarantine_and_can_be_requeued(store: Store) -> 
 def test_recover_requeues_running_work(store: Store, opener: Callable[..., Store]) -> None:
     for n, study in ((1, "1.1"), (2, "2.2")):
         store.record_instance(instance(n, study=study), now=100.0)
-        store.queue_job(store.exam(study).id, [n], {}, partial=True, now=100.0)
+        store.queue_job(store.exam(study).id, [n], PARTIAL, now=100.0)
     first = store.claim_job(now=100.0)
     store.claim_job(now=100.0)
     store.fail_job(first.id, "x", retry_at=100.0)
     store.claim_job(now=100.0)  # the first job again: its second attempt
     store.record_instance(instance(3, study="3.3"), now=100.0)
-    job3 = store.queue_job(store.exam("3.3").id, [3], {}, partial=True, now=100.0)
+    job3 = store.queue_job(store.exam("3.3").id, [3], PARTIAL, now=100.0)
     store.claim_job(now=100.0)
     store.finish_job(job3.id, [result(3)])
     delivery = store.due_deliveries()[0]
@@ -185,7 +188,7 @@ def test_recover_requeues_running_work(store: Store, opener: Callable[..., Store
 
 def test_deliveries_retry_dead_letter_and_requeue(store: Store) -> None:
     store.record_instance(instance(1), now=100.0)
-    job = store.queue_job(store.exam(STUDY).id, [1], {}, partial=True)
+    job = store.queue_job(store.exam(STUDY).id, [1], PARTIAL)
     store.claim_job()
     store.finish_job(job.id, [result(1, ("pacs", "web"))])
     pacs, web = store.due_deliveries()
@@ -227,7 +230,7 @@ def test_a_failed_commit_leaves_the_store_usable(tmp_path: Path) -> None:
 def _queued(store: Store, n: int, now: float = 100.0) -> int:
     study = f"7.{n}"
     store.record_instance(instance(n, study=study), now=now)
-    return store.queue_job(store.exam(study).id, [n], {}, partial=True, now=now).id
+    return store.queue_job(store.exam(study).id, [n], PARTIAL, now=now).id
 
 
 def test_an_expired_lease_returns_the_job_and_its_old_holder_cannot_settle_it(
@@ -302,7 +305,7 @@ def test_job_times_give_turnaround_and_analysis_time(store: Store) -> None:
     t = time.time()  # a job is due from when it is queued
     store.record_instance(instance(1), now=t - 10)
     store.record_instance(instance(2), now=t - 7)
-    job = store.queue_job(store.exam(STUDY).id, [1, 2], {}, partial=False)
+    job = store.queue_job(store.exam(STUDY).id, [1, 2], COMPLETE)
     (waiting,) = store.job_times()
     assert (waiting.last_received, waiting.started, waiting.delivered) == (t - 7, None, None)
     store.claim_job(now=t + 10)
@@ -331,7 +334,7 @@ def test_spool_paths_are_stored_relative_and_free_text_is_capped(
     moved = opener(spool=tmp_path / "moved")  # the spool folder moved with its database
     assert moved.instances(STUDY)[0].path == tmp_path / "moved/instances/a/1.dcm"
     moved.close()
-    job = store.queue_job(store.exam(STUDY).id, [inst.id], {}, partial=True)
+    job = store.queue_job(store.exam(STUDY).id, [inst.id], PARTIAL)
     store.claim_job()
     store.fail_job(job.id, "x" * 100_000, retry_at=None)
     reason = store.jobs()[0].reason
