@@ -22,7 +22,25 @@ from pydantic import (
     field_validator,
     model_validator,
 )
-from pydicom.uid import UID
+from pydicom.uid import (
+    HTJ2K,
+    JPEG2000,
+    UID,
+    DeflatedExplicitVRLittleEndian,
+    ExplicitVRBigEndian,
+    ExplicitVRLittleEndian,
+    HTJ2KLossless,
+    HTJ2KLosslessRPCL,
+    ImplicitVRLittleEndian,
+    JPEG2000Lossless,
+    JPEGBaseline8Bit,
+    JPEGExtended12Bit,
+    JPEGLossless,
+    JPEGLosslessSV1,
+    JPEGLSLossless,
+    JPEGLSNearLossless,
+    RLELossless,
+)
 
 from models.ensemble import EnsembleSpec, MemberSpec
 from plugin.config_types import (
@@ -58,23 +76,26 @@ def resolve_secret(env_name: str | None, key_path: str) -> str | None:
 # Pixel-compressed syntaxes first, so a sender offering JPEG 2000 and uncompressed in one
 # context keeps its compressed bytes (reference: integration-anchors §2.3); decoding happens in
 # the worker. Deflate comes after the uncompressed ones: it would make the sender compress.
-DEFAULT_TRANSFER_SYNTAXES = (
-    "1.2.840.10008.1.2.4.90",  # JPEG 2000 lossless
-    "1.2.840.10008.1.2.4.91",  # JPEG 2000
-    "1.2.840.10008.1.2.4.201",  # HTJ2K lossless
-    "1.2.840.10008.1.2.4.202",  # HTJ2K lossless RPCL
-    "1.2.840.10008.1.2.4.203",  # HTJ2K
-    "1.2.840.10008.1.2.4.80",  # JPEG-LS lossless
-    "1.2.840.10008.1.2.4.81",  # JPEG-LS near-lossless
-    "1.2.840.10008.1.2.4.70",  # JPEG lossless SV1
-    "1.2.840.10008.1.2.4.57",  # JPEG lossless
-    "1.2.840.10008.1.2.5",  # RLE lossless
-    "1.2.840.10008.1.2.4.50",  # JPEG baseline
-    "1.2.840.10008.1.2.4.51",  # JPEG extended
-    "1.2.840.10008.1.2.1",  # explicit VR little endian
-    "1.2.840.10008.1.2",  # implicit VR little endian
-    "1.2.840.10008.1.2.1.99",  # deflated explicit VR little endian (makes the sender deflate)
-    "1.2.840.10008.1.2.2",  # explicit VR big endian (retired)
+DEFAULT_TRANSFER_SYNTAXES: tuple[str, ...] = tuple(
+    str(uid)
+    for uid in (
+        JPEG2000Lossless,
+        JPEG2000,
+        HTJ2KLossless,
+        HTJ2KLosslessRPCL,
+        HTJ2K,
+        JPEGLSLossless,
+        JPEGLSNearLossless,
+        JPEGLosslessSV1,
+        JPEGLossless,
+        RLELossless,
+        JPEGBaseline8Bit,
+        JPEGExtended12Bit,
+        ExplicitVRLittleEndian,
+        ImplicitVRLittleEndian,
+        DeflatedExplicitVRLittleEndian,  # makes the sender deflate
+        ExplicitVRBigEndian,  # retired
+    )
 )
 
 
