@@ -24,6 +24,7 @@ from trainer import objectives
 from trainer.augment import augment, default_augmentation
 from trainer.evaluate import autocast
 from trainer.finetune import parse_arch
+from trainer.numerics import flush_denormal
 
 DEFAULT_MODELS = (
     "gmic-published",
@@ -113,7 +114,6 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    torch.set_flush_denormal(True)  # as `trainer finetune` does
     devices = []
     if args.device in ("all", "cpu"):
         devices.append(torch.device("cpu"))
@@ -133,22 +133,23 @@ def main() -> None:
     )
     print(header)
     print("-" * len(header))
-    for device in devices:
-        cuda = device.type == "cuda"
-        for name in args.models.split(","):
-            r = bench(
-                name.strip(),
-                device,
-                args.cuda_batch_size if cuda else args.batch_size,
-                args.cuda_steps if cuda else args.steps,
-                args.precision if cuda else "fp32",
-            )
-            print(
-                f"{r['model']:18s} {r['device']:6s} {r['precision']:5s} {r['batch']:5d} "
-                f"{r['params_M']:8.2f} {r['train']:11.3f} {r['infer']:11.3f} "
-                f"{r['infer'] / r['train']:11.2f}",
-                flush=True,
-            )
+    with flush_denormal():  # as `trainer finetune` trains; restored on the way out
+        for device in devices:
+            cuda = device.type == "cuda"
+            for name in args.models.split(","):
+                r = bench(
+                    name.strip(),
+                    device,
+                    args.cuda_batch_size if cuda else args.batch_size,
+                    args.cuda_steps if cuda else args.steps,
+                    args.precision if cuda else "fp32",
+                )
+                print(
+                    f"{r['model']:18s} {r['device']:6s} {r['precision']:5s} {r['batch']:5d} "
+                    f"{r['params_M']:8.2f} {r['train']:11.3f} {r['infer']:11.3f} "
+                    f"{r['infer'] / r['train']:11.2f}",
+                    flush=True,
+                )
 
 
 if __name__ == "__main__":

@@ -19,8 +19,7 @@ import importlib
 import json
 import platform
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +30,6 @@ import torch
 from torch import nn
 
 import trainer
-from models.durable import write_atomically
 from models.ensemble import resolve_device
 from models.family import ModelFamily, get_family
 from models.modelfile import (
@@ -45,6 +43,7 @@ from models.modelfile import (
 
 from . import objectives
 from .augment import augment, default_augmentation
+from .checkpoint import Checkpoint
 from .evaluate import (
     LevelReport,
     autocast,
@@ -53,6 +52,7 @@ from .evaluate import (
     score_images,
 )
 from .metrics import DEFAULT_N_BOOT, roc_auc
+from .numerics import flush_denormal
 from .patch_head import PatchHead, patch_head
 from .prepare import InputCache, mask_grid
 from .progress import progress as progress_bar
@@ -252,51 +252,6 @@ def _check_classes(images: list[SiteImage], which: str) -> None:
         )
 
 
-class _Checkpoint:
-    def __init__(self, path: Path, key: str, fingerprint: str) -> None:
-        self.path, self.key, self.fingerprint = path, key, fingerprint
-
-    def load(self) -> dict[str, Any]:
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise FinetuneError(f"{self.path}: checkpoint from another trainer version")
-        if state["fingerprint"] != self.fingerprint:
-            raise FinetuneError(
-                f"{self.path}: checkpoint was made on different site data; delete the work "
-                "folder to start over"
-            )
-        if state["key"] != self.key:
-            raise FinetuneError(
-                f"{self.path}: checkpoint was made with different options (base/arch, epochs, "
-                "learning rate, seed …); rerun with the same options or delete the work folder"
-            )
-        return state
-
-    def save(self, state: dict[str, Any]) -> None:
-        state = {
-            "format": CHECKPOINT_FORMAT,
-            "key": self.key,
-            "fingerprint": self.fingerprint,
-            **state,
-        }
-        write_atomically(self.path, lambda f: torch.save(state, f))
-
-
-@contextmanager
-def flush_denormal() -> Iterator[None]:
-    """Flush denormal floats to zero inside the block, then restore what was found.
-
-    On x86 CPUs, backward passes produce denormals and run several times slower without this
-    (measured 4-5x on the demo models). torch has no getter for the mode: a denormal times one
-    reads as zero exactly when flushing is on."""
-    was_on = torch.tensor([1e-39]).mul(1.0).item() == 0.0
-    torch.set_flush_denormal(True)
-    try:
-        yield
-    finally:
-        torch.set_flush_denormal(was_on)
-
-
 def finetune(
     options: FinetuneOptions,
     on_epoch_end: Callable[[dict[str, Any]], None] | None = None,
@@ -336,7 +291,7 @@ class _Run:
     module: nn.Module
     head: PatchHead | None
     cache: InputCache
-    checkpoint: _Checkpoint
+    checkpoint: Checkpoint
 
     @property
     def family(self) -> ModelFamily:
@@ -503,7 +458,13 @@ def _setup(o: FinetuneOptions) -> _Run:
         module=module,
         head=head,
         cache=cache,
-        checkpoint=_Checkpoint(work / "checkpoint.pt", o.training_key(), data.fingerprint()),
+        checkpoint=Checkpoint(
+            work / "checkpoint.pt",
+            o.training_key(),
+            data.fingerprint(),
+            CHECKPOINT_FORMAT,
+            FinetuneError,
+        ),
     )
 
 

@@ -25,7 +25,6 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import os
 import platform
 import time
 from dataclasses import asdict, dataclass, field
@@ -44,8 +43,10 @@ from models.family import get_family
 from models.glimpsenet import PRESETS, GlimpseNet
 from models.modelfile import NOT_VALIDATED, ModelCard, load_model, read_card, save_model
 
+from ..checkpoint import Checkpoint
 from ..evaluate import report, reports_to_json, score_images
 from ..metrics import roc_auc
+from ..numerics import flush_denormal
 from ..prepare import InputCache
 from ..sitedata import SiteData, SiteDataError, SiteImage, load_site_data
 from ..split import split_site_data
@@ -168,32 +169,6 @@ def _check(o: GlimpseNetOptions) -> None:
         raise GlimpseNetTrainingError(f"{out} exists; choose another --out or pass --overwrite")
 
 
-class _Checkpoint:
-    def __init__(self, path: Path, key: str, fingerprint: str) -> None:
-        self.path, self.key, self.fingerprint = path, key, fingerprint
-
-    def load(self) -> dict[str, Any]:
-        state = torch.load(self.path, map_location="cpu", weights_only=True)
-        if state.get("format") != CHECKPOINT_FORMAT or state.get("fingerprint") != self.fingerprint:
-            raise GlimpseNetTrainingError(
-                f"{self.path}: checkpoint from another trainer version or other site data; "
-                "delete the work folder to start over"
-            )
-        if state["key"] != self.key:
-            raise GlimpseNetTrainingError(
-                f"{self.path}: checkpoint was made with different options; rerun with the same "
-                "options or delete the work folder"
-            )
-        return state
-
-    def save(self, state: dict[str, Any]) -> None:
-        state = {"format": CHECKPOINT_FORMAT, "key": self.key, "fingerprint": self.fingerprint,
-                 **state}  # fmt: skip
-        tmp = self.path.with_name(self.path.name + ".partial")
-        torch.save(state, tmp)
-        os.replace(tmp, self.path)
-
-
 def _mask_target(
     cache: InputCache, im: SiteImage, size: int, which: str = "all"
 ) -> torch.Tensor | None:
@@ -226,11 +201,8 @@ def _labels(images: list[SiteImage]) -> tuple[torch.Tensor, torch.Tensor]:
 
 def train(o: GlimpseNetOptions) -> GlimpseNetResult:
     """Run (or resume) GlimpseNet training and write `o.out`."""
-    torch.set_flush_denormal(True)
-    try:
+    with flush_denormal():
         return _train(o)
-    finally:
-        torch.set_flush_denormal(False)
 
 
 def _train(o: GlimpseNetOptions) -> GlimpseNetResult:
@@ -283,8 +255,12 @@ def _train(o: GlimpseNetOptions) -> GlimpseNetResult:
         cache.prepare([*train_set, *val], progress=o.progress, masks=True)
     cache.prepare([*train_set, *val, *test], progress=o.progress)
 
-    checkpoint = _Checkpoint(
-        work / "glimpsenet-checkpoint.pt", o.training_key(), data.fingerprint()
+    checkpoint = Checkpoint(
+        work / "glimpsenet-checkpoint.pt",
+        o.training_key(),
+        data.fingerprint(),
+        CHECKPOINT_FORMAT,
+        GlimpseNetTrainingError,
     )
     state: dict[str, Any] = {"stage": stages[0], "epoch": -1, "history": [], "finished": []}
     if checkpoint.path.exists():
