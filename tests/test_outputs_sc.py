@@ -261,7 +261,7 @@ def test_float_map_and_its_levels_give_the_same_heat_map(synth_exam_small):
     object are the same as from the float map, rounding ties at the threshold included."""
     prediction, sources = prediction_for(synth_exam_small, rois=True)
     img = next(i for i in prediction.images if i.malignant > 0.5)
-    noisy = img.malignant_map.copy()
+    noisy = levels(img.malignant_map) / np.float32(255)
     noisy[-4:, :256] = (np.arange(256, dtype=np.float32) + 0.5) / 255  # exact ties
     noisy[-5, :3] = (np.nan, -0.2, 1.3)
     as_float, as_levels = (

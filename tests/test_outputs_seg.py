@@ -14,6 +14,7 @@ import pytest
 from plugin.outputs import MAX_FRACTIONAL_VALUE, NOT_FOR_CLINICAL_USE, build_seg, build_segs
 from plugin.outputs.common import OutputOptions
 from plugin.outputs.heatmap import levels
+from plugin.outputs.seg import finish_seg, plan_seg
 from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 
 
@@ -50,8 +51,9 @@ def test_read_back_matches_maps(segs):
         assert seg.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
         assert seg.StudyInstanceUID == src.StudyInstanceUID
         pixels = seg.get_pixels_by_source_instance([uid], rescale_fractional=True)[0]
-        assert np.abs(pixels[..., 0] - img.malignant_map).max() <= 1 / 255
-        assert np.abs(pixels[..., 1] - img.benign_map).max() <= 1 / 255
+        # Exactly the maps' 8-bit levels k as k/255 (maps given as floats or as levels).
+        assert np.abs(pixels[..., 0] - levels(img.malignant_map) / 255).max() <= 1e-6
+        assert np.abs(pixels[..., 1] - levels(img.benign_map) / 255).max() <= 1e-6
         # The peak stays where it was (8-bit plateaus can move it by a few pixels).
         decoded = np.unravel_index(np.argmax(pixels[..., 0]), pixels.shape[:2])
         truth = np.unravel_index(np.argmax(img.malignant_map), img.malignant_map.shape)
@@ -87,7 +89,7 @@ def test_probability_one_is_stored_as_255_not_wrapped(synth_exam_small, tmp_path
     """Regression: highdicom accepts max_fractional_value=256 and then stores p=1.0 as 0."""
     prediction, sources = prediction_for(synth_exam_small, models=[model_info(clinical_use=True)])
     img = prediction.images[0]
-    ones = np.ones_like(img.malignant_map)
+    ones = np.ones(img.malignant_map.shape, np.float32)
     ones[0, 0] = 0.5
     img = type(img)(**{**img.__dict__, "malignant_map": ones})
     path = tmp_path / "seg.dcm"
@@ -129,7 +131,7 @@ def test_float_map_and_its_levels_give_the_same_seg(synth_exam_small):
     and its levels must give byte-identical pixel data, rounding ties included."""
     prediction, sources = prediction_for(synth_exam_small)
     img = next(i for i in prediction.images if i.malignant > 0.5)
-    noisy = img.malignant_map.copy()
+    noisy = levels(img.malignant_map) / np.float32(255)
     noisy[:4, :256] = (np.arange(256, dtype=np.float32) + 0.5) / 255  # exact ties
     noisy[4, :3] = (np.nan, -0.2, 1.3)  # out of range: clipped, NaN as 0
     as_float = replace(img, malignant_map=noisy)
@@ -147,3 +149,38 @@ def _saved(ds: pydicom.Dataset) -> pydicom.filebase.DicomBytesIO:
     ds.save_as(buffer, enforce_file_format=True)
     buffer.seek(0)
     return buffer
+
+
+_CLOCK = ("InstanceCreationDate", "InstanceCreationTime", "ContentDate", "ContentTime")
+
+
+@pytest.mark.parametrize("benign", [True, False], ids=["two segments", "one segment"])
+def test_file_is_the_one_highdicom_writes_from_the_fractions(synth_exam_small, benign):
+    """build_seg skips highdicom's float check and rounding (a placeholder, then pydicom's
+    compress of the levels); the file must be byte for byte the one highdicom builds from the
+    fractions k/255 itself, but for the clock readings."""
+    prediction, sources = prediction_for(synth_exam_small, benign=benign)
+    img = prediction.images[0]
+    source = sources[img.sop_instance_uid]
+    fast = build_seg(prediction, img, source)
+    plan = plan_seg(prediction, img, source)
+    fractions = np.stack(plan.levels, axis=-1)[None].astype(np.float32) / np.float32(255)
+    reference = hd.seg.Segmentation(
+        **plan.arguments, pixel_array=fractions, transfer_syntax_uid=pydicom.uid.JPEGLSLossless
+    )
+    finish_seg(reference, plan)
+    _same_clock(fast, reference, _CLOCK)
+    for ours, theirs in zip(
+        fast.ContributingEquipmentSequence, reference.ContributingEquipmentSequence, strict=True
+    ):
+        _same_clock(ours, theirs, ("ContributionDateTime",))
+    assert _saved(fast).getvalue() == _saved(reference).getvalue()
+
+
+def _same_clock(ours: pydicom.Dataset, theirs: pydicom.Dataset, keywords: tuple[str, ...]) -> None:
+    """Copy our clock readings onto `theirs` (present where ours are, absent where not)."""
+    for keyword in keywords:
+        if keyword in ours:
+            setattr(theirs, keyword, ours[keyword].value)
+        elif keyword in theirs:
+            delattr(theirs, keyword)

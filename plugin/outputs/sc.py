@@ -167,8 +167,23 @@ def display_image(ds: pydicom.Dataset) -> np.ndarray:
         low, high = min(int(pixels.min()), 0), int(pixels.max())
         if high - low < 1 << 20:
             table = _display(ds, np.arange(low, high + 1, dtype=np.float64), sample)
-            return np.take(table, pixels - low if low else pixels)
+            return _look_up(table, pixels - low if low else pixels)
     return _display(ds, pixels.astype(np.float64), sample)
+
+
+_LOOKUP_ROWS = 32
+"""Rows per np.take: numpy widens the indices to int64 first, and a block's worth of them
+stays in cache (a whole 3328x2560 image's would be 68 MB): about 2x faster than one take."""
+
+
+def _look_up(table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """`table[indices]` for a 2D image of indices within the table, block by block ("clip"
+    only spares the bounds check that buffers `out`)."""
+    out = np.empty(indices.shape, dtype=table.dtype)
+    for top in range(0, indices.shape[0], _LOOKUP_ROWS):
+        rows = slice(top, top + _LOOKUP_ROWS)
+        np.take(table, indices[rows], out=out[rows], mode="clip")
+    return out
 
 
 def _display(ds: pydicom.Dataset, values: np.ndarray, sample: np.ndarray) -> np.ndarray:
@@ -314,10 +329,9 @@ def _paste_label(
             lines, max(8, int(large * shrink)), max(7, int(small * shrink)), threshold
         )
     h, w = min(label.shape[0], rows), min(label.shape[1], cols)
-    breast = grey > _BREAST_LEVEL
     step = max(1, max(h, w) // 128)
-    left_cover = breast[:h:step, :w:step].mean()
-    right_cover = breast[:h:step, cols - w :: step].mean()
+    left_cover = (grey[:h:step, :w:step] > _BREAST_LEVEL).mean()
+    right_cover = (grey[:h:step, cols - w :: step] > _BREAST_LEVEL).mean()
     x0 = 0 if left_cover <= right_cover else cols - w
     rgb[:h, x0 : x0 + w] = label[:h, :w]
 

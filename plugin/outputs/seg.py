@@ -12,12 +12,13 @@ aborts on JPEG 2000 SEGs.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 
 import highdicom as hd
 import numpy as np
 import pydicom
 from pydicom.sr.coding import Code
-from pydicom.uid import JPEGLSLossless
+from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from models.results import ExamPrediction, ImagePrediction
 
@@ -62,7 +63,48 @@ def build_seg(
     instance_number: int = 1,
     options: OutputOptions = DEFAULT_OPTIONS,
 ) -> hd.seg.Segmentation:
-    """Segment 1 the malignant map; segment 2 the benign map when the models give one."""
+    """Segment 1 the malignant map; segment 2 the benign map when the models give one.
+
+    highdicom takes fractional pixels only as floats in [0, 1], checks them with np.unique
+    and rounds them back to 8 bits: at 3328x2560 with two segments that was most of the
+    object's cost, for values that are 8-bit levels already. So highdicom builds the object
+    around an all-zero placeholder, uncompressed, and pydicom's `Dataset.compress` then
+    stores the levels with the JPEG-LS encoder highdicom itself calls: the file is byte for
+    byte the one highdicom writes from the fractions k/255 (tests/test_outputs_seg.py builds
+    both)."""
+    plan = plan_seg(exam, img, source, instance_number, options)
+    frames = len(plan.levels)
+    seg = hd.seg.Segmentation(
+        **plan.arguments,
+        pixel_array=np.broadcast_to(np.False_, (1, *plan.levels[0].shape, frames)),
+        transfer_syntax_uid=ExplicitVRLittleEndian,
+    )
+    # What highdicom infers from fractional pixels: overlap is undefined between maps.
+    seg.SegmentsOverlap = "UNDEFINED" if frames > 1 else "NO"
+    pixels = np.stack(plan.levels) if frames > 1 else plan.levels[0]
+    seg.compress(JPEGLSLossless, pixels, generate_instance_uid=False)
+    finish_seg(seg, plan)
+    return seg
+
+
+@dataclass(frozen=True)
+class SegPlan:
+    """What a SEG is built from: highdicom's arguments but the pixels and the transfer
+    syntax, the maps as uint8 levels (a frame each), and what is set after highdicom."""
+
+    arguments: dict[str, object]
+    levels: list[np.ndarray]
+    source: pydicom.Dataset
+    dimension_uid: str
+
+
+def plan_seg(
+    exam: ExamPrediction,
+    img: ImagePrediction,
+    source: pydicom.Dataset,
+    instance_number: int = 1,
+    options: OutputOptions = DEFAULT_OPTIONS,
+) -> SegPlan:
     meta = header_copy(source)
     if "FrameOfReferenceUID" in meta:
         del meta.FrameOfReferenceUID
@@ -76,7 +118,6 @@ def build_seg(
                 f"saliency map of {view_key(img)} is {m.shape[0]}x{m.shape[1]} but its source "
                 f"image is {rows}x{cols}; maps must be on the source grid (Geometry.map_to_source)"
             )
-    pixels = fractions([m for _, _, m in segments])
 
     algorithm = segment_algorithm(exam, heatmap.display_threshold(exam, options))
     descriptions = [
@@ -97,9 +138,8 @@ def build_seg(
     description = f"AI saliency, {key}: probability of malignant (and benign) findings"
     if not exam.clinical_use:
         description = f"{NOT_FOR_CLINICAL_USE}. {description}"
-    seg = hd.seg.Segmentation(
+    arguments = dict(
         source_images=[meta],
-        pixel_array=pixels,
         segmentation_type=hd.seg.SegmentationTypeValues.FRACTIONAL,
         segment_descriptions=descriptions,
         series_instance_uid=derive_uid(exam, "seg", "series", prefix=options.uid_prefix),
@@ -112,34 +152,25 @@ def build_seg(
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_description=description[:64],
         content_label="AI_SALIENCY",
-        transfer_syntax_uid=JPEGLSLossless,
         omit_empty_frames=False,
         **equipment(exam, options),
     )
+    return SegPlan(
+        arguments=arguments,
+        levels=[heatmap.levels(m) for _, _, m in segments],
+        source=source,
+        dimension_uid=derive_uid(exam, "seg", "dimension", key, prefix=options.uid_prefix),
+    )
+
+
+def finish_seg(seg: hd.seg.Segmentation, plan: SegPlan) -> None:
+    """What highdicom leaves out or draws at random, set on the built object."""
     if seg.MaximumFractionalValue != MAX_FRACTIONAL_VALUE:
         raise AssertionError("SEG MaximumFractionalValue must be 255")
-    orientation = patient_orientation(source)
+    orientation = patient_orientation(plan.source)
     seg.PatientOrientation = list(orientation) if orientation else ""
-    fix_dimension_organization(
-        seg, derive_uid(exam, "seg", "dimension", key, prefix=options.uid_prefix)
-    )
-    share_pixel_measures(seg, source)
-    return seg
-
-
-_FRACTION_OF_LEVEL = np.arange(256, dtype=np.float32) / np.float32(MAX_FRACTIONAL_VALUE)
-"""k/255 as float32: highdicom's round(x * 255) gives k back for every k."""
-
-
-def fractions(maps: list[np.ndarray]) -> np.ndarray:
-    """(1, rows, cols, segments) float32 k/255 for highdicom: each map's 8-bit level (maps in
-    [0, 1] or uint8 levels alike, by `heatmap.levels`) looked up as the fraction the SEG
-    stores, so a float map and its levels give the same object. highdicom takes fractional
-    pixels only as floats, and its np.unique check runs fast over the 256 snapped values."""
-    pixels = np.empty((1, *maps[0].shape, len(maps)), dtype=np.float32)
-    for i, m in enumerate(maps):
-        pixels[0, ..., i] = _FRACTION_OF_LEVEL[heatmap.levels(m)]
-    return pixels
+    fix_dimension_organization(seg, plan.dimension_uid)
+    share_pixel_measures(seg, plan.source)
 
 
 def share_pixel_measures(seg: pydicom.Dataset, source: pydicom.Dataset) -> None:
