@@ -7,7 +7,9 @@ and MLO images (or the one present); the exam scores the max over breasts.
 
 Everything between the decoded pixels and the finished maps runs in torch on the ensemble's
 device: preprocessing, flips, forward passes batched across exams, flip-back, averaging and
-the mapping onto each source grid; only maps on the source grid, boxes and scores come back.
+the mapping onto each source grid, and the maps' quantisation to 8-bit levels (with their
+peak found in fp32 first); only uint8 maps on the source grid, peaks, boxes and scores come
+back.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from .family import ModelFamily, Prepared, ScoreMaps, get_family
 from .geometry import Geometry
 from .mammogram import SCREENING_VIEW_KEYS, Laterality, Mammogram, View
 from .modelfile import ModelCard, file_sha256, load_model
-from .numerics import PRECISIONS, autocast, fp32_guard
+from .numerics import PRECISIONS, autocast, fp32_guard, to_levels
 from .results import (
     BreastPrediction,
     ExamPrediction,
@@ -206,8 +208,8 @@ class Ensemble:
 
         The forward passes of all their images × flips run in batches of `max_batch` that
         cross exam boundaries; preprocessing, flip-back, averaging and the mapping onto each
-        source grid run on the ensemble's device, so only finished maps, boxes and scores
-        leave it.
+        source grid run on the ensemble's device, so only uint8 maps, their peaks, boxes and
+        scores leave it.
         """
         exams = [list(images) for images in exams]
         for images in exams:
@@ -322,9 +324,10 @@ class Ensemble:
             malignant=float(np.mean([p.malignant for p in parts])),
             benign=float(np.mean([p.benign for p in benign_parts])) if benign_parts else None,
             per_model={m.card.name: p.malignant for m, p in zip(self._members, parts, strict=True)},
-            malignant_map=malignant_map.cpu().numpy(),
-            benign_map=None if benign_map is None else benign_map.cpu().numpy(),
+            malignant_map=to_levels(malignant_map).cpu().numpy(),
+            benign_map=None if benign_map is None else to_levels(benign_map).cpu().numpy(),
             rois=tuple(rois),
+            malignant_peak=_peak(malignant_map),
         )
 
 
@@ -438,6 +441,12 @@ def _mean_map(maps: list[torch.Tensor]) -> torch.Tensor:
     for m in maps[2:]:
         total += m
     return total.div_(len(maps))
+
+
+def _peak(m: torch.Tensor) -> tuple[int, int]:
+    """(row, col) of the fp32 map's first maximum in row-major order, as numpy's argmax."""
+    flat = int(torch.argmax(m))
+    return (flat // m.shape[1], flat % m.shape[1])
 
 
 def _breast(laterality: Laterality, images: Sequence[ImagePrediction]) -> BreastPrediction:

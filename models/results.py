@@ -1,13 +1,15 @@
 """Typed predictions that leave `models`: per image, per breast and per exam, with saliency
-maps and ROI boxes already on each source image's pixel grid."""
+maps (as 8-bit levels) and ROI boxes already on each source image's pixel grid."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 
 import numpy as np
+import torch
 
 from .mammogram import Laterality, View, view_key
+from .numerics import to_levels
 
 
 @dataclass(frozen=True)
@@ -44,6 +46,17 @@ class ModelInfo:
     gets a new one even if nobody bumped its version."""
 
 
+def map_levels(values: np.ndarray) -> np.ndarray:
+    """uint8 levels of a map in [0, 1] on the CPU, by the ensemble's own rule; levels (uint8)
+    come back as they are."""
+    if values.dtype == np.uint8:
+        return values
+    if not np.issubdtype(values.dtype, np.floating):
+        raise TypeError(f"a map is uint8 levels or floats in [0, 1], not {values.dtype}")
+    writable = np.require(values, dtype=np.float32, requirements="W")
+    return to_levels(torch.from_numpy(writable)).numpy()
+
+
 @dataclass(frozen=True)
 class ImagePrediction:
     """The ensemble's result for one source image."""
@@ -57,12 +70,33 @@ class ImagePrediction:
     per_model: dict[str, float]
     """Each member's malignancy probability (averaged over its flips), by model name."""
     malignant_map: np.ndarray = field(repr=False)
-    """(rows, cols) float32 in [0, 1] on the source grid."""
+    """(rows, cols) on the source grid. From the ensemble: uint8, the malignancy map p in
+    [0, 1] as the 8-bit level round(p × 255) (`models.numerics.to_levels`, the levels every
+    output stores or shows), quantised on the ensemble's device so that a quarter of fp32's
+    bytes leave it. A prediction built elsewhere (synthetic data, tests) may give float32 in
+    [0, 1]; consumers read either through the same levels (`malignant_levels`)."""
     benign_map: np.ndarray | None = field(repr=False)
     """Like `malignant_map`; None when no member has a benign class."""
     rois: tuple[RegionOfInterest, ...] = ()
     """All members' boxes, highest weight first (weights of different families are not on
     one scale: GMIC's attention sums to 1 per image, all-conv's is a probability)."""
+    malignant_peak: tuple[int, int] | None = None
+    """(row, col) of the malignancy map's maximum (the first, in row-major order), found by
+    the ensemble in fp32 before quantising, so levels that tie cannot move it. Always set
+    once built: None, or a pixel that is not at the map's maximum (a map replaced without
+    its peak), takes the argmax of the map given."""
+
+    def __post_init__(self) -> None:
+        m, peak = self.malignant_map, self.malignant_peak
+        inside = peak is not None and 0 <= peak[0] < m.shape[0] and 0 <= peak[1] < m.shape[1]
+        if not inside or m[peak] < m.max():
+            row, col = np.unravel_index(int(np.argmax(m)), m.shape)
+            object.__setattr__(self, "malignant_peak", (int(row), int(col)))
+
+    @property
+    def malignant_levels(self) -> np.ndarray:
+        """The malignancy map as uint8 levels (the map itself when it is levels already)."""
+        return map_levels(self.malignant_map)
 
     @property
     def view_key(self) -> str:

@@ -17,6 +17,7 @@ from models.allconv import AllConvFamily
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.gmic import PRESETS as GMIC_PRESETS
 from models.reading import read_mammogram
+from tests.support.maps import assert_levels_close, assert_levels_of
 
 ALL_FLIPS = ("none", "hflip", "vflip", "hvflip")
 
@@ -63,7 +64,8 @@ def _assert_same_prediction(got, want, atol: float) -> None:
         assert (g.benign is None) == (w.benign is None)
         if w.benign is not None:
             assert g.benign == pytest.approx(w.benign, abs=atol)
-        np.testing.assert_allclose(g.malignant_map, w.malignant_map, atol=atol)
+        assert_levels_close(g.malignant_map, w.malignant_map, atol)
+        assert g.malignant_peak == w.malignant_peak
         assert [r.box for r in g.rois] == [r.box for r in w.rois]
         np.testing.assert_allclose(
             [r.weight for r in g.rois], [r.weight for r in w.rois], atol=atol
@@ -109,6 +111,20 @@ def _single_pass(path, image, flip: str):
     return ens.predict_exam([image]).images[0]
 
 
+def _source_map(path, image, flip: str) -> np.ndarray:
+    """One pass's fp32 malignancy map on the source grid, the long way: preprocess, flip,
+    forward, flip the map back, resample it onto the source grid."""
+    module = load_model(path)
+    family = get_family(module.card.family)
+    prepared = family.preprocess(image, module.card.preprocessing)
+    axes = {"none": (), "hflip": (-1,), "vflip": (-2,), "hvflip": (-2, -1)}[flip]
+    x = prepared.tensor[None]
+    with torch.inference_mode():
+        maps = family.score_maps(module(x.flip(axes) if axes else x)).maps[0, -1]
+    maps = maps.flip(axes) if axes else maps
+    return np.clip(prepared.geometry.map_to_source(maps.numpy()), 0, 1)
+
+
 def test_flip_tta_averages_probabilities_and_unflipped_maps(model_files, exam):
     image = exam[0]
     path = model_files["gmic"]
@@ -117,8 +133,10 @@ def test_flip_tta_averages_probabilities_and_unflipped_maps(model_files, exam):
     result = tta.predict_exam([image]).images[0]
     assert result.malignant == pytest.approx(np.mean([p.malignant for p in passes]), abs=1e-6)
     assert result.benign == pytest.approx(np.mean([p.benign for p in passes]), abs=1e-6)
-    expected_map = np.mean([p.malignant_map for p in passes], axis=0)
-    np.testing.assert_allclose(result.malignant_map, expected_map, atol=1e-5)
+    expected_map = np.mean([_source_map(path, image, f) for f in ALL_FLIPS], axis=0)
+    assert_levels_of(result.malignant_map, expected_map, atol=1e-5)
+    # The peak is the fp32 map's, not the first of the pixels at the top level.
+    assert result.malignant_peak == np.unravel_index(np.argmax(expected_map), expected_map.shape)
     # The flips really differ, so the average is not a no-op.
     assert np.ptp([p.malignant for p in passes]) > 0
 
@@ -137,7 +155,7 @@ def test_hflip_pass_equals_flipped_input_with_maps_flipped_back(model_files, exa
     expected = np.clip(prepared.geometry.map_to_source(maps)[1], 0, 1)
     hflip = _single_pass(model_files["allconv"], image, "hflip")
     assert hflip.malignant == pytest.approx(float(out.malignant[0]), abs=1e-6)
-    np.testing.assert_allclose(hflip.malignant_map, expected, atol=1e-6)
+    assert_levels_of(hflip.malignant_map, expected, atol=1e-6)
 
 
 def test_members_breasts_and_exam_aggregate_as_designed(model_files, exam):
@@ -155,7 +173,8 @@ def test_members_breasts_and_exam_aggregate_as_designed(model_files, exam):
         assert img.malignant_map.shape == next(
             m.shape for m in exam if m.sop_instance_uid == img.sop_instance_uid
         )
-        assert 0.0 <= img.malignant_map.min() and img.malignant_map.max() <= 1.0
+        assert img.malignant_map.dtype == np.uint8  # levels round(p * 255)
+        assert img.benign_map is not None and img.benign_map.dtype == np.uint8
     for breast in pred.breasts:
         own = [p.malignant for p in pred.images if p.laterality == breast.laterality]
         assert len(own) == 2

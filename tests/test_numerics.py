@@ -14,8 +14,10 @@ from models import new_model_file
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.gmic import GMIC, PRESETS
 from models.gmic.preprocess import _city_block_distance
-from models.numerics import autocast
+from models.numerics import autocast, to_levels
 from models.reading import read_mammogram
+from plugin.outputs import heatmap
+from tests.support.maps import assert_levels_close
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +92,22 @@ def test_one_autocast_for_every_precision():
         autocast(cpu, "fp8")
 
 
+def test_levels_on_the_device_are_the_outputs_levels():
+    """The ensemble quantises its maps on its device (`to_levels`); the result objects'
+    rule (`heatmap.levels`, numpy) gives the same level for every float, ties included."""
+    boundaries = (np.arange(256, dtype=np.float32) + 0.5) / 255
+    values = np.concatenate(
+        [
+            np.linspace(0, 1, 200_001, dtype=np.float32),
+            boundaries,
+            np.nextafter(boundaries, 0),
+            np.nextafter(boundaries, 1),
+            np.float32([np.nan, -0.1, 0.0, 1.0, 1.5]),
+        ]
+    )
+    assert np.array_equal(to_levels(torch.from_numpy(values)).numpy(), heatmap.levels(values))
+
+
 def test_city_block_distance_is_scipys_iterated_erosion():
     rng = np.random.default_rng(1)
     for _ in range(20):
@@ -106,5 +124,6 @@ def test_channels_last_scores_as_the_default_layout(gmic_file, exam):
     nhwc = Ensemble(EnsembleSpec(members, device="cpu", channels_last=True)).predict_exam(exam)
     for a, b in zip(default.images, nhwc.images, strict=True):
         assert b.malignant == pytest.approx(a.malignant, abs=1e-5)
-        np.testing.assert_allclose(b.malignant_map, a.malignant_map, atol=1e-5)
+        assert_levels_close(b.malignant_map, a.malignant_map, atol=1e-5)
+        assert b.malignant_peak == a.malignant_peak
         assert [r.box for r in a.rois] == [r.box for r in b.rois]

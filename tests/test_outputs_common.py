@@ -9,9 +9,11 @@ import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.results import map_levels
 from plugin import __version__
 from plugin.outputs import (
     DEFAULT_KINDS,
@@ -20,7 +22,7 @@ from plugin.outputs import (
     OutputOptions,
     build_outputs,
 )
-from plugin.outputs.common import model_device_uid
+from plugin.outputs.common import model_device_uid, region_for
 from tests.support.outputs_samples import model_info, prediction_for
 
 ALL = list(OutputKind)
@@ -210,3 +212,27 @@ def test_unknown_kind_and_missing_source_are_refused(objects):
     partial = dict(list(sources.items())[:2])
     with pytest.raises(ValueError, match="missing from `sources`"):
         build_outputs(prediction, partial, [OutputKind.CAD_SR])
+
+
+def test_region_centres_on_the_fp32_peak_and_spans_the_half_maximum_levels(synth_exam_small):
+    """Without ROIs the region is the saliency peak's: the ensemble's fp32 peak, though an
+    earlier pixel rounds to the same top level, and the blob of levels at least half the
+    peak's level around it; a map that rounds to 0 everywhere marks the whole image."""
+    prediction, _ = prediction_for(synth_exam_small, rois=False)
+    img = prediction.images[0]
+    rows, cols = img.malignant_map.shape
+    values = np.zeros((rows, cols), np.float32)
+    values[5, 5] = 0.999  # level 255, first in row-major order
+    values[100:110, 200:230] = 0.6  # level 153: half the peak's level, rounded up, is 128
+    values[104, 210] = 1.0  # the fp32 peak, level 255
+    values[110:112, 200:230] = 127 / 255  # next to the blob, below half: not in it
+    region = region_for(replace(img, malignant_map=values, malignant_peak=None, rois=()))
+    assert region.origin == "saliency"
+    assert region.center == (104.5, 210.5)
+    assert region.box == (100.0, 200.0, 110.0, 230.0)
+    # As the ensemble hands it over: the levels, with the peak it found in fp32.
+    levels = replace(img, malignant_map=map_levels(values), malignant_peak=(104, 210), rois=())
+    assert region_for(levels) == region
+    faint = np.full((rows, cols), 0.4 / 255, np.float32)  # rounds to level 0
+    region = region_for(replace(img, malignant_map=faint, malignant_peak=None, rois=()))
+    assert region.origin == "image" and region.box == (0.0, 0.0, float(rows), float(cols))

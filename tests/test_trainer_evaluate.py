@@ -15,8 +15,10 @@ from PIL import Image
 
 from models.allconv import PRESETS
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
-from models.pixels import read_mammogram_file
+from models.mammogram import Laterality, View
 from models.modelfile import new_model_file, read_card
+from models.pixels import read_mammogram_file
+from models.results import ImagePrediction
 from trainer.cli import main
 from trainer.evaluate import Case, aggregate, level_report
 from trainer.finetune import FinetuneOptions, finetune
@@ -124,12 +126,32 @@ def test_peak_distance_is_measured_on_the_source_grid_in_mm(small_site: Path):
     rows, cols = np.nonzero(mask)
     on = np.zeros(mask.shape, np.float32)
     on[rows[0], cols[0]] = 1.0
-    assert peak_distance(image, on, (0.4, 0.4)).distance_mm == 0.0
+    assert peak_distance(image, _prediction(image, on), (0.4, 0.4)).distance_mm == 0.0
     off = np.zeros(mask.shape, np.float32)
     row = rows.min() - 10  # 10 pixels above the lesion's top row
     off[row, cols[rows == rows.min()][0]] = 1.0
-    assert peak_distance(image, off, (0.4, 0.4)).distance_mm == pytest.approx(4.0)
-    assert peak_distance(image, off, (0.6, 0.6)).distance_mm == pytest.approx(6.0)
+    off_lesion = _prediction(image, off)
+    assert peak_distance(image, off_lesion, (0.4, 0.4)).distance_mm == pytest.approx(4.0)
+    assert peak_distance(image, off_lesion, (0.6, 0.6)).distance_mm == pytest.approx(6.0)
+    # The peak is the fp32 one: a pixel just below it that rounds to the same level is
+    # earlier in row-major order, yet the distance is still measured from the peak.
+    off[0, 0] = 0.999
+    assert _prediction(image, off).malignant_levels[0, 0] == 255
+    assert peak_distance(image, _prediction(image, off), (0.4, 0.4)).distance_mm == 4.0
+
+
+def _prediction(image, malignant_map: np.ndarray) -> ImagePrediction:
+    """A prediction for `image` whose malignancy map is `malignant_map` (floats in [0, 1])."""
+    return ImagePrediction(
+        image.sop_instance_uid,
+        Laterality(image.laterality),
+        View(image.view),
+        0.5,
+        None,
+        {},
+        malignant_map,
+        None,
+    )
 
 
 def test_breast_and_exam_scores_are_the_ensembles(small_site: Path, small_model: Path):

@@ -90,9 +90,7 @@ def ensemble_scores(
         prediction = ensemble.predict_exam([mammogram]).images[0]
         scores[i] = prediction.malignant
         if im.malignant and im.malignant_mask is not None:
-            distances.append(
-                peak_distance(im, prediction.malignant_map, mammogram.pixel_spacing_mm)
-            )
+            distances.append(peak_distance(im, prediction, mammogram.pixel_spacing_mm))
     return scores, distances
 
 

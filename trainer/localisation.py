@@ -2,7 +2,8 @@
 
 For every malignant image with a lesion mask, the peak of the malignancy map on the source
 grid (the map the SEG carries: each member's map flipped back, resampled onto the image's
-pixels and averaged over members) is compared with the mask. The image counts as localised
+pixels and averaged over members; its peak found in fp32 by the ensemble, before the map is
+quantised) is compared with the mask. The image counts as localised
 when the peak lies within `within_mm` of a lesion pixel (0 mm when it is on the lesion), the
 hit criterion of FROC-style lesion localisation with one mark per image. The figure is the
 fraction of localised images with a Wilson 95% interval.
@@ -15,6 +16,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image
+
+from models.results import ImagePrediction
 
 from .sitedata import MaskFileError, SiteImage
 
@@ -83,10 +86,11 @@ def read_mask(image: SiteImage, shape: tuple[int, int]) -> np.ndarray:
 
 def peak_distance(
     image: SiteImage,
-    malignant_map: np.ndarray,
+    prediction: ImagePrediction,
     spacing_mm: tuple[float, float] | None,
 ) -> PeakDistance:
-    """Distance from the map's peak (its first maximum) to the nearest lesion pixel.
+    """Distance from the malignancy map's peak (`ImagePrediction.malignant_peak`, its first
+    maximum in fp32) to the nearest lesion pixel.
 
     Without a pixel spacing in the header the distance cannot be in mm; that is an error
     rather than a guess.
@@ -96,8 +100,8 @@ def peak_distance(
             f"{image.path.name} has neither PixelSpacing nor ImagerPixelSpacing, so a "
             "distance in mm cannot be measured; use images whose header gives a spacing"
         )
-    mask = read_mask(image, malignant_map.shape)
-    row, col = np.unravel_index(int(np.argmax(malignant_map)), malignant_map.shape)
+    mask = read_mask(image, prediction.malignant_map.shape)
+    row, col = prediction.malignant_peak
     rows, cols = np.nonzero(mask)
     if rows.size == 0:
         raise MaskFileError(f"{image.malignant_mask} is empty: it outlines no lesion")

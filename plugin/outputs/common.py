@@ -360,17 +360,22 @@ class Region:
 
 def region_for(img: ImagePrediction) -> Region:
     """The top ROI when the models proposed any, else the half-maximum blob around the
-    saliency peak, else (an all-zero map) the whole image."""
+    saliency peak, else (a map whose peak rounds to level 0, below 0.2 %) the whole image.
+
+    The peak is the ensemble's, found in fp32 (`ImagePrediction.malignant_peak`), so levels
+    that tie after quantising cannot move the mark. The blob is the connected set of pixels
+    around it whose level is at least half the peak's, on the 8-bit levels the objects carry.
+    """
     rows, cols = img.malignant_map.shape
     if img.rois:
         top, left, bottom, right = _clip_box(img.rois[0].box, rows, cols)
         return Region(((top + bottom) / 2, (left + right) / 2), (top, left, bottom, right), "roi")
-    m = img.malignant_map
-    peak = float(m.max()) if m.size else 0.0
-    if peak <= 0.0:
+    m = img.malignant_levels
+    r, c = img.malignant_peak
+    peak = int(m[r, c])
+    if peak == 0:
         return Region((rows / 2, cols / 2), (0.0, 0.0, float(rows), float(cols)), "image")
-    r, c = np.unravel_index(int(np.argmax(m)), m.shape)
-    labels, _ = ndimage.label(m >= 0.5 * peak)
+    labels, _ = ndimage.label(m >= (peak + 1) // 2)  # level >= peak / 2
     blob = ndimage.find_objects((labels == labels[r, c]).astype(np.int32))[0]
     box = (float(blob[0].start), float(blob[1].start), float(blob[0].stop), float(blob[1].stop))
     return Region((r + 0.5, c + 0.5), box, "saliency")
