@@ -82,7 +82,9 @@ class EnsembleSpec:
     channels_last: bool = False
     """Run the models in channels-last memory format (faster convolutions on recent GPUs)."""
     compile: bool = False
-    """`torch.compile` each member; where compiling fails it runs eagerly (logged once)."""
+    """`torch.compile` each member; where compiling fails (no C++ compiler on the host, an
+    unsupported platform, an operator the compiler rejects) that member runs eagerly, with
+    the same scores, and one warning per member says why."""
 
     def __post_init__(self) -> None:
         if not self.members:
@@ -127,20 +129,31 @@ class _Member:
     compiled: Callable[[torch.Tensor], Any] | None = None
     """`torch.compile(module)` when the spec asks for it, until it fails once."""
 
+    def compile(self) -> None:
+        """Ask for the compiled forward; torch compiles on the first call (see `run`)."""
+        try:
+            self.compiled = torch.compile(self.module)
+        except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
+            self._fall_back(exc)
+
     def run(self, x: torch.Tensor) -> Any:
         """The forward pass: compiled when asked and possible, else eager."""
         if self.compiled is not None:
             try:
                 return self.compiled(x)
             except Exception as exc:  # noqa: BLE001 - any compiler failure falls back to eager
-                self.compiled = None
-                log.warning(
-                    "torch.compile failed for model %r (%s: %s); running it eagerly",
-                    self.card.name,
-                    type(exc).__name__,
-                    str(exc).splitlines()[0] if str(exc) else "",
-                )
+                self._fall_back(exc)
         return self.module(x)
+
+    def _fall_back(self, exc: Exception) -> None:
+        self.compiled = None
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        log.warning(
+            "torch.compile failed for model %r (%s: %s); running it eagerly",
+            self.card.name,
+            type(exc).__name__,
+            reason,
+        )
 
 
 @dataclass
@@ -180,7 +193,7 @@ class Ensemble:
             family = get_family(card.family)
             member = _Member(module, card, family, m.flips, file_sha256(Path(m.path)))
             if spec.compile:
-                member.compiled = torch.compile(module)
+                member.compile()
             self._members.append(member)
         names = [m.card.name for m in self._members]
         if len(set(names)) != len(names):

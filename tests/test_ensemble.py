@@ -5,6 +5,12 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,10 +22,12 @@ from models.allconv import PRESETS as ALLCONV_PRESETS
 from models.allconv import AllConvFamily
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.gmic import PRESETS as GMIC_PRESETS
+from models.pixels import read_mammogram_file
 from models.reading import read_mammogram
 from tests.support.maps import assert_levels_close, assert_levels_of
 
 ALL_FLIPS = ("none", "hflip", "vflip", "hvflip")
+DEMO_ALLCONV = Path(__file__).parents[1] / "models/weights/demo-allconv.safetensors"
 
 
 def _model_file(folder, family: str, preset: dict, name: str, seed: int):
@@ -306,3 +314,53 @@ def test_cuda_matches_cpu(model_files, exam):
     np.testing.assert_allclose(
         [p.malignant for p in gpu.images], [p.malignant for p in cpu.images], atol=1e-4
     )
+
+
+_COMPILE_TWICE = """
+import hashlib, json, logging, sys
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.pixels import read_mammogram_file
+
+logging.basicConfig(level=logging.WARNING, format="%(name)s: %(message)s")
+ensemble = Ensemble(EnsembleSpec((MemberSpec(sys.argv[1]),), device="cpu", compile=True))
+image = read_mammogram_file(sys.argv[2])
+for _ in range(2):
+    img = ensemble.predict_exam([image]).images[0]
+    levels = hashlib.sha256(img.malignant_map.tobytes()).hexdigest()
+    print(json.dumps([img.malignant, img.per_model, levels, list(img.malignant_peak)]))
+"""
+
+
+def test_compile_failure_runs_eagerly_with_the_same_scores_and_says_why(tmp_path, synth_exam_small):
+    """`compile: true` on a host without a C++ compiler (CXX names none, so torch's inductor
+    fails for real at its first kernel): the member runs eagerly, scores as the eager
+    ensemble does, and one warning says why. In a child process, so that the compiler
+    setting and the compiler's caches are its own. About 25 s on 2 cores."""
+    path = DEMO_ALLCONV  # trained weights: a map with many levels, a score inside (0, 1)
+    source = tmp_path / "image.dcm"
+    synth_exam_small.images[0].dataset.save_as(source, enforce_file_format=True)
+    no_compiler = tmp_path / "no-such-c++"
+    env = {**os.environ, "CXX": str(no_compiler), "TORCHINDUCTOR_CACHE_DIR": str(tmp_path)}
+    child = subprocess.run(
+        [sys.executable, "-c", _COMPILE_TWICE, str(path), str(source)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    eager = Ensemble(EnsembleSpec((MemberSpec(path),), device="cpu"))
+    img = eager.predict_exam([read_mammogram_file(source)]).images[0]
+    want = [
+        img.malignant,
+        img.per_model,
+        hashlib.sha256(img.malignant_map.tobytes()).hexdigest(),
+        list(img.malignant_peak),
+    ]
+    assert len(np.unique(img.malignant_map)) > 10  # a map that tells runs apart
+    assert [json.loads(line) for line in child.stdout.splitlines()] == [want, want]
+    warnings = [line for line in child.stderr.splitlines() if "torch.compile" in line]
+    assert len(warnings) == 1, child.stderr  # once, though the member ran twice
+    assert warnings[0].startswith("models.ensemble: torch.compile failed for model 'demo-allconv'")
+    assert "No working C++ compiler" in warnings[0] and str(no_compiler) in warnings[0]
+    assert warnings[0].endswith("; running it eagerly")
