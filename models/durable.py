@@ -2,8 +2,9 @@
 name, fsync'd, renamed, and the folder entry fsync'd.
 
 The one atomic writer of the project: model files (`models.modelfile`), training checkpoints
-(`trainer.finetune`) and every file the service promises to keep (`plugin.durable`) go through
-it, so a reader sees a complete file or none.
+(`trainer.checkpoint`), the trainer's input cache (`trainer.prepare`) and every file the
+service promises to keep (`plugin.durable`) go through it, so a reader sees a complete file or
+none.
 """
 
 from __future__ import annotations
