@@ -17,11 +17,9 @@ import copy
 import hashlib
 import importlib
 import json
-import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +27,9 @@ import numpy as np
 import torch
 from torch import nn
 
-import trainer
 from models.ensemble import resolve_device
 from models.family import ModelFamily, get_family
 from models.modelfile import (
-    NOT_VALIDATED,
     ModelCard,
     file_sha256,
     load_model,
@@ -43,6 +39,7 @@ from models.modelfile import (
 
 from . import objectives
 from .augment import augment, default_augmentation
+from .card import training_card
 from .checkpoint import Checkpoint
 from .evaluate import (
     LevelReport,
@@ -60,11 +57,6 @@ from .sitedata import SiteData, SiteDataError, SiteImage, load_site_data
 from .split import Split, split_site_data
 
 CHECKPOINT_FORMAT = 1
-DEMO_INTENDED_USE = (
-    "Demonstration model trained from scratch on synthetic mammograms only, for tests, CI and "
-    "demos of the pipeline. Not for clinical use, not a medical device; its scores carry no "
-    "meaning on real images."
-)
 
 
 class FinetuneError(ValueError):
@@ -671,76 +663,55 @@ def _card(
     test_report: dict[str, LevelReport],
     base_test: dict[str, LevelReport] | None,
 ) -> ModelCard:
-    o, data, family_name, preset = run.options, run.data, run.family_name, run.preset
-    now = datetime.now(UTC)
-    fingerprint = data.fingerprint()
-    if run.base_card is not None:
-        name = o.name or f"{run.base_card.name}-finetuned"
-        licence = run.base_card.licence
-        intended_use = o.intended_use or NOT_VALIDATED
-    else:
-        name = o.name or (f"demo-{family_name}" if preset == "demo" else f"{family_name}-{preset}")
-        licence = "Apache-2.0"
-        intended_use = o.intended_use or (DEMO_INTENDED_USE if preset == "demo" else NOT_VALIDATED)
+    o, family_name, preset = run.options, run.family_name, run.preset
     metrics: dict[str, Any] = {
         "validation": {"image_auc": state.best_auc, "best_epoch": state.best_epoch + 1},
         "test": reports_to_json(test_report),
     }
     if base_test is not None:
         metrics["base_test"] = reports_to_json(base_test)
-    provenance = {
-        "base_model": run.base_info,
-        "training_data": {
-            "fingerprint_sha256": fingerprint,
-            "summary": data.summary(),
-            "split": {"source": run.split.source, "seed": o.seed, "counts": run.split.counts(data)},
-        },
-        "training": {
-            "recipe": o.recipe,
-            "stages": [asdict(s) for s in run.stages],
-            "epochs_run": len(state.history),
-            "history": state.history,
-            "batch_size": o.batch_size,
-            "accumulate": o.accumulate,
-            "lr": run.lr,
-            "weight_decay": run.weight_decay,
-            "optimizer": "Adam",
-            "beta_saliency_l1": o.beta if family_name == "gmic" else None,
-            "mask_supervision": (
-                {
-                    "weight": o.mask_weight,
-                    "maps": "trunk patch head" if family_name == "allconv" else "saliency",
-                    "train_images_with_masks": sum(1 for im in run.train if im.lesion_masks),
-                }
-                if o.mask_weight > 0
-                else None
-            ),
-            "augmentation": (
-                {"level": o.augment, **asdict(aug)}
-                if (aug := default_augmentation(family_name, o.augment))
-                else None
-            ),
-            "class_balanced_sampling": True,
-            "bn_momentum": o.bn_momentum,
-            "early_stopping": {"metric": "val image AUC", "patience": o.patience},
-            "precision": run.precision,
-            "device": run.device.type,
-        },
-        "metrics": metrics,
-        "date": now.isoformat(timespec="seconds"),
-        "trainer_version": trainer.__version__,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
+    training = {
+        "recipe": o.recipe,
+        "stages": [asdict(s) for s in run.stages],
+        "epochs_run": len(state.history),
+        "history": state.history,
+        "batch_size": o.batch_size,
+        "accumulate": o.accumulate,
+        "lr": run.lr,
+        "weight_decay": run.weight_decay,
+        "optimizer": "Adam",
+        "beta_saliency_l1": o.beta if family_name == "gmic" else None,
+        "mask_supervision": (
+            {
+                "weight": o.mask_weight,
+                "maps": "trunk patch head" if family_name == "allconv" else "saliency",
+                "train_images_with_masks": sum(1 for im in run.train if im.lesion_masks),
+            }
+            if o.mask_weight > 0
+            else None
+        ),
+        "augmentation": (
+            {"level": o.augment, **asdict(aug)}
+            if (aug := default_augmentation(family_name, o.augment))
+            else None
+        ),
+        "class_balanced_sampling": True,
+        "bn_momentum": o.bn_momentum,
+        "early_stopping": {"metric": "val image AUC", "patience": o.patience},
+        "precision": run.precision,
+        "device": run.device.type,
     }
-    return ModelCard(
+    return training_card(
+        o,
         family=family_name,
         architecture=run.architecture,
         preprocessing=run.spec,
-        name=name,
-        version=o.version or f"{now:%Y%m%d}-{fingerprint[:8]}",
-        licence=licence,
-        intended_use=intended_use,
-        clinical_use=False,
-        provenance=provenance,
-        operating_points={},
+        base=run.base_card,
+        base_info=run.base_info,
+        default_name=f"demo-{family_name}" if preset == "demo" else f"{family_name}-{preset}",
+        demo=preset == "demo",
+        data=run.data,
+        split=run.split,
+        training=training,
+        metrics=metrics,
     )

@@ -25,10 +25,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
-import platform
 import time
 from dataclasses import asdict, dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,12 +35,12 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-import trainer
 from models.ensemble import resolve_device
 from models.family import get_family
 from models.glimpsenet import PRESETS, GlimpseNet
-from models.modelfile import NOT_VALIDATED, ModelCard, load_model, read_card, save_model
+from models.modelfile import ModelCard, load_model, read_card, save_model
 
+from ..card import training_card
 from ..checkpoint import Checkpoint
 from ..evaluate import report, reports_to_json, score_images
 from ..metrics import roc_auc
@@ -57,11 +55,6 @@ STAGES = ("fcgn", "mil", "both")
 FCGN_MASKS = ("all", "malignant")
 CHECKPOINT_FORMAT = 1
 LR_HALVING_EPOCHS = 30
-DEMO_INTENDED_USE = (
-    "Demonstration model trained from scratch on synthetic mammograms only, for tests, CI and "
-    "demos of the pipeline. Not for clinical use, not a medical device; its scores carry no "
-    "meaning on real images."
-)
 BWC_HANDLING = (
     "labels.csv has no benign-without-callback label; BWC target 0 for every image, so "
     "p(benign) = 1 - (1 - p_BWC)(1 - p_BENIGN) is in effect the BENIGN class"
@@ -450,16 +443,6 @@ def _end_epoch(o, module, optimizer, scheduler, checkpoint, state, row, metric, 
 
 def _card(o, data: SiteData, split, architecture, spec, base_card, base_info, device, state,
           test_report, peaks) -> ModelCard:  # fmt: skip
-    now = datetime.now(UTC)
-    fingerprint = data.fingerprint()
-    if base_card is not None:
-        name = o.name or base_card.name
-        licence = base_card.licence
-        intended_use = o.intended_use or base_card.intended_use
-    else:
-        name = o.name or ("demo-glimpsenet" if o.arch == "demo" else f"glimpsenet-{o.arch}")
-        licence = "Apache-2.0"
-        intended_use = o.intended_use or (DEMO_INTENDED_USE if o.arch == "demo" else NOT_VALIDATED)
     done = state["finished"]
     stages = []
     if "fcgn" in done:
@@ -473,14 +456,18 @@ def _card(o, data: SiteData, split, architecture, spec, base_card, base_info, de
                        "dropout": architecture["classifier"]["dropout"],
                        "pooling": architecture["pooling"], "class_balanced_sampling": True,
                        "bwc_handling": BWC_HANDLING})  # fmt: skip
-    provenance = {
-        "base_model": base_info,
-        "training_data": {
-            "fingerprint_sha256": fingerprint,
-            "summary": data.summary(),
-            "split": {"source": split.source, "seed": o.seed, "counts": split.counts(data)},
-        },
-        "training": {
+    return training_card(
+        o,
+        family="glimpsenet",
+        architecture=architecture,
+        preprocessing=spec,
+        base=base_card,
+        base_info=base_info,
+        default_name="demo-glimpsenet" if o.arch == "demo" else f"glimpsenet-{o.arch}",
+        demo=o.arch == "demo",
+        data=data,
+        split=split,
+        training={
             "stages": stages,
             "batch_size": o.batch_size,
             "augmentation": o.augment,
@@ -488,24 +475,8 @@ def _card(o, data: SiteData, split, architecture, spec, base_card, base_info, de
             "device": device.type,
             "precision": "fp32",
         },
-        "metrics": {
+        metrics={
             "test": reports_to_json(test_report),
             "test_mask_peak_within_5mm": peaks.to_json(),
         },
-        "date": now.isoformat(timespec="seconds"),
-        "trainer_version": trainer.__version__,
-        "torch_version": torch.__version__,
-        "python": platform.python_version(),
-    }
-    return ModelCard(
-        family="glimpsenet",
-        architecture=architecture,
-        preprocessing=spec,
-        name=name,
-        version=o.version or f"{now:%Y%m%d}-{fingerprint[:8]}",
-        licence=licence,
-        intended_use=intended_use,
-        clinical_use=False,
-        provenance=provenance,
-        operating_points={},
     )
