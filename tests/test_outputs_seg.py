@@ -175,6 +175,9 @@ def test_file_is_the_one_highdicom_writes_from_the_fractions(synth_exam_small, b
     ):
         _same_clock(ours, theirs, ("ContributionDateTime",))
     assert _saved(fast).getvalue() == _saved(reference).getvalue()
+    # The object in memory reads back too (highdicom's frame lookup after pydicom's compress).
+    read = fast.get_pixels_by_source_instance([img.sop_instance_uid], rescale_fractional=False)
+    assert np.array_equal(np.moveaxis(read[0], -1, 0), np.stack(plan.levels))
 
 
 def _same_clock(ours: pydicom.Dataset, theirs: pydicom.Dataset, keywords: tuple[str, ...]) -> None:

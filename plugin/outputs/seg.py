@@ -152,7 +152,7 @@ def plan_seg(
         max_fractional_value=MAX_FRACTIONAL_VALUE,
         content_description=description[:64],
         content_label="AI_SALIENCY",
-        omit_empty_frames=False,
+        omit_empty_frames=False,  # a frame per map, empty or not (the placeholder is empty)
         **equipment(exam, options),
     )
     return SegPlan(
