@@ -30,7 +30,7 @@ from .family import ModelFamily, Prepared, ScoreMaps, get_family
 from .geometry import Geometry
 from .mammogram import SCREENING_VIEW_KEYS, Laterality, Mammogram, View
 from .modelfile import ModelCard, file_sha256, load_model
-from .numerics import PRECISIONS, autocast, fp32_guard, to_levels
+from .numerics import PRECISIONS, autocast, fp32_guard, to_levels_
 from .results import (
     BreastPrediction,
     ExamPrediction,
@@ -330,6 +330,9 @@ class Ensemble:
         benign_parts = [p for p in parts if p.benign is not None]
         benign_map = _mean_map([p.benign_map for p in benign_parts]) if benign_parts else None
         rois = sorted((r for p in parts for r in p.rois), key=lambda r: -r.weight)
+        # The peak from the fp32 map, then both maps quantised in place (they are this
+        # image's own): only uint8 levels leave the device.
+        peak = _peak(malignant_map)
         return ImagePrediction(
             sop_instance_uid=img.sop_instance_uid,
             laterality=img.laterality,
@@ -337,10 +340,10 @@ class Ensemble:
             malignant=float(np.mean([p.malignant for p in parts])),
             benign=float(np.mean([p.benign for p in benign_parts])) if benign_parts else None,
             per_model={m.card.name: p.malignant for m, p in zip(self._members, parts, strict=True)},
-            malignant_map=to_levels(malignant_map).cpu().numpy(),
-            benign_map=None if benign_map is None else to_levels(benign_map).cpu().numpy(),
+            malignant_map=to_levels_(malignant_map).cpu().numpy(),
+            benign_map=None if benign_map is None else to_levels_(benign_map).cpu().numpy(),
             rois=tuple(rois),
-            malignant_peak=_peak(malignant_map),
+            malignant_peak=peak,
         )
 
 

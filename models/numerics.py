@@ -67,6 +67,13 @@ def to_levels(p: torch.Tensor) -> torch.Tensor:
     """uint8 levels of a float map in [0, 1]: floor(p × 255 + 0.5) in fp32, NaN as 0, clipped;
     on the map's own device. Two separate fp32 operations (no fused multiply-add), so every
     device gives the same levels as `plugin.outputs.heatmap.levels` does in numpy."""
-    scaled = p.to(torch.float32).mul(LEVELS)
-    scaled.add_(0.5).nan_to_num_(nan=0.0).clamp_(0, LEVELS)
-    return scaled.to(torch.uint8)
+    return to_levels_(p.to(torch.float32, copy=True))
+
+
+def to_levels_(p: torch.Tensor) -> torch.Tensor:
+    """`to_levels` of an fp32 map that may be overwritten: no full-size float copy (a third
+    of the time on the CPU at 3328×2560)."""
+    if p.dtype != torch.float32:
+        raise TypeError(f"to_levels_ works on an fp32 map, not {p.dtype}")
+    p.mul_(LEVELS).add_(0.5).nan_to_num_(nan=0.0).clamp_(0, LEVELS)
+    return p.to(torch.uint8)
