@@ -105,6 +105,7 @@ def plan_seg(
     instance_number: int = 1,
     options: OutputOptions = DEFAULT_OPTIONS,
 ) -> SegPlan:
+    """The SEG of `img` up to its pixels; a map off the source grid is refused here."""
     meta = header_copy(source)
     if "FrameOfReferenceUID" in meta:
         del meta.FrameOfReferenceUID
