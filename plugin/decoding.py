@@ -33,16 +33,23 @@ class Decoded:
     """(the caller's key, reason) of images that could not be decoded."""
 
 
-def decode(files: Sequence[tuple[str, Path]], *, keep_pixels: bool = True) -> Decoded:
+def decode(
+    files: Sequence[tuple[str, Path]], *, keep_pixels: bool = True, native_pixels: bool = False
+) -> Decoded:
     """Read each (key, path). `keep_pixels=False` keeps only the headers of the source data
     sets: only the heat-map needs the source pixels, and without them the exam's compressed
     and decoded pixel data (tens of MB per mammogram) are freed as soon as each image is read
-    for the models."""
+    for the models. `native_pixels` stores a compressed source's decoded pixels natively in
+    the kept data set, for sources that travel to another process: pydicom's decoded-pixel
+    cache does not survive pickling, and the heat-map would decode the image a second time
+    there (0.9 s for a 3328x2560 JPEG 2000 mammogram)."""
     mammograms, datasets, failed = [], {}, []
     for key, path in files:
         try:
             ds = dcmread(path)
             mammogram = read_mammogram(ds, require_screening=False)
+            if keep_pixels and native_pixels and ds.file_meta.TransferSyntaxUID.is_compressed:
+                _store_native(ds)
             kept, _ = copyable_header(ds if keep_pixels else header_copy(ds))
         except MammogramError as exc:
             failed.append((key, cap(str(exc))))
@@ -53,3 +60,14 @@ def decode(files: Sequence[tuple[str, Path]], *, keep_pixels: bool = True) -> De
         mammograms.append(mammogram)
         datasets[mammogram.sop_instance_uid] = kept
     return Decoded(mammograms, datasets, failed)
+
+
+def _store_native(ds: Dataset) -> None:
+    """Replace compressed pixel data by the pixels `read_mammogram` decoded (pydicom's cache),
+    uncompressed, with the same photometric interpretation, bit depth and SOP Instance UID."""
+    ds.set_pixel_data(
+        ds.pixel_array,
+        ds.PhotometricInterpretation,
+        int(ds.BitsStored),
+        generate_instance_uid=False,
+    )

@@ -83,6 +83,12 @@ class Settings:
         """Only the heat-map needs the source pixels after decoding."""
         return OutputKind.SC in self.kinds
 
+    @property
+    def native_pixels(self) -> bool:
+        """Kept source pixels travel between processes (decode or output pool): store them
+        decoded, or the heat-map decodes them again (`plugin.decoding.decode`)."""
+        return self.keep_pixels and (self.decode_processes > 0 or self.output_processes > 0)
+
 
 @dataclass(frozen=True)
 class ExamRequest:
@@ -200,7 +206,12 @@ class Pipeline:
         exam = _Exam(request, time.monotonic())
         try:
             future = self._decoders.submit(
-                partial(decode, keep_pixels=self.settings.keep_pixels), request.files
+                partial(
+                    decode,
+                    keep_pixels=self.settings.keep_pixels,
+                    native_pixels=self.settings.native_pixels,
+                ),
+                request.files,
             )
         except BaseException as exc:  # noqa: BLE001 - the exam's outcome carries it
             self._done.put((exam, exc))
