@@ -3,10 +3,10 @@
 For every malignant image with a lesion mask, the peak of the malignancy map on the source
 grid (the map the SEG carries: each member's map flipped back, resampled onto the image's
 pixels and averaged over members; its peak found in fp32 by the ensemble, before the map is
-quantised) is compared with the mask. The image counts as localised
-when the peak lies within `within_mm` of a lesion pixel (0 mm when it is on the lesion), the
-hit criterion of FROC-style lesion localisation with one mark per image. The figure is the
-fraction of localised images with a Wilson 95% interval.
+quantised) is compared with the mask. The image counts as localised when the peak lies within
+`within_mm` of a lesion pixel (0 mm when it is on the lesion), the hit criterion of
+FROC-style lesion localisation with one mark per image. The figure is the fraction of
+localised images with a Wilson 95% interval.
 """
 
 from __future__ import annotations
