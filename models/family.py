@@ -70,6 +70,10 @@ class ModelFamily(Protocol):
     def default_preprocessing(self, architecture: dict[str, Any]) -> dict[str, Any]:
         """The preprocessing spec of the published models of this family."""
 
+    def check_preprocessing(self, spec: dict[str, Any]) -> None:
+        """Refuse a card's preprocessing spec with a `ValueError` naming the field, before
+        any image meets it."""
+
     def preprocess(self, image: Mammogram, spec: dict[str, Any]) -> Prepared:
         """Source image → model input and the `Geometry` that maps it back."""
 

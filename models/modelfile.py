@@ -14,11 +14,12 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import torch
-from pydantic import ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import AfterValidator, ConfigDict, TypeAdapter, ValidationError
 from safetensors import safe_open
 from safetensors.torch import save
 from torch import nn
 
+from .config import explain
 from .durable import write_atomically
 from .family import get_family
 from .results import ModelInfo
@@ -36,6 +37,12 @@ class ModelFileError(ValueError):
     """A model file that cannot be used; the message says which file and what is wrong."""
 
 
+def _not_blank(name: str) -> str:
+    if not name.strip():
+        raise ValueError(f"must not be blank, got {name!r}")
+    return name
+
+
 @dataclass
 class ModelCard:
     """What a model file says of its model. Built freely in code; checked strictly (pydantic,
@@ -48,7 +55,7 @@ class ModelCard:
     """"gmic", "allconv" or "glimpsenet"; picks the module class and preprocessing."""
     architecture: dict[str, Any]
     preprocessing: dict[str, Any]
-    name: Annotated[str, Field(pattern=r"\S")]
+    name: Annotated[str, AfterValidator(_not_blank)]
     version: str
     licence: str
     intended_use: str = NOT_VALIDATED
@@ -98,44 +105,21 @@ class ModelCard:
 
 _CARD = TypeAdapter(ModelCard)
 _REEXPORT = "re-export the model with `plugin models import` or `trainer finetune`"
-_JSON_WORDS = {
-    "string_type": "a string",
-    "dict_type": "an object",
-    "bool_type": "true or false",
-    "int_type": "an integer",
-}
 
 
 def _card_error(exc: ValidationError, source: str) -> ModelFileError:
     """The card's first problem, in the words of someone fixing a model file."""
-    errors = exc.errors()
-    kinds = {e["type"] for e in errors}
-    if "json_invalid" in kinds:
-        return ModelFileError(f"{source}: model card is not valid JSON ({errors[0]['msg']})")
-    if "dataclass_type" in kinds:
-        found = type(errors[0]["input"]).__name__
-        return ModelFileError(f"{source}: model card is a JSON {found}, not an object")
-    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "unexpected_keyword_argument")
-    if unknown:
-        return ModelFileError(
-            f"{source}: unknown model card fields {unknown}; the file was written by other "
-            f"software or edited by hand: {_REEXPORT}"
+    return ModelFileError(
+        explain(
+            exc,
+            f"{source}: model card",
+            model=ModelCard,
+            advice=f"the file was written by other software or edited by hand: {_REEXPORT}",
+            hints={
+                "operating_points": "set it again with `trainer evaluate --set-operating-point`"
+            },
         )
-    order = [f.name for f in dataclasses.fields(ModelCard)]
-    missing = sorted((str(e["loc"][0]) for e in errors if e["type"] == "missing"), key=order.index)
-    if missing:
-        return ModelFileError(f"{source}: model card lacks required fields {missing}; {_REEXPORT}")
-    first = errors[0]
-    name, value = str(first["loc"][0]), first["input"]
-    if name == "operating_points" and len(first["loc"]) > 1:
-        return ModelFileError(
-            f"{source}: operating point {first['loc'][1]!r} must be a number, got {value!r}; "
-            "set it again with `trainer evaluate --set-operating-point`"
-        )
-    if name == "name" and first["type"] == "string_pattern_mismatch":
-        return ModelFileError(f"{source}: model card field 'name' is empty")
-    must = _JSON_WORDS.get(first["type"], f"valid ({first['msg']})")
-    return ModelFileError(f"{source}: model card field {name!r} must be {must}, got {value!r}")
+    )
 
 
 def save_model(module: nn.Module, card: ModelCard, path: str | Path) -> Path:
@@ -159,7 +143,11 @@ def _write(tensors: dict[str, torch.Tensor], card: ModelCard, path: Path) -> Pat
     written; a crash leaves the old file or the new one, never a mixture."""
     text = card.to_json()
     ModelCard.from_json(text, source=f"card for {path}")
-    get_family(card.family)  # an unknown family raises here, naming the known ones
+    family = get_family(card.family)  # an unknown family raises here, naming the known ones
+    try:
+        family.check_preprocessing(card.preprocessing)
+    except ValueError as exc:
+        raise ModelFileError(f"card for {path}: {exc}") from None
     data = save(tensors, metadata={METADATA_KEY: text})
     write_atomically(path, lambda f: f.write(data))
     return path
@@ -232,6 +220,10 @@ def load_model(path: str | Path, device: str | torch.device = "cpu") -> nn.Modul
             f"{path}: the {card.family} architecture in its card cannot be built ({exc}); "
             "re-export the model"
         ) from exc
+    try:
+        family.check_preprocessing(card.preprocessing)
+    except ValueError as exc:
+        raise ModelFileError(f"{path}: {exc}; re-export the model") from None
     with safe_open(str(path), framework="pt", device=str(device)) as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     _check_state(path, card, state, module.state_dict())

@@ -217,12 +217,35 @@ def test_family_round_trips_its_presets() -> None:
 @pytest.mark.parametrize(
     ("edit", "message"),
     [
-        ({"trunk": PRESETS["vgg16"]["trunk"] | {"stem_padding": "same"}}, "unknown keys"),
-        ({"trunk": PRESETS["demo"]["trunk"] | {"stem_padding": "valid"}}, "stem_padding"),
-        ({"top": PRESETS["demo"]["top"] | {"repetitions": [1]}}, "same, non-zero length"),
-        ({"top": {"kind": "dense", "depths": [2], "repetitions": [1]}}, "top.kind"),
+        (
+            {"trunk": PRESETS["vgg16"]["trunk"] | {"stem_padding": "same"}},
+            "trunk: unknown fields ['stem_padding'] for kind 'vgg'; known: ['blocks', 'kind', "
+            "'widths']",
+        ),
+        (
+            {"top": {"kind": "vgg", "depths": [32], "repetitions": [1], "enlarge": 2}},
+            "top: unknown fields ['enlarge'] for kind 'vgg'",
+        ),
+        (
+            {"trunk": PRESETS["demo"]["trunk"] | {"stem_padding": "valid"}},
+            "trunk.stem_padding: must be 'zeropad' or 'same', got 'valid'",
+        ),
+        (
+            {"top": PRESETS["demo"]["top"] | {"repetitions": [1]}},
+            "top: depths and repetitions need the same length",
+        ),
+        ({"top": PRESETS["demo"]["top"] | {"depths": []}}, "top.depths: must have at least 1"),
+        (
+            {"top": {"kind": "dense", "depths": [2], "repetitions": [1]}},
+            "top.kind: must be one of 'resnet', 'vgg', got 'dense'",
+        ),
+        ({"trunk": None}, "trunk: must be an object, got None"),
+        ({"input_shape": [576, "448"]}, "input_shape[1]: must be an integer, got '448'"),
     ],
 )
 def test_bad_architecture_configs_are_refused(edit: dict, message: str) -> None:
-    with pytest.raises(ArchitectureError, match=message):
+    """One config type per kind: a field of another kind is an error, never ignored."""
+    with pytest.raises(ArchitectureError) as err:
         build(PRESETS["demo"] | edit)
+    assert str(err.value).startswith("all-conv architecture: ")
+    assert message in str(err.value)

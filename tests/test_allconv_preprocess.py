@@ -101,7 +101,9 @@ def test_default_spec_follows_the_architecture() -> None:
 
 
 def test_bad_inputs_are_refused_with_a_reason() -> None:
-    with pytest.raises(ValueError, match="unknown all-conv preprocessing keys"):
+    with pytest.raises(ValueError, match=r"all-conv preprocessing: unknown fields \['mean'\]"):
         preprocess(_image(np.zeros((8, 8))), SMALL | {"mean": 1.0})
+    with pytest.raises(ValueError, match="scale_to_16bit: must be true or false, got 'false'"):
+        preprocess(_image(np.zeros((8, 8))), SMALL | {"scale_to_16bit": "false"})
     with pytest.raises(ValueError, match="bits_stored 20"):
         preprocess(_image(np.zeros((8, 8)), bits=20), SMALL)

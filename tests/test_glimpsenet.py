@@ -12,7 +12,14 @@ import torch
 
 from models import get_family, load_model, new_model_file, read_card
 from models.geometry import Geometry, Resize
-from models.glimpsenet import PRESETS, GlimpseNet, InceptionImportError, InceptionV3, mil
+from models.glimpsenet import (
+    PRESETS,
+    GlimpseNet,
+    InceptionImportError,
+    InceptionV3,
+    PreprocessSpec,
+    mil,
+)
 from models.glimpsenet import import_imagenet_state_dict as import_imagenet
 from models.glimpsenet.glimpses import box_iou, crop_glimpses, greedy_nms, select_glimpses
 from models.reading import read_mammogram
@@ -259,3 +266,36 @@ def test_bad_architectures_are_refused_with_the_reason():
     arch = {**PRESETS["demo"], "pooling": {"kind": "topk", "k": 9}}
     with pytest.raises(ValueError, match="k <= 4"):
         GlimpseNet(arch)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"pooling": {"kind": "lse", "k": 3}}, "pooling: unknown fields ['k'] for kind 'lse'"),
+        ({"pooling": {"kind": "max"}}, "pooling.kind: must be one of 'lse', 'noisy_and', 'topk'"),
+        ({"scale": 4.0}, "scale: must be an integer, got 4.0"),
+        ({"classifier": {"width": 0.125}}, "classifier: missing fields ['dropout']"),
+        ({"fcgn": {**PRESETS["demo"]["fcgn"], "kernels": [4]}}, "fcgn: needs one odd kernel"),
+    ],
+)
+def test_config_is_strict_and_names_the_field(change: dict, message: str):
+    """One config type per pooling kind; no coercion; the message names the field."""
+    with pytest.raises(ValueError) as err:
+        GlimpseNet({**PRESETS["demo"], **change})
+    assert str(err.value).startswith("GlimpseNet architecture: ")
+    assert message in str(err.value)
+
+
+def test_preprocessing_spec_is_strict():
+    assert get_family("glimpsenet").default_preprocessing(PRESETS["demo"]) == {
+        "size": 512,
+        "mean": "image",
+    }
+    for spec, message in (
+        ({"size": "512"}, "GlimpseNet preprocessing: size: must be an integer, got '512'"),
+        ({"size": 512, "mean": "auto"}, "mean: must be \"image\" or a number, got 'auto'"),
+        ({"size": 512, "clahe": True}, "unknown fields ['clahe']; known: ['mean', 'size']"),
+    ):
+        with pytest.raises(ValueError) as err:
+            PreprocessSpec.from_dict(spec)
+        assert message in str(err.value)

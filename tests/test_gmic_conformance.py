@@ -200,13 +200,28 @@ def test_wrong_input_size_is_refused(demo: GMIC) -> None:
 @pytest.mark.parametrize(
     "change,message",
     [
-        ({"cam_size": [23, 15]}, "cam_size"),
-        ({"post_processing_dim": 512}, "post_processing_dim"),
-        ({"percent_t": 0.0001}, "percent_t"),
-        ({"crop_shape": [4096, 256]}, "crop_shape"),
-        ({"colour": "blue"}, "unknown keys"),
+        ({"cam_size": [23, 15]}, "cam_size [23, 15] does not match input_shape [2944, 1920]"),
+        ({"post_processing_dim": 512}, "post_processing_dim 512 does not match"),
+        ({"percent_t": 0.0001}, "percent_t 0.0001 keeps no position"),
+        ({"crop_shape": [4096, 256]}, "crop_shape [4096, 256] maps to a 64x4 window"),
+        ({"colour": "blue"}, "unknown fields ['colour']; known: ['K', "),
+        ({"K": "6"}, "K: must be an integer, got '6'"),
+        ({"percent_t": True}, "percent_t: must be a number, got True"),
+        ({"input_shape": [32, 32]}, "input_shape: must be (height, width), each at least 64"),
+        ({"local_blocks": [2, 0]}, r"local_blocks[1]: must be greater than or equal to 1"),
     ],
 )
 def test_bad_architecture_is_refused(change: dict, message: str) -> None:
-    with pytest.raises(ValueError, match=message):
+    """Strict: no coercion; every refusal names the field, the way a model card reads."""
+    with pytest.raises(ValueError) as err:
         GMIC(dict(PRESETS["published"], **change))
+    assert str(err.value).startswith("GMIC architecture: ")
+    assert message in str(err.value)
+
+
+def test_config_round_trips_and_is_frozen() -> None:
+    config = GMICConfig.from_dict(PRESETS["published"])
+    assert config.to_dict() == PRESETS["published"]
+    assert config.cam_size == (46, 30) and config.roi_window == (4, 4)
+    with pytest.raises(ValueError, match="frozen"):
+        config.K = 3

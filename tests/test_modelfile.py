@@ -100,9 +100,13 @@ def test_card_that_is_not_json_or_not_an_object(saved, tmp_path: Path):
 
 def test_card_with_unknown_or_missing_fields(saved, tmp_path: Path):
     card = _contents(saved[0])[1] | {"validated_by": "nobody"}
-    _refusal(_tampered(saved, tmp_path, card=card), "unknown model card fields ['validated_by']")
+    _refusal(
+        _tampered(saved, tmp_path, card=card),
+        "model card: unknown fields ['validated_by']",
+        "edited by hand: re-export the model",
+    )
     card = {k: v for k, v in _contents(saved[0])[1].items() if k not in ("name", "licence")}
-    _refusal(_tampered(saved, tmp_path, card=card), "lacks required fields ['name', 'licence']")
+    _refusal(_tampered(saved, tmp_path, card=card), "missing fields ['name', 'licence']")
 
 
 def test_card_from_a_newer_format(saved, tmp_path: Path):
@@ -113,12 +117,17 @@ def test_card_from_a_newer_format(saved, tmp_path: Path):
 @pytest.mark.parametrize(
     ("field", "value", "expected"),
     [
-        ("clinical_use", "false", "'clinical_use' must be true or false"),
-        ("clinical_use", 1, "'clinical_use' must be true or false"),
-        ("format_version", True, "'format_version' must be an integer"),
-        ("architecture", [1, 2], "'architecture' must be an object"),
-        ("name", "  ", "'name' is empty"),
-        ("operating_points", {"default": "0.5"}, "operating point 'default' must be a number"),
+        ("clinical_use", "false", "model card: clinical_use: must be true or false, got 'false'"),
+        ("clinical_use", 1, "model card: clinical_use: must be true or false, got 1"),
+        ("format_version", True, "model card: format_version: must be an integer, got True"),
+        ("architecture", [1, 2], "model card: architecture: must be an object, got [1, 2]"),
+        ("name", "  ", "model card: name: must not be blank, got '  '"),
+        (
+            "operating_points",
+            {"default": "0.5"},
+            "model card: operating_points.default: must be a number, got '0.5'; set it again "
+            "with `trainer evaluate --set-operating-point`",
+        ),
     ],
 )
 def test_card_with_wrongly_typed_fields(saved, tmp_path: Path, field, value, expected):
@@ -132,9 +141,28 @@ def test_card_whose_architecture_does_not_match_the_weights(saved, tmp_path: Pat
     card = _contents(saved[0])[1] | {"architecture": wider}
     _refusal(_tampered(saved, tmp_path, card=card), "has shape (8", "its card needs (16")
     broken = _contents(saved[0])[1] | {"architecture": ARCH | {"trunk": {"kind": "capsule"}}}
-    _refusal(_tampered(saved, tmp_path, card=broken), "cannot be built", "trunk.kind")
+    _refusal(
+        _tampered(saved, tmp_path, card=broken),
+        "cannot be built (all-conv architecture: trunk.kind: must be one of 'resnet', 'vgg', "
+        "got 'capsule')",
+    )
     alien = _contents(saved[0])[1] | {"family": "transformer"}
     _refusal(_tampered(saved, tmp_path, card=alien), "unknown model family 'transformer'")
+
+
+def test_card_with_a_bad_preprocessing_spec(saved, tmp_path: Path):
+    """Refused when the file is loaded (or written), not image by image in the worker."""
+    card = _contents(saved[0])[1]
+    card["preprocessing"] = card["preprocessing"] | {"scale_to_16bit": "false"}
+    _refusal(
+        _tampered(saved, tmp_path, card=card),
+        "all-conv preprocessing: scale_to_16bit: must be true or false, got 'false'",
+        "re-export the model",
+    )
+    bad = _card(preprocessing={"target_size": [576, 448], "mean": 52.18})
+    with pytest.raises(ModelFileError, match=r"all-conv preprocessing: unknown fields \['mean'\]"):
+        save_model(saved[1], bad, tmp_path / "bad.safetensors")
+    assert not (tmp_path / "bad.safetensors").exists()
 
 
 def test_tampered_tensors(saved, tmp_path: Path):
@@ -154,7 +182,7 @@ def test_tampered_tensors(saved, tmp_path: Path):
 def test_save_refuses_a_card_that_would_not_load(saved, tmp_path: Path):
     module = saved[1]
     path = tmp_path / "bad.safetensors"
-    with pytest.raises(ModelFileError, match="operating point 'default' must be a number"):
+    with pytest.raises(ModelFileError, match="operating_points.default: must be a finite number"):
         save_model(module, _card(operating_points={"default": float("nan")}), path)
     with pytest.raises(ValueError, match="unknown model family"):
         save_model(module, _card(family="transformer"), path)

@@ -20,8 +20,12 @@ from .network import (
     AllConvOutput,
     ArchitectureConfig,
     ArchitectureError,
+    ResidualTopConfig,
+    ResNetTrunkConfig,
     TopConfig,
     TrunkConfig,
+    VGGTopConfig,
+    VGGTrunkConfig,
     build,
 )
 from .preprocess import DDSM_MEAN, INBREAST_MEAN, PreprocessSpec, default_spec, preprocess
@@ -37,8 +41,12 @@ __all__ = [
     "ArchitectureConfig",
     "ArchitectureError",
     "PreprocessSpec",
+    "ResNetTrunkConfig",
+    "ResidualTopConfig",
     "TopConfig",
     "TrunkConfig",
+    "VGGTopConfig",
+    "VGGTrunkConfig",
     "build",
     "cancer_map",
     "default_spec",
@@ -74,6 +82,9 @@ class AllConvFamily:
 
     def default_preprocessing(self, architecture: dict[str, Any]) -> dict[str, Any]:
         return default_spec(architecture)
+
+    def check_preprocessing(self, spec: dict[str, Any]) -> None:
+        PreprocessSpec.from_dict(spec)
 
     def preprocess(self, image: Mammogram, spec: dict[str, Any]) -> Prepared:
         return preprocess(image, spec)

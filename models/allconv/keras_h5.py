@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ..modelfile import ModelCard, file_sha256, save_model
-from .network import AllConvNet, ArchitectureConfig, TopConfig, TrunkConfig
+from .network import AllConvNet, ArchitectureConfig, ArchitectureError, ResNetTrunkConfig
 from .preprocess import DDSM_MEAN, INBREAST_MEAN, PreprocessSpec
 
 LICENCE = "CC BY-NC-SA 4.0 (published weights, lishen/end2end-all-conv); non-commercial use only"
@@ -290,7 +290,7 @@ def _stages(units: list[_Unit], where: str) -> list[list[_Unit]]:
 
 def _parse_resnet_trunk(
     g: _Graph, conv1: _Layer, stem_padding: str
-) -> tuple[TrunkConfig, list[_Weights]]:
+) -> tuple[dict[str, Any], list[_Weights]]:
     bn = g.next(conv1.name, "BatchNormalization")
     pool = g.next(_relu(g, g.next(bn.name, "Activation")).name, "MaxPooling2D")
     _check_pool(g, pool, 3)
@@ -314,18 +314,18 @@ def _parse_resnet_trunk(
         for u, unit in enumerate(stage):
             weights += unit.weights(f"trunk.layer{s + 1}.{u}", g.where)
     widths = tuple(int(stage[0].conv1.config["filters"]) for stage in stages)
-    trunk = TrunkConfig(
-        kind="resnet",
-        widths=widths,
-        blocks=tuple(len(stage) for stage in stages),
-        expansion=int(stages[0][0].conv3.config["filters"]) // widths[0],
-        stem_width=int(conv1.config["filters"]),
-        stem_padding=stem_padding,
-    )
+    trunk = {
+        "kind": "resnet",
+        "widths": widths,
+        "blocks": tuple(len(stage) for stage in stages),
+        "expansion": int(stages[0][0].conv3.config["filters"]) // widths[0],
+        "stem_width": int(conv1.config["filters"]),
+        "stem_padding": stem_padding,
+    }
     return trunk, weights
 
 
-def _parse_trunk(model: dict[str, Any], group: str) -> tuple[TrunkConfig, list[_Weights]]:
+def _parse_trunk(model: dict[str, Any], group: str) -> tuple[dict[str, Any], list[_Weights]]:
     g = _Graph(model, group, _TRUNK_CLASSES)
     first = g.next(g.input, "Conv2D", "ZeroPadding2D")
     if first.cls == "ZeroPadding2D":
@@ -360,7 +360,7 @@ def _parse_trunk(model: dict[str, Any], group: str) -> tuple[TrunkConfig, list[_
         for c, (conv, _) in enumerate(convs)
     ]
     widths = tuple(int(convs[0][0].config["filters"]) for convs in blocks)
-    return TrunkConfig(kind="vgg", widths=widths, blocks=tuple(map(len, blocks))), weights
+    return {"kind": "vgg", "widths": widths, "blocks": tuple(map(len, blocks))}, weights
 
 
 def _input_shape(layer: _Layer) -> tuple[int, int]:
@@ -418,21 +418,21 @@ def _parse(model_config: dict[str, Any]) -> tuple[ArchitectureConfig, list[_Weig
     if units:
         blocks = _stages(units, "top-level model")
         depths = tuple(int(block[0].conv1.config["filters"]) for block in blocks)
-        head = TopConfig(
-            kind="resnet",
-            depths=depths,
-            repetitions=tuple(map(len, blocks)),
-            enlarge=int(blocks[0][0].conv3.config["filters"]) // depths[0],
-        )
+        head = {
+            "kind": "resnet",
+            "depths": depths,
+            "repetitions": tuple(map(len, blocks)),
+            "enlarge": int(blocks[0][0].conv3.config["filters"]) // depths[0],
+        }
         for b, block in enumerate(blocks):
             for u, unit in enumerate(block):
                 weights += unit.weights(f"top.{b}.{u}", None)
     elif vgg_blocks:
-        head = TopConfig(
-            kind="vgg",
-            depths=tuple(int(convs[0][0].config["filters"]) for convs in vgg_blocks),
-            repetitions=tuple(map(len, vgg_blocks)),
-        )
+        head = {
+            "kind": "vgg",
+            "depths": tuple(int(convs[0][0].config["filters"]) for convs in vgg_blocks),
+            "repetitions": tuple(map(len, vgg_blocks)),
+        }
         for b, convs in enumerate(vgg_blocks):
             for c, (conv, bn) in enumerate(convs):
                 weights.append(_Weights(f"top.{b}.conv{c + 1}", conv, conv.name))
@@ -443,11 +443,12 @@ def _parse(model_config: dict[str, Any]) -> tuple[ArchitectureConfig, list[_Weig
             "this is a patch classifier, not a whole-image model"
         )
     weights.append(_Weights("fc", dense, dense.name, activation="softmax"))
-    architecture = ArchitectureConfig(trunk=trunk, top=head, input_shape=input_shape)
     try:
-        architecture.validate()
-    except ValueError as exc:
-        raise KerasImportError(f"model_config gives an unsupported architecture: {exc}") from exc
+        architecture = ArchitectureConfig.from_dict(
+            {"trunk": trunk, "top": head, "input_shape": input_shape}
+        )
+    except ArchitectureError as exc:
+        raise KerasImportError(f"model_config gives an unsupported architecture: {exc}") from None
     return architecture, weights
 
 
@@ -544,7 +545,8 @@ def _load_weights(f: h5py.File, src: Path, weights: list[_Weights], model: AllCo
     index = _weight_index(f, src)
     modules = dict(model.named_modules())
     state = model.state_dict()
-    stem_padding = model.config.trunk.stem_padding
+    trunk = model.config.trunk
+    stem_padding = trunk.stem_padding if isinstance(trunk, ResNetTrunkConfig) else None
     used = set()
     for w in weights:
         _check_settings(w, modules[w.prefix], stem_padding)

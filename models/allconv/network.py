@@ -8,170 +8,103 @@ published models, site fine-tunes and the small demo model through the same code
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 from torch import nn
 
-from .resnet import STEM_PADDINGS, ResNetTrunk, residual_top
+from ..config import Positive, PositivePair, Sizes, StrictConfig
+from .resnet import ResNetTrunk, residual_top
 from .vgg import VGGTrunk, vgg_top
-
-KINDS = ("resnet", "vgg")
 
 
 class ArchitectureError(ValueError):
     """An architecture config that cannot be built; the message names the key."""
 
 
-@dataclass(frozen=True)
-class TrunkConfig:
-    kind: str
-    """"resnet" (bottleneck stages) or "vgg" (plain conv blocks)."""
-    widths: tuple[int, ...]
-    """resnet: bottleneck width per stage; vgg: conv width per block."""
-    blocks: tuple[int, ...]
-    """resnet: units per stage; vgg: convs per block."""
-    expansion: int = 4
-    """resnet only: stage output channels = width x expansion."""
-    stem_width: int = 64
-    """resnet only."""
-    stem_padding: str = "zeropad"
-    """resnet only: "zeropad" (ZeroPadding2D(3) + 'valid' conv) or "same" (TF 'SAME')."""
+class _Section(StrictConfig):
+    subject: ClassVar[str] = "all-conv architecture"
+    error: ClassVar[type[ValueError]] = ArchitectureError
 
 
-@dataclass(frozen=True)
-class TopConfig:
-    kind: str
-    """"resnet" (`[d-d-d*enlarge]xr` residual blocks) or "vgg" (`dxr` Conv-BN-ReLU blocks)."""
-    depths: tuple[int, ...]
-    repetitions: tuple[int, ...]
-    enlarge: int = 2
-    """resnet only: bottleneck enlarge factor."""
+class ResNetTrunkConfig(_Section):
+    """ResNet50-style patch trunk: a 7x7/2 stem, a 3x3/2 max pool, bottleneck stages."""
+
+    kind: Literal["resnet"]
+    widths: Sizes
+    """Bottleneck width per stage."""
+    blocks: Sizes
+    """Units per stage."""
+    expansion: Positive = 4
+    """Stage output channels = width x expansion."""
+    stem_width: Positive = 64
+    stem_padding: Literal["zeropad", "same"] = "zeropad"
+    """"zeropad" (ZeroPadding2D(3) + 'valid' conv) or "same" (TF 'SAME')."""
+
+    @model_validator(mode="after")
+    def _one_width_per_stage(self) -> Self:
+        return _paired(self, "widths", "blocks")
 
 
-@dataclass(frozen=True)
-class ArchitectureConfig:
+class VGGTrunkConfig(_Section):
+    """VGG16-style patch trunk: blocks of 3x3 convs with ReLU, each closed by a 2x2 max pool."""
+
+    kind: Literal["vgg"]
+    widths: Sizes
+    """Conv width per block."""
+    blocks: Sizes
+    """Convs per block."""
+
+    @model_validator(mode="after")
+    def _one_width_per_block(self) -> Self:
+        return _paired(self, "widths", "blocks")
+
+
+class ResidualTopConfig(_Section):
+    """`[d-d-d*enlarge]xr` residual top blocks (Shen et al.'s `_residual_block`)."""
+
+    kind: Literal["resnet"]
+    depths: Sizes
+    repetitions: Sizes
+    enlarge: Positive = 2
+    """Bottleneck enlarge factor."""
+
+    @model_validator(mode="after")
+    def _one_depth_per_block(self) -> Self:
+        return _paired(self, "depths", "repetitions")
+
+
+class VGGTopConfig(_Section):
+    """`dxr` top blocks: r Conv-BN-ReLU of depth d, then a 2x2 max pool."""
+
+    kind: Literal["vgg"]
+    depths: Sizes
+    repetitions: Sizes
+
+    @model_validator(mode="after")
+    def _one_depth_per_block(self) -> Self:
+        return _paired(self, "depths", "repetitions")
+
+
+TrunkConfig = Annotated[ResNetTrunkConfig | VGGTrunkConfig, Field(discriminator="kind")]
+TopConfig = Annotated[ResidualTopConfig | VGGTopConfig, Field(discriminator="kind")]
+
+
+def _paired(config: _Section, a: str, b: str) -> _Section:
+    if len(getattr(config, a)) != len(getattr(config, b)):
+        raise ValueError(f"{a} and {b} need the same length")
+    return config
+
+
+class ArchitectureConfig(_Section):
+    """Trunk → top blocks → GAP → dense(2); `to_dict()` is what a model card stores."""
+
     trunk: TrunkConfig
     top: TopConfig
-    input_shape: tuple[int, int] = (1152, 896)
+    input_shape: PositivePair = (1152, 896)
     """(rows, cols) the model was trained at; preprocessing resizes to it."""
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> ArchitectureConfig:
-        _only_keys(data, {"trunk", "top", "input_shape"}, "architecture")
-        trunk, top = _section(data, "trunk"), _section(data, "top")
-        trunk_kind, top_kind = _kind(trunk, "trunk"), _kind(top, "top")
-        trunk_keys = {"kind", "widths", "blocks"}
-        if trunk_kind == "resnet":
-            trunk_keys |= {"expansion", "stem_width", "stem_padding"}
-        top_keys = {"kind", "depths", "repetitions"}
-        if top_kind == "resnet":
-            top_keys.add("enlarge")
-        _only_keys(trunk, trunk_keys, f"{trunk_kind} trunk")
-        _only_keys(top, top_keys, f"{top_kind} top")
-        config = cls(
-            trunk=TrunkConfig(
-                kind=trunk_kind,
-                widths=_ints(trunk, "widths", "trunk"),
-                blocks=_ints(trunk, "blocks", "trunk"),
-                expansion=int(trunk.get("expansion", 4)),
-                stem_width=int(trunk.get("stem_width", 64)),
-                stem_padding=str(trunk.get("stem_padding", "zeropad")),
-            ),
-            top=TopConfig(
-                kind=top_kind,
-                depths=_ints(top, "depths", "top"),
-                repetitions=_ints(top, "repetitions", "top"),
-                enlarge=int(top.get("enlarge", 2)),
-            ),
-            input_shape=_ints(data, "input_shape", "architecture", default=(1152, 896)),
-        )
-        config.validate()
-        return config
-
-    def validate(self) -> None:
-        t, p = self.trunk, self.top
-        for where, kind in (("trunk", t.kind), ("top", p.kind)):
-            if kind not in KINDS:
-                raise ArchitectureError(f"{where}.kind must be one of {KINDS}, got {kind!r}")
-        if len(t.widths) != len(t.blocks) or not t.widths:
-            raise ArchitectureError("trunk.widths and trunk.blocks need the same, non-zero length")
-        if len(p.depths) != len(p.repetitions) or not p.depths:
-            raise ArchitectureError("top.depths and top.repetitions need the same, non-zero length")
-        if t.stem_padding not in STEM_PADDINGS:
-            raise ArchitectureError(
-                f"trunk.stem_padding must be one of {STEM_PADDINGS}, got {t.stem_padding!r}"
-            )
-        if len(self.input_shape) != 2:
-            raise ArchitectureError("input_shape must be [rows, cols]")
-        numbers = (
-            *t.widths,
-            *t.blocks,
-            t.expansion,
-            t.stem_width,
-            *p.depths,
-            *p.repetitions,
-            p.enlarge,
-            *self.input_shape,
-        )
-        if min(numbers) < 1:
-            raise ArchitectureError("architecture sizes and counts must be positive integers")
-
-    def to_dict(self) -> dict[str, Any]:
-        trunk: dict[str, Any] = {
-            "kind": self.trunk.kind,
-            "widths": list(self.trunk.widths),
-            "blocks": list(self.trunk.blocks),
-        }
-        if self.trunk.kind == "resnet":
-            trunk |= {
-                "expansion": self.trunk.expansion,
-                "stem_width": self.trunk.stem_width,
-                "stem_padding": self.trunk.stem_padding,
-            }
-        top: dict[str, Any] = {
-            "kind": self.top.kind,
-            "depths": list(self.top.depths),
-            "repetitions": list(self.top.repetitions),
-        }
-        if self.top.kind == "resnet":
-            top["enlarge"] = self.top.enlarge
-        return {"trunk": trunk, "top": top, "input_shape": list(self.input_shape)}
-
-
-def _section(data: dict[str, Any], key: str) -> dict[str, Any]:
-    value = data.get(key)
-    if not isinstance(value, dict):
-        raise ArchitectureError(f"architecture.{key} must be a mapping, got {value!r}")
-    return value
-
-
-def _kind(section: dict[str, Any], where: str) -> str:
-    kind = section.get("kind")
-    if kind not in KINDS:
-        raise ArchitectureError(f"{where}.kind must be one of {KINDS}, got {kind!r}")
-    return kind
-
-
-def _only_keys(data: dict[str, Any], allowed: set[str], where: str) -> None:
-    unknown = sorted(set(data) - allowed)
-    if unknown:
-        raise ArchitectureError(
-            f"unknown keys {unknown} in the {where} config; allowed: {sorted(allowed)}"
-        )
-
-
-def _ints(
-    data: dict[str, Any], key: str, where: str, default: tuple[int, ...] | None = None
-) -> tuple[int, ...]:
-    value = data.get(key, default)
-    try:
-        return tuple(int(v) for v in value)
-    except (TypeError, ValueError):
-        raise ArchitectureError(
-            f"{where}.{key} must be a list of integers, got {value!r}"
-        ) from None
 
 
 _RESNET50 = {
@@ -232,16 +165,15 @@ class AllConvNet(nn.Module):
 
     def __init__(self, config: ArchitectureConfig) -> None:
         super().__init__()
-        config.validate()
         self.config = config
         t, p = config.trunk, config.top
-        if t.kind == "resnet":
+        if isinstance(t, ResNetTrunkConfig):
             self.trunk: nn.Module = ResNetTrunk(
                 t.widths, t.blocks, t.expansion, t.stem_width, t.stem_padding
             )
         else:
             self.trunk = VGGTrunk(t.widths, t.blocks)
-        if p.kind == "resnet":
+        if isinstance(p, ResidualTopConfig):
             self.top, channels = residual_top(
                 self.trunk.out_channels, p.depths, p.repetitions, p.enlarge
             )

@@ -15,13 +15,13 @@ black background. `scale_to_16bit: false` in the spec feeds stored values unchan
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..config import PositivePair, StrictConfig
 from ..family import Prepared
 from ..geometry import Geometry, Resize
 from ..mammogram import Mammogram, MammogramError
@@ -33,47 +33,15 @@ INBREAST_MEAN = 44.33
 _MAX_16BIT = 65535.0
 
 
-@dataclass(frozen=True)
-class PreprocessSpec:
-    target_size: tuple[int, int]
+class PreprocessSpec(StrictConfig):
+    subject: ClassVar[str] = "all-conv preprocessing"
+
+    target_size: PositivePair
     """(rows, cols) of the model input; 1152x896 for the published models."""
     featurewise_mean: float = DDSM_MEAN
     rescale: float = RESCALE_16BIT
     scale_to_16bit: bool = True
     """Stretch a `bits_stored` < 16 image to the 16-bit range before `rescale`."""
-
-    @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> PreprocessSpec:
-        allowed = {"target_size", "featurewise_mean", "rescale", "scale_to_16bit"}
-        unknown = sorted(set(spec) - allowed)
-        if unknown:
-            raise ValueError(
-                f"unknown all-conv preprocessing keys {unknown}; allowed: {sorted(allowed)}"
-            )
-        size = spec.get("target_size")
-        try:
-            rows, cols = (int(v) for v in size)
-        except (TypeError, ValueError):
-            rows = cols = 0
-        if rows < 1 or cols < 1:
-            raise ValueError(
-                f"all-conv preprocessing needs target_size: [rows, cols], each at least 1; "
-                f"got {size!r}"
-            )
-        return cls(
-            target_size=(rows, cols),
-            featurewise_mean=float(spec.get("featurewise_mean", DDSM_MEAN)),
-            rescale=float(spec.get("rescale", RESCALE_16BIT)),
-            scale_to_16bit=bool(spec.get("scale_to_16bit", True)),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "target_size": list(self.target_size),
-            "featurewise_mean": self.featurewise_mean,
-            "rescale": self.rescale,
-            "scale_to_16bit": self.scale_to_16bit,
-        }
 
 
 def default_spec(architecture: dict[str, Any]) -> dict[str, Any]:

@@ -54,6 +54,9 @@ class GlimpseNetFamily:
     def default_preprocessing(self, architecture: dict[str, Any]) -> dict[str, Any]:
         return default_spec(architecture)
 
+    def check_preprocessing(self, spec: dict[str, Any]) -> None:
+        PreprocessSpec.from_dict(spec)
+
     def preprocess(self, image: Mammogram, spec: dict[str, Any]) -> Prepared:
         return preprocess(image, spec)
 

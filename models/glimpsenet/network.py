@@ -13,14 +13,15 @@ lesion masks first, then the classifier with the FCGN's glimpses (`trainer.glimp
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, Self
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import nn
 
+from ..config import Positive, Sizes, StrictConfig
 from . import mil
 from .fcgn import FCGN
 from .glimpses import crop_glimpses, select_glimpses
@@ -60,87 +61,109 @@ glimpses of 64×64 FCGN pixels, a 2048×2048 full-resolution grid: ours). `demo`
 FCGN and a 1/8-width Inception V3 at 75×75, small enough to train on a CPU."""
 
 
-@dataclass(frozen=True)
-class GlimpseConfig:
-    count: int
-    window: int
+class _Section(StrictConfig):
+    subject: ClassVar[str] = "GlimpseNet architecture"
+
+
+class FCGNConfig(_Section):
+    widths: Sizes
+    """Channels per encoder level (the decoder mirrors them)."""
+    kernels: Sizes
+    """Odd kernel size per level."""
+    mask_scale: Annotated[float, Field(gt=0.0)] = 1.0
+    """The FCGN's raw output divided by this is the lesion confidence: 1 for the weighted
+    loss, λ for the paper's printed loss (whose target is λ on lesion pixels)."""
+
+    @model_validator(mode="after")
+    def _one_odd_kernel_per_level(self) -> Self:
+        if len(self.kernels) != len(self.widths) or any(k % 2 == 0 for k in self.kernels):
+            raise ValueError(
+                f"needs one odd kernel size per level: widths {list(self.widths)}, kernels "
+                f"{list(self.kernels)}"
+            )
+        return self
+
+
+class GlimpseConfig(_Section):
+    count: Positive
+    window: Positive
     """Side of a candidate window, in FCGN mask pixels."""
-    stride: int
-    iou: float
+    stride: Positive
+    iou: Annotated[float, Field(gt=0.0, le=1.0)]
+    """Non-maximum suppression threshold between glimpses."""
     size: int
     """Side of a glimpse as the classifier sees it."""
 
+    @field_validator("size")
+    @classmethod
+    def _inception_minimum(cls, size: int) -> int:
+        if size < MIN_INPUT:
+            raise ValueError(f"must be at least {MIN_INPUT} for Inception V3, got {size}")
+        return size
 
-@dataclass(frozen=True)
-class GlimpseNetConfig:
-    fcgn_size: int
-    scale: int
-    widths: tuple[int, ...]
-    kernels: tuple[int, ...]
-    mask_scale: float
-    """The FCGN's raw output divided by this is the lesion confidence: 1 for the weighted
-    loss, λ for the paper's printed loss (whose target is λ on lesion pixels)."""
+
+class ClassifierConfig(_Section):
+    width: Annotated[float, Field(gt=0.0)]
+    """Inception V3's channel multiplier (1 = the full network)."""
+    dropout: Annotated[float, Field(ge=0.0, lt=1.0)]
+
+
+class LSEPooling(_Section):
+    kind: Literal["lse"]
+    r: Annotated[float, Field(gt=0.0)] = 5.0
+
+
+class NoisyAndPooling(_Section):
+    kind: Literal["noisy_and"]
+    a: Annotated[float, Field(gt=0.0)] = 10.0
+    b: float = 0.2
+
+
+class TopKPooling(_Section):
+    kind: Literal["topk"]
+    k: Positive = 3
+    by: Annotated[int, Field(ge=0, lt=len(CLASSES))] = MALIGNANT
+
+
+Pooling = Annotated[LSEPooling | NoisyAndPooling | TopKPooling, Field(discriminator="kind")]
+"""One MIL pooling operator of `mil` and its arguments."""
+
+
+class GlimpseNetConfig(_Section):
+    """Architecture of one GlimpseNet; the card's `architecture` as it is stored."""
+
+    fcgn_size: Positive
+    scale: Positive
+    fcgn: FCGNConfig
     glimpses: GlimpseConfig
-    width: float
-    dropout: float
-    pooling: dict[str, Any]
+    classifier: ClassifierConfig
+    pooling: Pooling
 
     @property
     def input_size(self) -> int:
         return self.fcgn_size * self.scale
 
-    @classmethod
-    def from_dict(cls, arch: dict[str, Any]) -> GlimpseNetConfig:
-        known = {"fcgn_size", "scale", "fcgn", "glimpses", "classifier", "pooling"}
-        unknown = sorted(set(arch) - known)
-        missing = sorted(known - set(arch))
-        if unknown or missing:
-            raise ValueError(
-                f"GlimpseNet architecture: unknown keys {unknown}, missing keys {missing}; "
-                f"start from a preset in models.glimpsenet.PRESETS"
-            )
-        try:
-            g = GlimpseConfig(**arch["glimpses"])
-            config = cls(
-                fcgn_size=int(arch["fcgn_size"]),
-                scale=int(arch["scale"]),
-                widths=tuple(int(v) for v in arch["fcgn"]["widths"]),
-                kernels=tuple(int(v) for v in arch["fcgn"]["kernels"]),
-                mask_scale=float(arch["fcgn"].get("mask_scale", 1.0)),
-                glimpses=g,
-                width=float(arch["classifier"]["width"]),
-                dropout=float(arch["classifier"]["dropout"]),
-                pooling=dict(arch["pooling"]),
-            )
-        except (KeyError, TypeError) as exc:
-            raise ValueError(f"GlimpseNet architecture: bad or missing field ({exc})") from None
-        config._check()
-        return config
+    @property
+    def mask_scale(self) -> float:
+        return self.fcgn.mask_scale
 
-    def _check(self) -> None:
-        g = self.glimpses
-        if self.fcgn_size % (2 ** len(self.widths)):
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        depth = len(self.fcgn.widths)
+        if self.fcgn_size % 2**depth:
             raise ValueError(
-                f"GlimpseNet: fcgn_size {self.fcgn_size} must be divisible by 2**depth = "
-                f"{2 ** len(self.widths)}"
+                f"fcgn_size {self.fcgn_size} must be divisible by 2**depth = {2**depth}"
             )
-        if self.scale < 1 or self.mask_scale <= 0:
-            raise ValueError("GlimpseNet: scale must be >= 1 and mask_scale > 0")
-        if not (1 <= g.window <= self.fcgn_size and g.stride >= 1 and g.count >= 1):
-            raise ValueError(f"GlimpseNet: bad glimpse settings {g}")
-        if not 0 < g.iou <= 1:
-            raise ValueError(f"GlimpseNet: glimpse NMS IoU must be in (0, 1], got {g.iou}")
-        if g.size < MIN_INPUT:
+        if self.glimpses.window > self.fcgn_size:
             raise ValueError(
-                f"GlimpseNet: glimpse size must be at least {MIN_INPUT} for Inception V3"
+                f"glimpses.window {self.glimpses.window} is larger than fcgn_size {self.fcgn_size}"
             )
-        if not 0 <= self.dropout < 1:
-            raise ValueError(f"GlimpseNet: dropout must be in [0, 1), got {self.dropout}")
-        if self.pooling.get("kind") not in mil.POOLINGS:
+        if isinstance(self.pooling, TopKPooling) and self.pooling.k > self.glimpses.count:
             raise ValueError(
-                f"GlimpseNet: pooling kind must be one of {mil.POOLINGS}, got {self.pooling}"
+                f"pooling: top-k pooling needs 1 <= k <= {self.glimpses.count} (glimpses.count), "
+                f"got k={self.pooling.k}"
             )
-        mil.pool(torch.full((1, g.count, len(CLASSES)), 0.5), self.pooling)  # checks its args
+        return self
 
 
 @dataclass(frozen=True)
@@ -163,11 +186,11 @@ class GlimpseNetOutput:
 class GlimpseNet(nn.Module):
     def __init__(self, architecture: dict[str, Any]) -> None:
         super().__init__()
-        self.config = GlimpseNetConfig.from_dict(copy.deepcopy(architecture))
+        self.config = GlimpseNetConfig.from_dict(architecture)
         c = self.config
-        self.fcgn = FCGN(list(c.widths), list(c.kernels))
-        self.inception = InceptionV3(c.width)
-        self.dropout = nn.Dropout(c.dropout)
+        self.fcgn = FCGN(list(c.fcgn.widths), list(c.fcgn.kernels))
+        self.inception = InceptionV3(c.classifier.width)
+        self.dropout = nn.Dropout(c.classifier.dropout)
         self.fc = nn.Linear(self.inception.features, len(CLASSES))
 
     def fcgn_input(self, x: torch.Tensor) -> torch.Tensor:
@@ -201,7 +224,7 @@ class GlimpseNet(nn.Module):
         return torch.sigmoid(logits.float()).reshape(n, j, len(CLASSES))
 
     def pool(self, glimpse_probabilities: torch.Tensor) -> torch.Tensor:
-        return mil.pool(glimpse_probabilities.float(), self.config.pooling)
+        return mil.pool(glimpse_probabilities.float(), self.config.pooling.to_dict())
 
     def forward(self, x: torch.Tensor) -> GlimpseNetOutput:
         raw = self.fcgn(self.fcgn_input(x))

@@ -11,47 +11,33 @@ scanner's overall brightness) or a fixed value.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import math
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from pydantic import PlainValidator
 
+from ..config import Positive, StrictConfig
 from ..family import Prepared
 from ..geometry import Geometry, Resize
 from ..mammogram import Mammogram, MammogramError
 from .network import GlimpseNetConfig
 
 
-@dataclass(frozen=True)
-class PreprocessSpec:
-    size: int
+def _mean(value: Any) -> float | str:
+    if value == "image" or (type(value) in (int, float) and math.isfinite(value)):
+        return value
+    raise ValueError(f'must be "image" or a number, got {value!r}')
+
+
+class PreprocessSpec(StrictConfig):
+    subject: ClassVar[str] = "GlimpseNet preprocessing"
+
+    size: Positive
     """Side of the square full-resolution input grid."""
-    mean: float | str = "image"
-
-    @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> PreprocessSpec:
-        unknown = sorted(set(spec) - {"size", "mean"})
-        if unknown:
-            raise ValueError(f"GlimpseNet preprocessing: unknown keys {unknown}; known: mean, size")
-        try:
-            size = int(spec["size"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(
-                f"GlimpseNet preprocessing needs size: N, got {spec.get('size')!r}"
-            ) from None
-        mean = spec.get("mean", "image")
-        if mean != "image" and not isinstance(mean, int | float):
-            raise ValueError(
-                f'GlimpseNet preprocessing: mean must be "image" or a number, got {mean!r}'
-            )
-        if size < 1:
-            raise ValueError(f"GlimpseNet preprocessing: size must be at least 1, got {size}")
-        return cls(size=size, mean=mean)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"size": self.size, "mean": self.mean}
+    mean: Annotated[float | Literal["image"], PlainValidator(_mean)] = "image"
 
 
 def default_spec(architecture: dict[str, Any]) -> dict[str, Any]:

@@ -15,12 +15,15 @@ Module attribute names follow the public implementation exactly, so the publishe
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, fields
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from pydantic import Field, field_validator, model_validator
 from torch import nn
+
+from ..config import IntPair, Positive, Sizes, StrictConfig
 
 PUBLISHED_INPUT_SHAPE = (2944, 1920)
 
@@ -28,95 +31,81 @@ PUBLISHED_INPUT_SHAPE = (2944, 1920)
 # -- configuration ------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class GMICConfig:
-    """Architecture of one GMIC model; `to_dict()` is what a model card stores."""
+class GMICConfig(StrictConfig):
+    """Architecture of one GMIC model; `to_dict()` is what a model card stores.
 
-    input_shape: tuple[int, int]
-    K: int
-    crop_shape: tuple[int, int]
-    percent_t: float
-    num_classes: int = 2
-    global_width: int = 16
-    global_blocks: tuple[int, ...] = (2, 2, 2, 2, 2)
-    local_width: int = 64
-    local_blocks: tuple[int, ...] = (2, 2, 2, 2)
-    attention_dim: int = 128
+    A card may also carry `cam_size` and `post_processing_dim` (the published parameter names);
+    they follow from the layers and are checked against them, never taken from the card.
+    """
 
+    subject: ClassVar[str] = "GMIC architecture"
+    derived_fields: ClassVar[tuple[str, ...]] = ("cam_size", "post_processing_dim")
+
+    input_shape: IntPair
+    K: Positive
+    crop_shape: IntPair
+    percent_t: Annotated[float, Field(gt=0.0, le=1.0)]
+    num_classes: Positive = 2
+    global_width: Positive = 16
+    global_blocks: Sizes = (2, 2, 2, 2, 2)
+    local_width: Positive = 64
+    local_blocks: Sizes = (2, 2, 2, 2)
+    attention_dim: Positive = 128
+
+    @model_validator(mode="wrap")
     @classmethod
-    def from_dict(cls, architecture: dict[str, Any]) -> GMICConfig:
-        """Validate a config dict; `cam_size` and `post_processing_dim` may be given, and are
-        then checked against what the layers produce."""
-        data = dict(architecture)
-        cam_size = data.pop("cam_size", None)
-        post_dim = data.pop("post_processing_dim", None)
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(data) - known)
-        if unknown:
-            raise ValueError(f"GMIC architecture: unknown keys {unknown}; known: {sorted(known)}")
-        missing = [k for k in ("input_shape", "K", "crop_shape", "percent_t") if k not in data]
-        if missing:
-            raise ValueError(f"GMIC architecture: missing keys {missing}")
-        for key in ("input_shape", "crop_shape", "global_blocks", "local_blocks"):
-            if key in data:
-                data[key] = tuple(int(v) for v in data[key])
-        config = cls(**data)
-        if cam_size is not None and tuple(cam_size) != config.cam_size:
+    def _derived_match(cls, data: Any, handler: Any) -> GMICConfig:
+        derived = {}
+        if isinstance(data, dict):
+            data = dict(data)
+            derived = {k: data.pop(k) for k in ("cam_size", "post_processing_dim") if k in data}
+        config = handler(data)
+        cam_size = derived.get("cam_size", list(config.cam_size))
+        if not isinstance(cam_size, list | tuple) or list(cam_size) != list(config.cam_size):
             raise ValueError(
-                f"GMIC architecture: cam_size {list(cam_size)} does not match input_shape "
-                f"{list(config.input_shape)}, which gives a {list(config.cam_size)} map"
+                f"cam_size {cam_size!r} does not match input_shape {list(config.input_shape)}, "
+                f"which gives a {list(config.cam_size)} map"
             )
-        if post_dim is not None and int(post_dim) != config.post_processing_dim:
+        post_dim = derived.get("post_processing_dim", config.post_processing_dim)
+        if post_dim != config.post_processing_dim or isinstance(post_dim, bool):
             raise ValueError(
-                f"GMIC architecture: post_processing_dim {post_dim} does not match the global "
-                f"network, whose last layer has {config.post_processing_dim} channels "
-                f"(global_width × 2^(len(global_blocks) - 1))"
+                f"post_processing_dim {post_dim!r} does not match the global network, whose "
+                f"last layer has {config.post_processing_dim} channels "
+                "(global_width × 2^(len(global_blocks) - 1))"
             )
         return config
 
-    def __post_init__(self) -> None:
-        checks = [
-            (
-                len(self.input_shape) == 2 and min(self.input_shape) >= 64,
-                "input_shape must be (height, width), each at least 64",
-            ),
-            (
-                len(self.crop_shape) == 2 and min(self.crop_shape) >= 8,
-                "crop_shape must be (height, width), each at least 8",
-            ),
-            (self.K >= 1, "K must be at least 1"),
-            (0.0 < self.percent_t <= 1.0, "percent_t must be in (0, 1]"),
-            (self.num_classes >= 1, "num_classes must be at least 1"),
-            (
-                self.global_width >= 1 and self.local_width >= 1 and self.attention_dim >= 1,
-                "widths must be positive",
-            ),
-            (
-                len(self.global_blocks) >= 1 and min(self.global_blocks) >= 1,
-                "global_blocks needs at least one layer of at least one block",
-            ),
-            (
-                len(self.local_blocks) >= 1 and min(self.local_blocks) >= 1,
-                "local_blocks needs at least one layer of at least one block",
-            ),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise ValueError(f"GMIC architecture: {message}")
+    @field_validator("input_shape")
+    @classmethod
+    def _input_at_least_64(cls, shape: tuple[int, int]) -> tuple[int, int]:
+        if min(shape) < 64:
+            raise ValueError(f"must be (height, width), each at least 64, got {list(shape)}")
+        return shape
+
+    @field_validator("crop_shape")
+    @classmethod
+    def _crop_at_least_8(cls, shape: tuple[int, int]) -> tuple[int, int]:
+        if min(shape) < 8:
+            raise ValueError(f"must be (height, width), each at least 8, got {list(shape)}")
+        return shape
+
+    @model_validator(mode="after")
+    def _fits_the_map(self) -> GMICConfig:
         h, w = self.cam_size
         if min(h, w) < 1:
-            raise ValueError(f"GMIC architecture: input_shape {self.input_shape} is too small")
+            raise ValueError(f"input_shape {list(self.input_shape)} is too small")
         if self.top_t_count < 1:
             raise ValueError(
-                f"GMIC architecture: percent_t {self.percent_t} keeps no position of the "
-                f"{h}x{w} saliency map; raise it"
+                f"percent_t {self.percent_t} keeps no position of the {h}x{w} saliency map; "
+                "raise it"
             )
         wh, ww = self.roi_window
         if wh < 1 or ww < 1 or wh > h or ww > w:
             raise ValueError(
-                f"GMIC architecture: crop_shape {self.crop_shape} maps to a {wh}x{ww} window on "
-                f"the {h}x{w} saliency map; it must be between 1x1 and the map size"
+                f"crop_shape {list(self.crop_shape)} maps to a {wh}x{ww} window on the {h}x{w} "
+                "saliency map; it must be between 1x1 and the map size"
             )
+        return self
 
     @property
     def cam_size(self) -> tuple[int, int]:
@@ -145,19 +134,9 @@ class GMICConfig:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "input_shape": list(self.input_shape),
+        return super().to_dict() | {
             "cam_size": list(self.cam_size),
-            "K": self.K,
-            "crop_shape": list(self.crop_shape),
-            "percent_t": self.percent_t,
             "post_processing_dim": self.post_processing_dim,
-            "num_classes": self.num_classes,
-            "global_width": self.global_width,
-            "global_blocks": list(self.global_blocks),
-            "local_width": self.local_width,
-            "local_blocks": list(self.local_blocks),
-            "attention_dim": self.attention_dim,
         }
 
 

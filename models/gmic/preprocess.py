@@ -27,14 +27,17 @@ operation expressed as a `Geometry` step so that maps and boxes go back to the s
 from __future__ import annotations
 
 import logging
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+import math
+from dataclasses import dataclass
+from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import scipy.ndimage as ndi
 import torch
 import torch.nn.functional as F
+from pydantic import Field, PlainValidator, field_validator
 
+from ..config import IntPair, StrictConfig
 from ..family import Prepared
 from ..geometry import Crop, Flip, Geometry, Pad, Resize, Step
 from ..mammogram import Laterality, Mammogram, MammogramError, View
@@ -42,59 +45,38 @@ from .network import PUBLISHED_INPUT_SHAPE, GMICConfig
 
 log = logging.getLogger(__name__)
 
-ORIENTATIONS = ("auto", "laterality")
+
+def _scale(value: Any) -> float | str:
+    if value == "fit" or (
+        type(value) in (int, float) and math.isfinite(value) and 0.0 < value <= 1.0
+    ):
+        return value
+    raise ValueError(f"must be in (0, 1] or 'fit', got {value!r}")
 
 
-@dataclass(frozen=True)
-class PreprocessSpec:
-    window: tuple[int, int] = PUBLISHED_INPUT_SHAPE
+class PreprocessSpec(StrictConfig):
+    subject: ClassVar[str] = "GMIC preprocessing"
+
+    window: IntPair = PUBLISHED_INPUT_SHAPE
     """Model input size (rows, cols)."""
-    scale: float | str = 1.0
+    scale: Annotated[float | Literal["fit"], PlainValidator(_scale)] = 1.0
     """Resize factor applied after the crop stage; the window is cut from the resized image.
     "fit" picks, per image, the largest factor ≤ 1 at which the tissue box fits the window:
     for models trained on images of varying size (the demo models)."""
-    crop_iterations: int = 100
+    crop_iterations: Annotated[int, Field(ge=0)] = 100
     """Erosion/dilation iterations of the crop stage, in source pixels."""
-    crop_buffer: int = 50
+    crop_buffer: Annotated[int, Field(ge=0)] = 50
     """Margin added around the tissue box (not on the chest-wall side), in source pixels."""
-    rightmost_search_from: float = 1 / 3
+    rightmost_search_from: Annotated[float, Field(ge=0.0, lt=1.0)] = 1 / 3
     """Fraction of rows from the top ignored when looking for the right-most tissue column."""
-    orientation: str = "auto"
+    orientation: Literal["auto", "laterality"] = "auto"
 
+    @field_validator("window")
     @classmethod
-    def from_dict(cls, spec: dict[str, Any]) -> PreprocessSpec:
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(spec) - known)
-        if unknown:
-            raise ValueError(f"GMIC preprocessing: unknown keys {unknown}; known: {sorted(known)}")
-        data = dict(spec)
-        if "window" in data:
-            data["window"] = tuple(int(v) for v in data["window"])
-        return cls(**data)
-
-    def __post_init__(self) -> None:
-        if len(self.window) != 2 or min(self.window) < 1:
-            raise ValueError(f"GMIC preprocessing: window must be (rows, cols), got {self.window}")
-        if self.scale != "fit" and not (
-            isinstance(self.scale, int | float) and 0.0 < self.scale <= 1.0
-        ):
-            raise ValueError(
-                f"GMIC preprocessing: scale must be in (0, 1] or 'fit', got {self.scale!r}"
-            )
-        if self.crop_iterations < 0 or self.crop_buffer < 0:
-            raise ValueError("GMIC preprocessing: crop_iterations and crop_buffer must be >= 0")
-        if not 0.0 <= self.rightmost_search_from < 1.0:
-            raise ValueError("GMIC preprocessing: rightmost_search_from must be in [0, 1)")
-        if self.orientation not in ORIENTATIONS:
-            raise ValueError(
-                f"GMIC preprocessing: orientation must be one of {ORIENTATIONS}, "
-                f"got {self.orientation!r}"
-            )
-
-    def to_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["window"] = list(self.window)
-        return data
+    def _positive(cls, window: tuple[int, int]) -> tuple[int, int]:
+        if min(window) < 1:
+            raise ValueError(f"must be (rows, cols), each at least 1, got {list(window)}")
+        return window
 
 
 def default_spec(architecture: dict[str, Any]) -> dict[str, Any]:
