@@ -41,10 +41,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.ensemble import FLIPS, PRECISIONS, Ensemble, resolve_device  # noqa: E402
+from models.ensemble import FLIPS, Ensemble, resolve_device  # noqa: E402
 from models.family import get_family  # noqa: E402
 from models.mammogram import Mammogram  # noqa: E402
 from models.modelfile import load_model, new_model_file  # noqa: E402
+from models.numerics import PRECISIONS, autocast  # noqa: E402
 from plugin.config import load_config, machine_cpus  # noqa: E402
 from plugin.service import Service  # noqa: E402
 from trainer.synth import encode, synth_exam  # noqa: E402
@@ -276,7 +277,6 @@ def forward_only(
     from plugin.decoding import decode
 
     device = resolve_device(args.device)
-    dtype = PRECISIONS[args.precision]
     images = decode([(str(p), p) for p in exam], keep_pixels=False).mammograms
     total = 0.0
     for path, flips in members:
@@ -290,12 +290,7 @@ def forward_only(
             batch = torch.cat([torch.flip(x, FLIPS[f]) if FLIPS[f] else x for f in flips])
             _sync(device)
             started = time.perf_counter()
-            with (
-                torch.inference_mode(),
-                torch.autocast(
-                    device.type, dtype=dtype or torch.float32, enabled=dtype is not None
-                ),
-            ):
+            with torch.inference_mode(), autocast(device, args.precision):
                 for chunk in torch.split(batch, args.max_batch):
                     module(chunk)
             _sync(device)
