@@ -15,7 +15,7 @@ import torch
 from models import get_family, load_model
 from models.gmic import GMIC, PRESETS, GMICConfig
 from models.gmic.checkpoint import import_checkpoint
-from models.gmic.network import retrieve_roi, top_t_percent
+from models.gmic.network import max_pool_3x3_stride_2, retrieve_roi, top_t_percent
 
 CASES = ("0_L-CC", "legacy_0_R-CC")
 ATOL = {"y_fusion": 1e-5, "y_global": 1e-5, "y_local": 1e-5, "attention": 1e-5, "saliency": 1e-4}
@@ -225,3 +225,15 @@ def test_config_round_trips_and_is_frozen() -> None:
     assert config.cam_size == (46, 30) and config.roi_window == (4, 4)
     with pytest.raises(ValueError, match="frozen"):
         config.K = 3
+
+
+@pytest.mark.parametrize("shape", [(1, 16, 736, 480), (2, 3, 7, 8), (1, 1, 3, 3), (3, 4, 9, 10)])
+def test_inference_max_pool_is_max_pool2d(shape: tuple[int, ...]) -> None:
+    """The CPU inference path of the global network's first pool gives max_pool2d's values
+    bit for bit, odd and even sizes, NaN included."""
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    x[..., 1, 1] = float("nan")
+    got, want = max_pool_3x3_stride_2(x), torch.nn.functional.max_pool2d(x, 3, stride=2)
+    assert got.shape == want.shape
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got.nan_to_num(7.0), want.nan_to_num(7.0))
