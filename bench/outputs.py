@@ -37,7 +37,7 @@ import sys  # noqa: E402
 import tempfile  # noqa: E402
 import time  # noqa: E402
 from collections.abc import Callable  # noqa: E402
-from dataclasses import dataclass, replace  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
 from pathlib import Path  # noqa: E402
 from types import ModuleType, SimpleNamespace  # noqa: E402
 
@@ -49,8 +49,9 @@ from PIL import Image  # noqa: E402
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.results import ExamPrediction, ImagePrediction, RegionOfInterest  # noqa: E402
+from models.results import ExamPrediction, ImagePrediction, RegionOfInterest, map_levels  # noqa: E402
 from plugin.outputs import heatmap, labelmap, sc, seg  # noqa: E402
+from tests.support.maps import malignant_fields  # noqa: E402
 from tests.support.outputs_samples import exam_prediction, model_info  # noqa: E402
 from trainer.synth import encode, synth_exam  # noqa: E402
 
@@ -212,11 +213,11 @@ def report(rows: list[tuple[str, Figure | None, Figure | None]], base: str | Non
 
 def float_maps(img: ImagePrediction) -> SimpleNamespace:
     """`img` with float32 maps k/255 (the baseline's interface), as a plain namespace: an
-    ImagePrediction keeps its maps as uint8 levels."""
+    ImagePrediction takes uint8 levels only."""
     fields = dict(vars(img))
     for name in ("malignant_map", "benign_map"):
         if fields[name] is not None:
-            fields[name] = heatmap.levels(fields[name]) / np.float32(255)
+            fields[name] = fields[name] / np.float32(255)
     return SimpleNamespace(**fields)
 
 
@@ -238,14 +239,9 @@ def sample(rows: int, cols: int) -> tuple[ExamPrediction, ImagePrediction, pydic
         malignant=0.85,
         benign=0.35,
         per_model={info.name: 0.85},
-        malignant_map=malignant,
-        benign_map=benign,
+        **malignant_fields(malignant),
+        benign_map=map_levels(benign),
         rois=(RegionOfInterest(top_blob(malignant), 0.9, info.name),),
-    )
-    prediction = replace(
-        prediction,
-        malignant_map=heatmap.levels(malignant),
-        benign_map=heatmap.levels(benign),
     )
     exam = exam_prediction(synth.study_instance_uid, [prediction], (info,))
     return exam, prediction, source

@@ -65,8 +65,9 @@ def fp32_guard(device: torch.device, tf32: bool) -> Iterator[None]:
 
 def to_levels(p: torch.Tensor) -> torch.Tensor:
     """uint8 levels of a float map in [0, 1]: floor(p × 255 + 0.5) in fp32, NaN as 0, clipped;
-    on the map's own device. Two separate fp32 operations (no fused multiply-add), so every
-    device gives the same levels as `plugin.outputs.heatmap.levels` does in numpy."""
+    on the map's own device. The one rounding rule of the maps every output stores or shows
+    (`models.results.map_levels` applies it to numpy maps). Two separate fp32 operations (no
+    fused multiply-add), so every device gives the same levels."""
     return to_levels_(p.to(torch.float32, copy=True).nan_to_num_(nan=0.0).clamp_(0.0, 1.0))
 
 

@@ -46,15 +46,34 @@ class ModelInfo:
     gets a new one even if nobody bumped its version."""
 
 
-def map_levels(values: np.ndarray) -> np.ndarray:
-    """uint8 levels of a map in [0, 1] on the CPU, by the ensemble's own rule; levels (uint8)
-    come back as they are."""
-    if values.dtype == np.uint8:
-        return values
-    if not np.issubdtype(values.dtype, np.floating):
-        raise TypeError(f"a map is uint8 levels or floats in [0, 1], not {values.dtype}")
-    writable = np.require(values, dtype=np.float32, requirements="W")
+def map_levels(p: np.ndarray) -> np.ndarray:
+    """uint8 levels of a probability map in [0, 1] (NaN as 0), on the CPU, by the ensemble's
+    own rule (`models.numerics.to_levels`): how a map built outside the ensemble (synthetic
+    data, tests, benches) becomes an `ImagePrediction` map."""
+    if not np.issubdtype(p.dtype, np.floating):
+        raise TypeError(
+            f"map_levels turns probabilities (floats in [0, 1]) into levels, not {p.dtype}"
+        )
+    writable = np.require(p, dtype=np.float32, requirements="W")
     return to_levels(torch.from_numpy(writable)).numpy()
+
+
+def _check_levels(name: str, m: np.ndarray | None, shape: tuple[int, ...] | None) -> None:
+    """A map is 2-D uint8 levels (on the source grid, so both maps share one shape)."""
+    if m is None and name == "benign_map":
+        return
+    if not isinstance(m, np.ndarray) or m.dtype != np.uint8:
+        kind = type(m).__name__ if not isinstance(m, np.ndarray) else f"{m.dtype} array"
+        raise TypeError(
+            f"ImagePrediction.{name} must be uint8 levels round(p × 255), not a {kind}; "
+            "build them from probabilities in [0, 1] with models.results.map_levels(p)"
+        )
+    if m.ndim != 2 or (shape is not None and m.shape != shape):
+        raise ValueError(
+            f"ImagePrediction.{name} must be (rows, cols) on the source grid"
+            + (f" like malignant_map {shape}" if shape is not None else "")
+            + f", not {m.shape}"
+        )
 
 
 @dataclass(frozen=True)
@@ -70,11 +89,11 @@ class ImagePrediction:
     per_model: dict[str, float]
     """Each member's malignancy probability (averaged over its flips), by model name."""
     malignant_map: np.ndarray = field(repr=False)
-    """(rows, cols) on the source grid. From the ensemble: uint8, the malignancy map p in
-    [0, 1] as the 8-bit level round(p × 255) (`models.numerics.to_levels`, the levels every
-    output stores or shows), quantised on the ensemble's device so that a quarter of fp32's
-    bytes leave it. A prediction built elsewhere (synthetic data, tests) may give float32 in
-    [0, 1]; consumers read either through the same levels (`malignant_levels`)."""
+    """(rows, cols) uint8 on the source grid: the malignancy map p in [0, 1] as the 8-bit
+    level round(p × 255) (`models.numerics.to_levels`), the levels every output stores or
+    shows. The ensemble quantises on its device, so a quarter of fp32's bytes leave it; a
+    prediction built elsewhere turns its probabilities into levels with `map_levels`. Any
+    other dtype is refused (TypeError)."""
     benign_map: np.ndarray | None = field(repr=False)
     """Like `malignant_map`; None when no member has a benign class."""
     rois: tuple[RegionOfInterest, ...] = ()
@@ -87,16 +106,13 @@ class ImagePrediction:
     its peak), takes the argmax of the map given."""
 
     def __post_init__(self) -> None:
+        _check_levels("malignant_map", self.malignant_map, None)
+        _check_levels("benign_map", self.benign_map, self.malignant_map.shape)
         m, peak = self.malignant_map, self.malignant_peak
         inside = peak is not None and 0 <= peak[0] < m.shape[0] and 0 <= peak[1] < m.shape[1]
         if not inside or m[peak] < m.max():
             row, col = np.unravel_index(int(np.argmax(m)), m.shape)
             object.__setattr__(self, "malignant_peak", (int(row), int(col)))
-
-    @property
-    def malignant_levels(self) -> np.ndarray:
-        """The malignancy map as uint8 levels (the map itself when it is levels already)."""
-        return map_levels(self.malignant_map)
 
     @property
     def view_key(self) -> str:

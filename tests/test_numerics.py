@@ -16,7 +16,7 @@ from models.gmic import GMIC, PRESETS
 from models.gmic.preprocess import _city_block_distance
 from models.numerics import autocast, to_levels
 from models.reading import read_mammogram
-from plugin.outputs import heatmap
+from models.results import map_levels
 from tests.support.maps import assert_levels_close
 
 
@@ -92,9 +92,9 @@ def test_one_autocast_for_every_precision():
         autocast(cpu, "fp8")
 
 
-def test_levels_on_the_device_are_the_outputs_levels():
-    """The ensemble quantises its maps on its device (`to_levels`); the result objects'
-    rule (`heatmap.levels`, numpy) gives the same level for every float, ties included."""
+def test_levels_round_to_nearest_in_fp32():
+    """The one rounding rule of the maps (`to_levels`, on the ensemble's device; `map_levels`
+    on numpy maps): floor(fp32(p × 255) + 0.5), NaN as 0, clipped to 0..255."""
     boundaries = (np.arange(256, dtype=np.float32) + 0.5) / 255
     values = np.concatenate(
         [
@@ -102,10 +102,17 @@ def test_levels_on_the_device_are_the_outputs_levels():
             boundaries,
             np.nextafter(boundaries, 0),
             np.nextafter(boundaries, 1),
-            np.float32([np.nan, -0.1, 0.0, 1.0, 1.5]),
         ]
     )
-    assert np.array_equal(to_levels(torch.from_numpy(values)).numpy(), heatmap.levels(values))
+    levels = to_levels(torch.from_numpy(values)).numpy()
+    clipped = np.clip(values, 0, 1)  # the last boundary lies above 1
+    fp32 = np.floor(clipped * np.float32(255) + np.float32(0.5))  # two fp32 roundings, no FMA
+    assert fp32.dtype == np.float32 and np.array_equal(levels, fp32.astype(np.uint8))
+    assert np.abs(levels - values.astype(np.float64) * 255).max() <= 0.5 + 1e-4
+    odd = to_levels(torch.from_numpy(np.float32([np.nan, -0.1, 0.0, 1.0, 1.5]))).numpy()
+    assert odd.tolist() == [0, 0, 0, 255, 255]
+    assert np.array_equal(map_levels(values), levels)
+    assert np.array_equal(map_levels(values.astype(np.float64)), levels)
 
 
 def test_city_block_distance_is_scipys_iterated_erosion():

@@ -19,6 +19,7 @@ from scipy import ndimage
 from models.mammogram import Laterality
 from models.results import BreastPrediction, ExamPrediction, ImagePrediction, ModelInfo
 from plugin.outputs import OutputKind, build_outputs
+from tests.support.maps import malignant_fields
 from tests.support.orthanc_peer import SCRIPT, OrthancPeer, dicom_bytes, plugin_config
 from tests.support.orthanc_viewer_check import OverlayViewer, browser, pixel, saturation
 
@@ -47,8 +48,8 @@ def prediction_from_masks(exam) -> ExamPrediction:
                 malignant=0.83 if mask.any() else 0.07,
                 benign=0.04,
                 per_model={MODEL.name: 0.83 if mask.any() else 0.07},
-                malignant_map=heat.astype(np.float32),
-                benign_map=np.zeros_like(heat),
+                **malignant_fields(heat),
+                benign_map=np.zeros(heat.shape, np.uint8),
             )
         )
     breasts = []

@@ -23,6 +23,7 @@ from plugin.outputs import (
     build_outputs,
 )
 from plugin.outputs.common import model_device_uid, region_for
+from tests.support.maps import malignant_fields
 from tests.support.outputs_samples import model_info, prediction_for
 
 ALL = list(OutputKind)
@@ -226,13 +227,27 @@ def test_region_centres_on_the_fp32_peak_and_spans_the_half_maximum_levels(synth
     values[100:110, 200:230] = 0.6  # level 153: half the peak's level, rounded up, is 128
     values[104, 210] = 1.0  # the fp32 peak, level 255
     values[110:112, 200:230] = 127 / 255  # next to the blob, below half: not in it
-    region = region_for(replace(img, malignant_map=values, malignant_peak=None, rois=()))
+    # As the ensemble hands it over: the levels, with the peak it found in fp32.
+    region = region_for(replace(img, **malignant_fields(values), rois=()))
     assert region.origin == "saliency"
     assert region.center == (104.5, 210.5)
     assert region.box == (100.0, 200.0, 110.0, 230.0)
-    # As the ensemble hands it over: the levels, with the peak it found in fp32.
-    levels = replace(img, malignant_map=map_levels(values), malignant_peak=(104, 210), rois=())
-    assert region_for(levels) == region
     faint = np.full((rows, cols), 0.4 / 255, np.float32)  # rounds to level 0
-    region = region_for(replace(img, malignant_map=faint, malignant_peak=None, rois=()))
+    region = region_for(replace(img, **malignant_fields(faint), rois=()))
     assert region.origin == "image" and region.box == (0.0, 0.0, float(rows), float(cols))
+
+
+def test_a_float_map_is_refused_with_what_to_do(synth_exam_small):
+    """A prediction's maps are uint8 levels only (one representation from the ensemble to
+    every output); probabilities are turned into them by the ensemble's rule, map_levels."""
+    prediction, _ = prediction_for(synth_exam_small)
+    img = prediction.images[0]
+    p = img.malignant_map / np.float32(255)
+    for field in ("malignant_map", "benign_map"):
+        what = rf"{field} must be uint8 levels .*models\.results\.map_levels\(p\)"
+        with pytest.raises(TypeError, match=what):
+            replace(img, **{field: p})
+    with pytest.raises(ValueError, match="benign_map must be .rows, cols. on the source grid"):
+        replace(img, benign_map=img.benign_map[:-1])
+    levels = replace(img, malignant_map=map_levels(p), benign_map=map_levels(p))
+    assert np.array_equal(levels.malignant_map, img.malignant_map)

@@ -15,6 +15,7 @@ from models.gmic import PRESETS
 from models.reading import read_mammogram
 from models.results import ImagePrediction, RegionOfInterest
 from plugin.outputs import build_cad_sr, build_segs
+from tests.support.maps import malignant_fields
 from tests.support.outputs_samples import (
     bump,
     children,
@@ -62,7 +63,7 @@ def _predict_with_bump(exam, use_roi: bool):
                 malignant=p,
                 benign=None,
                 per_model={"bump": p},
-                malignant_map=source_map.astype(np.float32),
+                **malignant_fields(source_map.astype(np.float32)),
                 benign_map=None,
                 rois=rois,
             )

@@ -14,10 +14,16 @@ import pydicom
 import pytest
 from PIL import Image
 
-from models.results import RegionOfInterest
+from models.results import RegionOfInterest, map_levels
 from plugin.outputs import NOT_FOR_CLINICAL_USE, build_sc, build_scs, display_image
 from plugin.outputs.common import DEFAULT_OPTIONS
-from plugin.outputs.heatmap import DISPLAY_FLOOR, VIRIDIS, display_threshold, levels
+from plugin.outputs.heatmap import (
+    DISPLAY_FLOOR,
+    VIRIDIS,
+    display_threshold,
+    first_shown_level,
+    overlay,
+)
 from plugin.outputs.sc import caption, label_sizes, render
 from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 from trainer.synth import synth_exam
@@ -160,6 +166,7 @@ def _case(synth_exam_small, threshold=0.5, **fields):
 
 def test_below_the_threshold_is_transparent_above_it_viridis(synth_exam_small):
     ramp = np.tile(np.linspace(0, 1, 416, dtype=np.float32), (512, 1))
+    ramp = map_levels(ramp)
     prediction, img, grey, rgb = _case(synth_exam_small, 0.5, malignant_map=ramp, rois=())
     rows = slice(300, 500)  # below the label
     below, above = np.s_[rows, :200], np.s_[rows, 216:]
@@ -211,7 +218,7 @@ def test_label_reads_at_full_size_and_as_a_thumbnail(synth_exam_small):
     rows, cols = 3328, 2560
     grey = np.zeros((rows, cols), np.uint8)
     grey[:, cols // 2 :] = 160  # breast on the right: the label goes left
-    big = replace(img, malignant_map=np.zeros((rows, cols), np.float32), rois=())
+    big = replace(img, malignant_map=np.zeros((rows, cols), np.uint8), benign_map=None, rois=())
     rgb = render(prediction, big, grey, 0.5)
     large, small = label_sizes(rows, cols)
     assert (large, small) == (111, 62) and label_sizes(512, 416)[0] == 17
@@ -256,24 +263,13 @@ def test_dciodvfy_accepts(built, tmp_path):
     assert dciodvfy_errors(path) == []
 
 
-def test_float_map_and_its_levels_give_the_same_heat_map(synth_exam_small):
-    """The ensemble hands over uint8 levels (`heatmap.levels`); the picture and the encoded
-    object are the same as from the float map, rounding ties at the threshold included."""
-    prediction, sources = prediction_for(synth_exam_small, rois=True)
-    img = next(i for i in prediction.images if i.malignant > 0.5)
-    noisy = levels(img.malignant_map) / np.float32(255)
-    noisy[-4:, :256] = (np.arange(256, dtype=np.float32) + 0.5) / 255  # exact ties
-    noisy[-5, :3] = (np.nan, -0.2, 1.3)
-    as_float, as_levels = (
-        replace(img, malignant_map=noisy),
-        replace(img, malignant_map=levels(noisy)),
-    )
-    grey = display_image(sources[img.sop_instance_uid])
-    for threshold in (0.5, DISPLAY_FLOOR, 0.0):
-        assert np.array_equal(
-            render(prediction, as_float, grey, threshold),
-            render(prediction, as_levels, grey, threshold),
-        )
-    source = sources[img.sop_instance_uid]
-    a, b = build_sc(prediction, as_float, source), build_sc(prediction, as_levels, source)
-    assert a.PixelData == b.PixelData
+def test_colour_starts_at_the_thresholds_level():
+    """The ensemble hands over uint8 levels; every level from the threshold's, ceil(t × 255),
+    up is coloured and every level below it shows the mammogram's grey unchanged."""
+    levels = np.tile(np.arange(256, dtype=np.uint8), (3, 1))
+    grey = np.full(levels.shape, 90, np.uint8)
+    for threshold, first in ((0.5, 128), (DISPLAY_FLOOR, 51), (0.0, 0)):
+        assert first_shown_level(threshold) == first
+        coloured = (overlay(grey, levels, threshold) != grey[..., None]).any(axis=-1)
+        assert np.array_equal(coloured.all(axis=0), np.arange(256) >= first)
+        assert np.array_equal(coloured.any(axis=0), np.arange(256) >= first)

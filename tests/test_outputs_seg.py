@@ -11,9 +11,9 @@ import numpy as np
 import pydicom
 import pytest
 
+from models.results import map_levels
 from plugin.outputs import MAX_FRACTIONAL_VALUE, NOT_FOR_CLINICAL_USE, build_seg, build_segs
 from plugin.outputs.common import OutputOptions
-from plugin.outputs.heatmap import levels
 from plugin.outputs.seg import finish_seg, plan_seg
 from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 
@@ -51,9 +51,9 @@ def test_read_back_matches_maps(segs):
         assert seg.file_meta.TransferSyntaxUID == pydicom.uid.JPEGLSLossless
         assert seg.StudyInstanceUID == src.StudyInstanceUID
         pixels = seg.get_pixels_by_source_instance([uid], rescale_fractional=True)[0]
-        # Exactly the maps' 8-bit levels k as k/255 (maps given as floats or as levels).
-        assert np.abs(pixels[..., 0] - levels(img.malignant_map) / 255).max() <= 1e-6
-        assert np.abs(pixels[..., 1] - levels(img.benign_map) / 255).max() <= 1e-6
+        # Exactly the maps' 8-bit levels k as k/255.
+        assert np.abs(pixels[..., 0] - img.malignant_map / 255).max() <= 1e-6
+        assert np.abs(pixels[..., 1] - img.benign_map / 255).max() <= 1e-6
         # The peak stays where it was (8-bit plateaus can move it by a few pixels).
         decoded = np.unravel_index(np.argmax(pixels[..., 0]), pixels.shape[:2])
         truth = np.unravel_index(np.argmax(img.malignant_map), img.malignant_map.shape)
@@ -91,7 +91,7 @@ def test_probability_one_is_stored_as_255_not_wrapped(synth_exam_small, tmp_path
     img = prediction.images[0]
     ones = np.ones(img.malignant_map.shape, np.float32)
     ones[0, 0] = 0.5
-    img = type(img)(**{**img.__dict__, "malignant_map": ones})
+    img = replace(img, malignant_map=map_levels(ones))
     path = tmp_path / "seg.dcm"
     build_seg(prediction, img, sources[img.sop_instance_uid]).save_as(path)
     raw = pydicom.dcmread(path).pixel_array
@@ -106,7 +106,7 @@ def test_probability_one_is_stored_as_255_not_wrapped(synth_exam_small, tmp_path
 def test_map_off_the_source_grid_is_refused(synth_exam_small):
     prediction, sources = prediction_for(synth_exam_small)
     img = prediction.images[0]
-    small = type(img)(**{**img.__dict__, "malignant_map": img.malignant_map[::2, ::2]})
+    small = replace(img, malignant_map=img.malignant_map[::2, ::2], benign_map=None)
     with pytest.raises(ValueError, match="source grid"):
         build_seg(prediction, small, sources[img.sop_instance_uid])
 
@@ -126,22 +126,16 @@ def test_dciodvfy_accepts(segs):
         assert dciodvfy_errors(path) == []
 
 
-def test_float_map_and_its_levels_give_the_same_seg(synth_exam_small):
-    """The ensemble hands over uint8 levels (round(p * 255), `heatmap.levels`); a float map
-    and its levels must give byte-identical pixel data, rounding ties included."""
+def test_stores_the_ensembles_levels_as_they_are(synth_exam_small):
+    """The ensemble hands over uint8 levels round(p * 255); the SEG stores every one of them,
+    0 to 255, unchanged."""
     prediction, sources = prediction_for(synth_exam_small)
     img = next(i for i in prediction.images if i.malignant > 0.5)
-    noisy = levels(img.malignant_map) / np.float32(255)
-    noisy[:4, :256] = (np.arange(256, dtype=np.float32) + 0.5) / 255  # exact ties
-    noisy[4, :3] = (np.nan, -0.2, 1.3)  # out of range: clipped, NaN as 0
-    as_float = replace(img, malignant_map=noisy)
-    as_levels = replace(img, malignant_map=levels(noisy), benign_map=levels(img.benign_map))
-    source = sources[img.sop_instance_uid]
-    a, b = build_seg(prediction, as_float, source), build_seg(prediction, as_levels, source)
-    assert a.PixelData == b.PixelData
-    assert a.SOPInstanceUID == b.SOPInstanceUID
-    stored = pydicom.dcmread(_saved(a)).pixel_array
-    assert np.array_equal(stored[0], levels(noisy))
+    every = img.malignant_map.copy()
+    every[:4, :256] = np.arange(256, dtype=np.uint8)
+    seg = build_seg(prediction, replace(img, malignant_map=every), sources[img.sop_instance_uid])
+    stored = pydicom.dcmread(_saved(seg)).pixel_array
+    assert np.array_equal(stored[0], every) and np.array_equal(stored[1], img.benign_map)
 
 
 def _saved(ds: pydicom.Dataset) -> pydicom.filebase.DicomBytesIO:

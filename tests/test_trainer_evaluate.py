@@ -19,6 +19,7 @@ from models.mammogram import Laterality, View
 from models.modelfile import new_model_file, read_card
 from models.pixels import read_mammogram_file
 from models.results import ImagePrediction
+from tests.support.maps import malignant_fields
 from trainer.cli import main
 from trainer.evaluate import Case, aggregate, level_report
 from trainer.finetune import FinetuneOptions, finetune
@@ -136,12 +137,13 @@ def test_peak_distance_is_measured_on_the_source_grid_in_mm(small_site: Path):
     # The peak is the fp32 one: a pixel just below it that rounds to the same level is
     # earlier in row-major order, yet the distance is still measured from the peak.
     off[0, 0] = 0.999
-    assert _prediction(image, off).malignant_levels[0, 0] == 255
+    assert _prediction(image, off).malignant_map[0, 0] == 255
     assert peak_distance(image, _prediction(image, off), (0.4, 0.4)).distance_mm == 4.0
 
 
 def _prediction(image, malignant_map: np.ndarray) -> ImagePrediction:
-    """A prediction for `image` whose malignancy map is `malignant_map` (floats in [0, 1])."""
+    """A prediction for `image` whose malignancy map is `malignant_map` (floats in [0, 1]),
+    as the ensemble hands it over (levels, and the peak found in fp32)."""
     return ImagePrediction(
         image.sop_instance_uid,
         Laterality(image.laterality),
@@ -149,8 +151,8 @@ def _prediction(image, malignant_map: np.ndarray) -> ImagePrediction:
         0.5,
         None,
         {},
-        malignant_map,
-        None,
+        benign_map=None,
+        **malignant_fields(malignant_map),
     )
 
 

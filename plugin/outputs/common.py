@@ -370,7 +370,7 @@ def region_for(img: ImagePrediction) -> Region:
     if img.rois:
         top, left, bottom, right = _clip_box(img.rois[0].box, rows, cols)
         return Region(((top + bottom) / 2, (left + right) / 2), (top, left, bottom, right), "roi")
-    m = img.malignant_levels
+    m = img.malignant_map
     r, c = img.malignant_peak
     peak = int(m[r, c])
     if peak == 0:

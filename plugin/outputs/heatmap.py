@@ -75,42 +75,24 @@ def blend_table(threshold: float) -> np.ndarray:
     return np.round(mixed).astype(np.uint8).reshape(65536, 3)
 
 
-def levels(values: np.ndarray) -> np.ndarray:
-    """Map values in [0, 1] (NaN as 0) as 8-bit levels, rounded; a map that is already uint8
-    levels (what the ensemble hands over) comes back as it is, uncopied."""
-    if values.dtype == np.uint8:
-        return values
-    scaled = np.multiply(values, 255, dtype=np.float32)
-    np.add(scaled, 0.5, out=scaled)
-    np.nan_to_num(scaled, copy=False, nan=0.0)
-    np.clip(scaled, 0, 255, out=scaled)
-    return scaled.astype(np.uint8)
+def is_shown(levels: np.ndarray, threshold: float) -> np.ndarray:
+    """bool: where a map's 8-bit levels (`ImagePrediction.malignant_map`) may be coloured."""
+    return levels >= first_shown_level(threshold)
 
 
-def is_shown(values: np.ndarray, threshold: float) -> np.ndarray:
-    """bool: where a map (values in [0, 1] or uint8 levels) may be coloured, i.e. where its
-    level reaches the first shown one, without computing the levels of a float map. For a
-    float map a margin takes in the rounding ties; the blend table leaves them grey when their
-    level is below the first shown one, so the picture is the same as from the levels."""
-    first = first_shown_level(threshold)
-    if values.dtype == np.uint8:
-        return values >= first
-    return values >= (first - 0.5) / 255 - 1e-6
-
-
-def overlay(grey: np.ndarray, values: np.ndarray, threshold: float) -> np.ndarray:
-    """(rows, cols, 3) uint8: `grey` (uint8) with `values` (in [0, 1], or uint8 levels)
-    coloured where they reach the threshold. Only the bounding box of the coloured pixels
-    goes through the blend table."""
+def overlay(grey: np.ndarray, levels: np.ndarray, threshold: float) -> np.ndarray:
+    """(rows, cols, 3) uint8: `grey` (uint8) with a map's 8-bit `levels` coloured where they
+    reach the threshold. Only the bounding box of the coloured pixels goes through the blend
+    table."""
     rgb = np.stack([grey, grey, grey], axis=-1)  # 7x faster than np.repeat on the last axis
-    shown = is_shown(values, threshold)
+    shown = is_shown(levels, threshold)
     rows = np.flatnonzero(shown.any(axis=1))
     if rows.size == 0:
         return rgb
     cols = np.flatnonzero(shown.any(axis=0))
     box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
     index = grey[box].astype(np.uint16) << 8
-    index |= levels(values[box])
+    index |= levels[box]
     rgb[box] = np.take(blend_table(threshold), index, axis=0)
     return rgb
 

@@ -77,7 +77,7 @@ def build_labelmap_seg(
             "a labelmap SEG needs one (leave `labelmap_seg` out of this destination's outputs)"
         )
     threshold = heatmap.display_threshold(exam, options)
-    hot = img.malignant_levels >= heatmap.first_shown_level(threshold)
+    hot = heatmap.is_shown(img.malignant_map, threshold)
     # The nominal geometry, on the SEG's copy of the source header only.
     meta.FrameOfReferenceUID = derive_uid(
         exam, "labelmap_seg", "frame-of-reference", key, prefix=options.uid_prefix

@@ -158,7 +158,7 @@ def plan_seg(
     )
     return SegPlan(
         arguments=arguments,
-        levels=[heatmap.levels(m) for _, _, m in segments],
+        levels=[m for _, _, m in segments],
         source=source,
         dimension_uid=derive_uid(exam, "seg", "dimension", key, prefix=options.uid_prefix),
     )

@@ -1,12 +1,21 @@
-"""Comparing the ensemble's maps, uint8 levels round(p × 255), with float maps or with another
-run's levels. Floats that agree within `atol` round to the same level except where a rounding
-boundary (k + 0.5) / 255 lies between them; there, and only there, the levels differ by one."""
+"""The ensemble's maps, uint8 levels round(p × 255): built from float maps as the ensemble
+builds them, and compared with float maps or with another run's levels. Floats that agree
+within `atol` round to the same level except where a rounding boundary (k + 0.5) / 255 lies
+between them; there, and only there, the levels differ by one."""
 
 from __future__ import annotations
 
 import numpy as np
 
 from models.results import map_levels
+
+
+def malignant_fields(p: np.ndarray) -> dict[str, object]:
+    """`ImagePrediction` fields for a malignancy map of probabilities `p`, as the ensemble
+    hands them over: the levels, and the peak found in fp32 before quantising (the first
+    maximum in row-major order)."""
+    row, col = np.unravel_index(int(np.argmax(p)), p.shape)
+    return {"malignant_map": map_levels(p), "malignant_peak": (int(row), int(col))}
 
 
 def assert_levels_of(levels: np.ndarray, values: np.ndarray, atol: float) -> None:

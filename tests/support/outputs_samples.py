@@ -20,7 +20,9 @@ from models.results import (
     ImagePrediction,
     ModelInfo,
     RegionOfInterest,
+    map_levels,
 )
+from tests.support.maps import malignant_fields
 from trainer.synth import SynthExam
 
 SCREENING = ("R-CC", "L-CC", "R-MLO", "L-MLO")
@@ -67,7 +69,8 @@ def prediction_for(
     rois: bool = False,
 ) -> tuple[ExamPrediction, dict[str, pydicom.Dataset]]:
     """An ExamPrediction whose malignant map peaks on each image's lesion (centre of the
-    image when it has none), scaled by the image's score; `rois` adds a box around it."""
+    image when it has none), scaled by the image's score, as the ensemble hands it over
+    (levels, fp32 peak); `rois` adds a box around it."""
     models = tuple(models)
     drop = set(drop)
     scores = scores or {}
@@ -91,8 +94,8 @@ def prediction_for(
                 malignant=p,
                 benign=0.2 if benign else None,
                 per_model={m_.name: p for m_ in models},
-                malignant_map=m,
-                benign_map=np.full(shape, 0.2, np.float32) if benign else None,
+                **malignant_fields(m),
+                benign_map=map_levels(np.full(shape, 0.2, np.float32)) if benign else None,
                 rois=(RegionOfInterest(box, 0.9, models[0].name),) if rois else (),
             )
         )
