@@ -15,7 +15,7 @@ from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.gmic import PRESETS as GMIC_PRESETS
 from models.numerics import to_levels
 from models.reading import read_mammogram
-from tests.support.maps import assert_levels_close
+from tests.support.maps import assert_levels_close, rounding_cases
 
 pytestmark = [
     pytest.mark.gpu,
@@ -50,15 +50,6 @@ def test_cuda_fp32_equals_cpu_fp32(members, synth_exam_small):
 
 def test_levels_on_cuda_are_the_outputs_levels():
     """The maps are quantised on the GPU; the levels are the CPU's everywhere, ties included."""
-    boundaries = (np.arange(256, dtype=np.float32) + 0.5) / 255
-    values = np.concatenate(
-        [
-            np.linspace(0, 1, 200_001, dtype=np.float32),
-            boundaries,
-            np.nextafter(boundaries, 0),
-            np.nextafter(boundaries, 1),
-            np.float32([np.nan, -0.1, 0.0, 1.0, 1.5]),
-        ]
-    )
+    values = np.concatenate([rounding_cases(), np.float32([np.nan, -0.1, 0.0, 1.0, 1.5])])
     on_gpu = to_levels(torch.from_numpy(values).cuda()).cpu().numpy()
     assert np.array_equal(on_gpu, to_levels(torch.from_numpy(values)).numpy())

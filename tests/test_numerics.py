@@ -17,7 +17,7 @@ from models.gmic.preprocess import _city_block_distance
 from models.numerics import autocast, to_levels
 from models.reading import read_mammogram
 from models.results import map_levels
-from tests.support.maps import assert_levels_close
+from tests.support.maps import assert_levels_close, rounding_cases
 
 
 @pytest.fixture(scope="module")
@@ -95,15 +95,7 @@ def test_one_autocast_for_every_precision():
 def test_levels_round_to_nearest_in_fp32():
     """The one rounding rule of the maps (`to_levels`, on the ensemble's device; `map_levels`
     on numpy maps): floor(fp32(p × 255) + 0.5), NaN as 0, clipped to 0..255."""
-    boundaries = (np.arange(256, dtype=np.float32) + 0.5) / 255
-    values = np.concatenate(
-        [
-            np.linspace(0, 1, 200_001, dtype=np.float32),
-            boundaries,
-            np.nextafter(boundaries, 0),
-            np.nextafter(boundaries, 1),
-        ]
-    )
+    values = rounding_cases()
     levels = to_levels(torch.from_numpy(values)).numpy()
     clipped = np.clip(values, 0, 1)  # the last boundary lies above 1
     fp32 = np.floor(clipped * np.float32(255) + np.float32(0.5))  # two fp32 roundings, no FMA

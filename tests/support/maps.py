@@ -38,3 +38,17 @@ def assert_levels_close(a: np.ndarray, b: np.ndarray, atol: float) -> None:
     diff = np.abs(a.astype(np.int16) - b.astype(np.int16))
     assert diff.max(initial=0) <= 1
     assert int((diff > 0).sum()) <= max(1, 2 * 255 * atol * a.size)
+
+
+def rounding_cases() -> np.ndarray:
+    """float32 map values that test the levels' rounding: a fine ramp over [0, 1], every
+    boundary between two levels ((k + 0.5) / 255) and the floats on either side of it."""
+    boundaries = (np.arange(256, dtype=np.float32) + 0.5) / 255
+    return np.concatenate(
+        [
+            np.linspace(0, 1, 200_001, dtype=np.float32),
+            boundaries,
+            np.nextafter(boundaries, 0),
+            np.nextafter(boundaries, 1),
+        ]
+    )
