@@ -273,7 +273,7 @@ def run_stages(args: argparse.Namespace, rows: int, cols: int) -> None:
         MemberSpec(DEMO_WEIGHTS / "demo-allconv.safetensors", ("none", "hflip")),
     ]
     print_stages(
-        "demo models (config.yml's ensemble), CPU fp32",
+        "demo GMIC + all-conv (the ensemble these stages were first measured on), CPU fp32",
         stage_rows(exam, sources, demo, args.repeats),
     )
     with tempfile.TemporaryDirectory() as tmp:
