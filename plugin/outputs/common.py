@@ -325,8 +325,15 @@ def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:
     return (str(value[0]), str(value[1]))
 
 
-def view_key(img: ImagePrediction) -> str:
-    return img.view_key
+def check_on_source_grid(img: ImagePrediction, rows: int, cols: int) -> None:
+    """Maps must lie on their source image's grid (`Geometry.map_to_source`); both maps share
+    one shape (`ImagePrediction` checks)."""
+    if img.malignant_map.shape != (rows, cols):
+        m_rows, m_cols = img.malignant_map.shape
+        raise ValueError(
+            f"saliency map of {img.view_key} is {m_rows}x{m_cols} but its source image is "
+            f"{rows}x{cols}; maps must be on the source grid (Geometry.map_to_source)"
+        )
 
 
 def ordered_images(exam: ExamPrediction) -> list[ImagePrediction]:

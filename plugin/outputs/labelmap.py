@@ -29,6 +29,7 @@ from .common import (
     NOT_FOR_CLINICAL_USE,
     OutputKind,
     OutputOptions,
+    check_on_source_grid,
     derive_uid,
     equipment,
     header_copy,
@@ -36,7 +37,6 @@ from .common import (
     per_image,
     segment_algorithm,
     series_info,
-    view_key,
 )
 from .seg import CATEGORY, MALIGNANT, fix_dimension_organization, pixel_spacing, slice_thickness
 
@@ -62,14 +62,10 @@ def build_labelmap_seg(
     instance_number: int = 1,
     options: OutputOptions = DEFAULT_OPTIONS,
 ) -> hd.seg.Segmentation:
-    key = view_key(img)
+    key = img.view_key
     meta = header_copy(source)
     rows, cols = int(meta.Rows), int(meta.Columns)
-    if img.malignant_map.shape != (rows, cols):
-        raise ValueError(
-            f"saliency map of {key} is {img.malignant_map.shape[0]}x{img.malignant_map.shape[1]}"
-            f" but its source image is {rows}x{cols}; maps must be on the source grid"
-        )
+    check_on_source_grid(img, rows, cols)
     spacing = pixel_spacing(source)
     if spacing is None:
         raise ValueError(

@@ -37,13 +37,13 @@ from .common import (
     OutputOptions,
     algorithm_name,
     algorithm_version,
+    check_on_source_grid,
     derive_uid,
     equipment,
     patient_orientation,
     per_image,
     region_for,
     series_info,
-    view_key,
 )
 
 _OUTLINE_RGB = (255, 64, 64)
@@ -71,15 +71,11 @@ def build_sc(
 ) -> hd.sc.SCImage:
     if "PixelData" not in source:
         raise ValueError(
-            f"the source image of {view_key(img)} has no pixel data; the heat-map needs the "
+            f"the source image of {img.view_key} has no pixel data; the heat-map needs the "
             "full dataset, not a header read with stop_before_pixels"
         )
     grey = display_image(source)
-    if grey.shape != img.malignant_map.shape:
-        raise ValueError(
-            f"saliency map of {view_key(img)} is {img.malignant_map.shape} but its source image "
-            f"is {grey.shape}; maps must be on the source grid"
-        )
+    check_on_source_grid(img, *grey.shape)
     rgb = render(exam, img, grey, heatmap.display_threshold(exam, options))
     info = series_info(OutputKind.SC, exam)
     orientation = patient_orientation(source)
@@ -93,7 +89,7 @@ def build_sc(
         series_instance_uid=derive_uid(exam, "sc", "series", prefix=options.uid_prefix),
         series_number=info.number,
         sop_instance_uid=derive_uid(
-            exam, "sc", "instance", view_key(img), prefix=options.uid_prefix
+            exam, "sc", "instance", img.view_key, prefix=options.uid_prefix
         ),
         instance_number=instance_number,
         pixel_spacing=tuple(float(v) for v in spacing) if spacing else None,
@@ -290,7 +286,7 @@ def caption(exam: ExamPrediction, img: ImagePrediction) -> list[Line]:
     lines = []
     if not exam.clinical_use:
         lines.append(Line(NOT_FOR_CLINICAL_USE, True, _WARNING_RGB))
-    lines.append(Line(f"{view_key(img)}  AI P(cancer) {100 * img.malignant:.1f}%", True))
+    lines.append(Line(f"{img.view_key}  AI P(cancer) {100 * img.malignant:.1f}%", True))
     if breast is not None:
         side = BREAST_NAME[img.laterality].capitalize()
         lines.append(

@@ -29,6 +29,7 @@ from .common import (
     NOT_FOR_CLINICAL_USE,
     OutputKind,
     OutputOptions,
+    check_on_source_grid,
     derive_uid,
     equipment,
     header_copy,
@@ -36,7 +37,6 @@ from .common import (
     per_image,
     segment_algorithm,
     series_info,
-    view_key,
 )
 
 MAX_FRACTIONAL_VALUE = 255
@@ -113,12 +113,7 @@ def plan_seg(
     segments = [("AI malignant saliency", MALIGNANT, img.malignant_map)]
     if img.benign_map is not None:
         segments.append(("AI benign saliency", BENIGN, img.benign_map))
-    for _, _, m in segments:
-        if m.shape != (rows, cols):
-            raise ValueError(
-                f"saliency map of {view_key(img)} is {m.shape[0]}x{m.shape[1]} but its source "
-                f"image is {rows}x{cols}; maps must be on the source grid (Geometry.map_to_source)"
-            )
+    check_on_source_grid(img, rows, cols)
 
     algorithm = segment_algorithm(exam, heatmap.display_threshold(exam, options))
     descriptions = [
@@ -135,7 +130,7 @@ def plan_seg(
     ]
 
     info = series_info(OutputKind.SEG, exam)
-    key = view_key(img)
+    key = img.view_key
     description = f"AI saliency, {key}: probability of malignant (and benign) findings"
     if not exam.clinical_use:
         description = f"{NOT_FOR_CLINICAL_USE}. {description}"

@@ -42,7 +42,6 @@ from .common import (
     series_info,
     source_for,
     sr_algorithm,
-    view_key,
 )
 
 _IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")  # CID 100 (PixelMed-clean)
@@ -65,7 +64,7 @@ def build_tid1500(
     groups = []
     for img in ordered_images(exam):
         ds = headers[img.sop_instance_uid]
-        key = view_key(img)
+        key = img.view_key
         groups.append(
             hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
                 tracking_identifier=hd.sr.TrackingIdentifier(
@@ -135,7 +134,7 @@ def build_tid1500_scores(
             if name in members and len(members) > 1
         ]
         groups.append(
-            group(view_key(img), _site(img.laterality), [img.sop_instance_uid], measurements)
+            group(img.view_key, _site(img.laterality), [img.sop_instance_uid], measurements)
         )
     for breast in exam.breasts:
         groups.append(
