@@ -12,6 +12,9 @@ exam at a time without pool processes, the worker as it was before the pipeline;
 streams with one decode and one output process (what the defaults give from 4 CPUs on). The
 forward-only ceiling replays the ensemble's batches (the images of each `predict_exams`
 call, views × flips in chunks of `models.max_batch`) through the member modules alone.
+Each row also gives the median time an exam spent in each of the pipeline's stages, waits
+included (`plugin.pipeline.StageTimes`: decode, ensemble, objects, and of the last the build
+and the durable writes as measured where they ran).
 
 `published` = GMIC published architecture ×2 flips + all-conv ResNet-50 ×4 flips, random
 weights (the architectures' cost, not their scores); `demo` = the shipped demo models with
@@ -47,6 +50,7 @@ from models.mammogram import Mammogram  # noqa: E402
 from models.modelfile import load_model, new_model_file  # noqa: E402
 from models.numerics import PRECISIONS, autocast  # noqa: E402
 from plugin.config import load_config, machine_cpus  # noqa: E402
+from plugin.pipeline import Outcome, StageTimes  # noqa: E402
 from plugin.service import Service  # noqa: E402
 from trainer.synth import encode, synth_exam  # noqa: E402
 
@@ -75,6 +79,8 @@ class Row:
     latencies: list[float]
     forward_seconds: float
     batches: int
+    stages: dict[str, float]
+    """Median seconds per exam of each pipeline stage (`plugin.pipeline.StageTimes`)."""
 
     @property
     def exams_per_s(self) -> float:
@@ -242,6 +248,14 @@ def run_row(
         return predict(batch)
 
     worker.ensemble.predict_exams = recorded  # type: ignore[method-assign]
+    times: list[StageTimes] = []
+    commit = worker.worker._commit
+
+    def timed(outcome: Outcome) -> None:
+        times.append(outcome.times)
+        commit(outcome)
+
+    worker.worker._commit = timed  # before start(): the pipeline reports to it
     worker.start()
     try:
         wait(
@@ -262,7 +276,11 @@ def run_row(
     latencies = [c.released_at - c.claimed_at for c in claims if c.released_at is not None]
     seconds = max(c.released_at for c in claims) - min(c.claimed_at for c in claims)
     forward = forward_only(worker.ensemble, members, exams[0], batches, args)
-    return Row(label, syntax, mode, len(exams), seconds, latencies, forward, len(batches))
+    stages = {
+        name: statistics.median(getattr(t, name) for t in times)
+        for name in ("decode", "ensemble", "objects", "build", "write")
+    }
+    return Row(label, syntax, mode, len(exams), seconds, latencies, forward, len(batches), stages)
 
 
 def forward_only(
@@ -370,12 +388,16 @@ def _print(r: Row, header: bool) -> None:
     if header:
         print(
             f"{'models':10} {'syntax':9} {'mode':7} {'exams':>5} {'exams/s':>8} {'p50 s':>7} "
-            f"{'p95 s':>7} {'fwd-only/s':>10} {'e2e/fwd':>8} {'batches':>7}"
+            f"{'p95 s':>7} {'fwd-only/s':>10} {'e2e/fwd':>8} {'batches':>7}   "
+            "median s per exam: decode ensemble objects (build write)"
         )
+    t = r.stages
     print(
         f"{r.models:10} {r.syntax:9} {r.mode:7} {r.exams:5d} {r.exams_per_s:8.3f} "
         f"{percentile(r.latencies, 0.5):7.2f} {percentile(r.latencies, 0.95):7.2f} "
-        f"{r.ceiling:10.3f} {r.exams_per_s / r.ceiling:8.2f} {r.batches:7d}",
+        f"{r.ceiling:10.3f} {r.exams_per_s / r.ceiling:8.2f} {r.batches:7d}   "
+        f"{t['decode']:6.2f} {t['ensemble']:8.2f} {t['objects']:7.2f} "
+        f"({t['build']:.2f} {t['write']:.2f})",
         flush=True,
     )
 

@@ -277,7 +277,8 @@ class Metrics:
         self.stage_seconds = Histogram(
             "mammo_stage_seconds",
             "Latency per stage: receive (one C-STORE), wait (last image to queued), "
-            "analyse (one job), deliver (one send), turnaround (last image to results stored)",
+            "analyse (one job), of it decode, ensemble and objects (the pipeline's stages, "
+            "waits included), deliver (one send), turnaround (last image to results stored)",
             ["stage"],
             buckets=_LATENCY_BUCKETS,
             registry=r,

@@ -114,6 +114,30 @@ class WrittenObject:
 
 
 @dataclass(frozen=True)
+class StageTimes:
+    """Where one exam's time went, in seconds of wall time: each stage from the moment the
+    exam was handed to it, waits for a free process or a batch included, so the stages add up
+    to the exam's time from submission to outcome. An exam that went round again without some
+    images adds its later rounds to the same stages."""
+
+    decode: float = 0.0
+    """Reading and decoding the images (and waiting for a decode process)."""
+    ensemble: float = 0.0
+    """Waiting for a batch, then the ensemble's call that scored it: preprocessing, forward
+    passes and post-processing of every image in the batch."""
+    objects: float = 0.0
+    """Handing the exam to the output stage, building its objects and writing them."""
+    build: float = 0.0
+    """Of `objects`: building them, measured where they were built."""
+    write: float = 0.0
+    """Of `objects`: writing them durably (encoding included)."""
+
+    @property
+    def total(self) -> float:
+        return self.decode + self.ensemble + self.objects
+
+
+@dataclass(frozen=True)
 class Outcome:
     request: ExamRequest
     prediction: ExamPrediction | None
@@ -124,6 +148,7 @@ class Outcome:
     anything else: the attempt failed as a whole."""
     started: float
     """`time.monotonic()` at submission."""
+    times: StageTimes = StageTimes()
 
 
 @dataclass
@@ -138,6 +163,16 @@ class _Exam:
     prediction: ExamPrediction | None = None
     passed_on: bool = False
     """Handed to the output stage or to the outcomes (so a stage's failure fails it once)."""
+    stage: dict[str, float] = field(default_factory=dict)
+    """Seconds so far per `StageTimes` field."""
+    since: float = 0.0
+    """`time.monotonic()` when the exam entered its current stage."""
+
+    def entered(self, previous: str) -> None:
+        """The exam leaves stage `previous` (its time is added) for the next one."""
+        now = time.monotonic()
+        self.stage[previous] = self.stage.get(previous, 0.0) + now - self.since
+        self.since = now
 
     def drop(self, bad: Mapping[str, str], stage: str) -> None:
         self.left_out += [LeftOut(uid, stage, reason) for uid, reason in bad.items()]
@@ -149,6 +184,8 @@ class _Built:
     objects: tuple[WrittenObject, ...]
     failed: dict[str, str]
     """Images whose objects could not be built: nothing was written."""
+    build_seconds: float
+    write_seconds: float
 
 
 class Pipeline:
@@ -203,7 +240,8 @@ class Pipeline:
         with self._room:
             self._room.wait_for(lambda: self._in_flight < self.settings.in_flight)
             self._in_flight += 1
-        exam = _Exam(request, time.monotonic())
+        now = time.monotonic()
+        exam = _Exam(request, now, since=now)
         try:
             future = self._decoders.submit(
                 partial(
@@ -238,6 +276,7 @@ class Pipeline:
         except BaseException as exc:  # noqa: BLE001 - a broken pool fails this attempt only
             self._done.put((exam, exc))
             return
+        exam.entered("decode")
         exam.mammograms = decoded.mammograms
         exam.sources = decoded.datasets
         exam.left_out = [LeftOut(key, "decode", reason) for key, reason in decoded.failed]
@@ -302,6 +341,7 @@ class Pipeline:
                 analysed = {i.sop_instance_uid for i in prediction.images}
                 exam.mammograms = [m for m in exam.mammograms if m.sop_instance_uid in analysed]
             exam.prediction = prediction
+            exam.entered("ensemble")
             self._build(exam)
 
     def _build(self, exam: _Exam) -> None:
@@ -357,6 +397,7 @@ class Pipeline:
                 tuple(exam.left_out),
                 error,
                 exam.started,
+                StageTimes(**exam.stage),
             )
 
         if isinstance(result, BaseException):
@@ -365,6 +406,9 @@ class Pipeline:
             built: _Built = result.result()
         except BaseException as exc:  # noqa: BLE001 - the attempt fails, the stages go on
             return outcome(error=exc)
+        exam.entered("objects")
+        exam.stage["build"] = exam.stage.get("build", 0.0) + built.build_seconds
+        exam.stage["write"] = exam.stage.get("write", 0.0) + built.write_seconds
         if not built.failed:
             return outcome(built.objects)
         exam.drop(built.failed, "output")
@@ -372,6 +416,7 @@ class Pipeline:
         if not exam.mammograms:
             return outcome(error=NoUsableImage(exam.left_out))
         exam.prediction, exam.passed_on = None, False
+        exam.since = time.monotonic()
         self._decoded.put(exam)
         return None
 
@@ -386,10 +431,13 @@ def build_and_write(
 ) -> _Built:
     """The output stage of one exam (in a pool process): build every requested object and,
     when all could be built, write each durably."""
+    started = time.perf_counter()
     objects, failed = build_isolated(prediction, sources, kinds, options)
+    built = time.perf_counter()
     if failed:
-        return _Built((), failed)
-    return _Built(tuple(_write(obj, prediction, folder, naming) for obj in objects), {})
+        return _Built((), failed, built - started, 0.0)
+    written = tuple(_write(obj, prediction, folder, naming) for obj in objects)
+    return _Built(written, {}, built - started, time.perf_counter() - built)
 
 
 def _write(obj: ResultObject, prediction: ExamPrediction, folder: Path, naming: Naming):

@@ -156,6 +156,8 @@ class Worker:
             return
         elapsed = time.monotonic() - outcome.started
         self.metrics.stage_seconds.labels("analyse").observe(elapsed)
+        for stage in ("decode", "ensemble", "objects"):
+            self.metrics.stage_seconds.labels(stage).observe(getattr(outcome.times, stage))
         last_seen = max(
             (i.received_at for i in self.store.instances_by_id(job.instance_ids)),
             default=job.created_at,

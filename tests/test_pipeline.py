@@ -80,6 +80,11 @@ def test_many_in_flight_gives_what_one_at_a_time_gives(ensemble, exams, tmp_path
         ]
         assert [o.path.name for o in one.objects] == [o.path.name for o in many.objects]
         assert len(many.objects) == 3 + 4 * 2
+        # Where the time went: every stage took some, and the stages add up to the exam.
+        for outcome in (one, many):
+            t = outcome.times
+            assert min(t.decode, t.ensemble, t.objects, t.build, t.write) > 0
+            assert t.build + t.write <= t.objects
         for o in many.objects:
             ds = pydicom.dcmread(o.path, stop_before_pixels=True)
             assert (ds.SOPInstanceUID, ds.SOPClassUID) == (o.sop_instance_uid, o.sop_class_uid)

@@ -146,7 +146,8 @@ def test_status_health_metrics_and_audit(pipeline, capsys) -> None:
         f'mammo_delivery_attempts_total{{destination="pacs",{n},outcome="delivered"}} 30.0'
         in metrics
     )
-    assert f'mammo_stage_seconds_count{{{n},stage="turnaround"}} 3.0' in metrics
+    for stage in ("analyse", "decode", "ensemble", "objects", "turnaround"):
+        assert f'mammo_stage_seconds_count{{{n},stage="{stage}"}} 3.0' in metrics
 
     events = [e["event"] for e in service.audit()]
     assert events.count("received") == 12 and events.count("analysed") == 3
