@@ -90,10 +90,14 @@ def build_isolated(
     sources: Mapping[str, pydicom.Dataset],
     kinds: Collection[OutputKind],
     options: OutputOptions = DEFAULT_OPTIONS,
+    views: Collection[str] | None = None,
 ) -> tuple[list[ResultObject], dict[str, str]]:
     """All requested objects, in `OutputKind` order, and the images whose objects could not
     be built ({SOPInstanceUID: reason}). When that mapping is not empty the objects are
-    incomplete: analyse the exam again without those images."""
+    incomplete: analyse the exam again without those images.
+
+    `views` (SOPInstanceUIDs) limits the per-view objects to those images, numbered as in
+    the whole exam, so that an exam's objects can be built in parts (`plugin.pipeline`)."""
     objects: list[ResultObject] = []
     failed: dict[str, str] = {}
     for kind in OutputKind:
@@ -111,6 +115,8 @@ def build_isolated(
             continue
         for n, img in enumerate(ordered_images(exam), start=1):
             uid = img.sop_instance_uid
+            if views is not None and uid not in views:
+                continue
             try:
                 ds = PER_IMAGE[kind](exam, img, sources[uid], n, options)
             except Exception as exc:  # noqa: BLE001 - one view's object, one view's fault

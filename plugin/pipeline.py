@@ -15,7 +15,8 @@ claim work only as room frees):
   `max_batch` images or `max_batch_wait_ms`, and scores them in one `predict_exams` call, so
   that forwards batch across exams;
 - result objects built and written durably (atomic, fsync'd) in a process pool
-  (`output_processes`; 0: a thread);
+  (`output_processes`; 0: a thread), in parts (the SRs, then each view's objects) that the
+  pool's processes build side by side, so a lone exam's objects take a fraction of the time;
 - outcomes, one exam at a time, on one thread: `on_outcome` (the worker commits the exam's
   objects and deliveries there, in one transaction).
 
@@ -30,6 +31,7 @@ from __future__ import annotations
 
 import logging
 import os
+import pickle
 import queue
 import signal
 import threading
@@ -42,7 +44,7 @@ from enum import StrEnum
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import pydicom
 
@@ -52,9 +54,18 @@ from models.results import ExamPrediction
 from plugin.decoding import Decoded, decode
 from plugin.durable import write_atomically
 from plugin.isolation import LeftOut, NoUsableImage, build_isolated, predict_isolated
-from plugin.outputs import DEFAULT_KINDS, OutputKind, OutputOptions, ResultObject
+from plugin.outputs import (
+    DEFAULT_KINDS,
+    EXAM_LEVEL,
+    PER_IMAGE,
+    OutputKind,
+    OutputOptions,
+    ResultObject,
+)
+from plugin.outputs.common import header_copy, ordered_images
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Naming(StrEnum):
@@ -128,9 +139,10 @@ class StageTimes:
     objects: float = 0.0
     """Handing the exam to the output stage, building its objects and writing them."""
     build: float = 0.0
-    """Of `objects`: building them, measured where they were built."""
+    """Building the objects, summed over the parts built side by side (so it can exceed
+    `objects`), measured where they were built."""
     write: float = 0.0
-    """Of `objects`: writing them durably (encoding included)."""
+    """Writing them durably (encoding included), summed like `build`."""
 
     @property
     def total(self) -> float:
@@ -202,7 +214,7 @@ class Pipeline:
         self._builders = _Pool("output", settings.output_processes)
         # Every queue holds at most the exams in flight, so none needs a bound of its own.
         self._decoded: queue.Queue[_Exam] = queue.Queue()
-        self._done: queue.Queue[tuple[_Exam, Future | BaseException]] = queue.Queue()
+        self._done: queue.Queue[tuple[_Exam, list[Future] | BaseException]] = queue.Queue()
         self._room = threading.Condition()
         self._in_flight = 0
         self._stop = threading.Event()
@@ -345,26 +357,41 @@ class Pipeline:
             self._build(exam)
 
     def _build(self, exam: _Exam) -> None:
+        """Hand the exam's objects to the output stage in parts (`object_parts`), which the
+        pool's processes build side by side; the outcome stage gets them once all are done."""
         assert exam.prediction is not None
-        # Only the analysed images' sources travel to the output process.
-        sources = {
-            i.sop_instance_uid: exam.sources[i.sop_instance_uid] for i in exam.prediction.images
-        }
+        shipped = PickledOnce(exam.prediction)
+        futures: list[Future] = []
         try:
-            future = self._builders.submit(
-                build_and_write,
-                exam.prediction,
-                sources,
-                self.settings.kinds,
-                self.settings.options,
-                exam.request.folder,
-                exam.request.naming,
-            )
+            for part in object_parts(exam.prediction, self.settings.kinds):
+                futures.append(
+                    self._builders.submit(
+                        build_and_write,
+                        shipped,
+                        part.sources(exam.sources),
+                        part.kinds,
+                        self.settings.options,
+                        exam.request.folder,
+                        exam.request.naming,
+                        part.views,
+                    )
+                )
         except BaseException as exc:  # noqa: BLE001
             self._fail(exam, exc)
             return
         exam.passed_on = True
-        future.add_done_callback(lambda f: self._done.put((exam, f)))
+        remaining = [len(futures)]
+        lock = threading.Lock()
+
+        def part_done(_: Future) -> None:
+            with lock:
+                remaining[0] -= 1
+                if remaining[0]:
+                    return
+            self._done.put((exam, futures))
+
+        for future in futures:
+            future.add_done_callback(part_done)
 
     def _fail(self, exam: _Exam, error: BaseException) -> None:
         exam.passed_on = True
@@ -388,7 +415,7 @@ class Pipeline:
                     self._in_flight -= 1
                     self._room.notify_all()
 
-    def _outcome(self, exam: _Exam, result: Future | BaseException) -> Outcome | None:
+    def _outcome(self, exam: _Exam, result: list[Future] | BaseException) -> Outcome | None:
         def outcome(objects=(), error=None) -> Outcome:
             return Outcome(
                 exam.request,
@@ -402,17 +429,28 @@ class Pipeline:
 
         if isinstance(result, BaseException):
             return outcome(error=result)
-        try:
-            built: _Built = result.result()
-        except BaseException as exc:  # noqa: BLE001 - the attempt fails, the stages go on
-            return outcome(error=exc)
         exam.entered("objects")
-        exam.stage["build"] = exam.stage.get("build", 0.0) + built.build_seconds
-        exam.stage["write"] = exam.stage.get("write", 0.0) + built.write_seconds
-        if not built.failed:
-            return outcome(built.objects)
-        exam.drop(built.failed, "output")
-        log.warning("left images out of an exam", extra={"fields": {"images": len(built.failed)}})
+        parts: list[_Built] = []
+        error: BaseException | None = None
+        for future in result:
+            try:
+                parts.append(future.result())
+            except BaseException as exc:  # noqa: BLE001 - the attempt fails, the stages go on
+                error = error or exc
+        exam.stage["build"] = exam.stage.get("build", 0.0) + sum(p.build_seconds for p in parts)
+        exam.stage["write"] = exam.stage.get("write", 0.0) + sum(p.write_seconds for p in parts)
+        failed = {uid: why for p in parts for uid, why in p.failed.items()}
+        written = [o for p in parts for o in p.objects]
+        if error is None and not failed:
+            return outcome(sorted(written, key=_object_order(exam.prediction)))
+        # An attempt that fails leaves none of its objects behind: the next one may not
+        # make the same (without an image, the exam's result UIDs change).
+        for o in written:
+            o.path.unlink(missing_ok=True)
+        if error is not None:
+            return outcome(error=error)
+        exam.drop(failed, "output")
+        log.warning("left images out of an exam", extra={"fields": {"images": len(failed)}})
         if not exam.mammograms:
             return outcome(error=NoUsableImage(exam.left_out))
         exam.prediction, exam.passed_on = None, False
@@ -421,18 +459,77 @@ class Pipeline:
         return None
 
 
+@dataclass(frozen=True)
+class ObjectPart:
+    """Some of an exam's objects, built and written by one task of the output stage: the
+    exam-level objects (the SRs), or the per-view objects of one image."""
+
+    kinds: tuple[OutputKind, ...]
+    views: tuple[str, ...]
+    """SOPInstanceUIDs whose per-view objects this part builds; () for the exam level."""
+
+    def sources(self, sources: Mapping[str, pydicom.Dataset]) -> dict[str, pydicom.Dataset]:
+        """What the part's builders read: a view's own dataset (the heat-map needs its
+        pixels); at the exam level every analysed image's header, which the SRs reference,
+        without the pixels that would only travel to a process for nothing."""
+        if self.views:
+            return {uid: sources[uid] for uid in self.views}
+        return {uid: header_copy(ds) for uid, ds in sources.items()}
+
+
+def object_parts(prediction: ExamPrediction, kinds: Collection[OutputKind]) -> list[ObjectPart]:
+    """The exam-level part first (if any exam-level kind is wanted), then one part per view
+    in hanging order (if any per-view kind is): independent tasks that the output pool's
+    processes take as they come free, so that one exam's objects are built side by side."""
+    exam_level = tuple(k for k in OutputKind if k in kinds and k in EXAM_LEVEL)
+    per_view = tuple(k for k in OutputKind if k in kinds and k in PER_IMAGE)
+    parts = [ObjectPart(exam_level, ())] if exam_level else []
+    if per_view:
+        parts += [ObjectPart(per_view, (i.sop_instance_uid,)) for i in ordered_images(prediction)]
+    return parts
+
+
+def _object_order(prediction: ExamPrediction) -> Callable[[WrittenObject], tuple[int, int]]:
+    """The order `build_isolated` gives one exam's objects: by kind, then hanging order."""
+    kinds = {k: n for n, k in enumerate(OutputKind)}
+    views = {i.sop_instance_uid: n for n, i in enumerate(ordered_images(prediction))}
+    return lambda o: (kinds[o.kind], views.get(o.source_sop_instance_uid or "", -1))
+
+
+class PickledOnce(Generic[T]):
+    """A value that a process pool pickles once however many tasks carry it (an exam's
+    prediction, with its maps, goes to each of its object parts); in a thread it is the
+    value itself."""
+
+    def __init__(self, value: T) -> None:
+        self.value = value
+        self._pickled: bytes | None = None
+
+    def __reduce__(self):
+        if self._pickled is None:
+            self._pickled = pickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL)
+        return _unpickled, (self._pickled,)
+
+
+def _unpickled(data: bytes) -> PickledOnce:
+    return PickledOnce(pickle.loads(data))
+
+
 def build_and_write(
-    prediction: ExamPrediction,
+    prediction: PickledOnce[ExamPrediction],
     sources: Mapping[str, pydicom.Dataset],
     kinds: Collection[OutputKind],
     options: OutputOptions,
     folder: Path,
     naming: Naming,
+    views: Collection[str] | None = None,
 ) -> _Built:
-    """The output stage of one exam (in a pool process): build every requested object and,
-    when all could be built, write each durably."""
+    """One part of an exam's output stage (in a pool process): build the requested objects
+    (per-view ones for `views` only, when given) and, when all could be built, write each
+    durably."""
     started = time.perf_counter()
-    objects, failed = build_isolated(prediction, sources, kinds, options)
+    prediction = prediction.value
+    objects, failed = build_isolated(prediction, sources, kinds, options, views)
     built = time.perf_counter()
     if failed:
         return _Built((), failed, built - started, 0.0)
