@@ -5,11 +5,14 @@ for clinical use" label on every object."""
 from __future__ import annotations
 
 import hashlib
+import io
 import shutil
 from dataclasses import replace
 from pathlib import Path
 
+import highdicom as hd
 import numpy as np
+import pydicom
 import pytest
 
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
@@ -22,7 +25,16 @@ from plugin.outputs import (
     OutputOptions,
     build_outputs,
 )
-from plugin.outputs.common import model_device_uid, region_for
+from plugin.outputs.common import (
+    DCM_PROBABILITY_OF_CANCER,
+    UCUM_PERCENT,
+    comprehensive_sr,
+    derive_uid,
+    equipment,
+    model_device_uid,
+    ordered_images,
+    region_for,
+)
 from tests.support.maps import malignant_fields
 from tests.support.outputs_samples import model_info, prediction_for
 
@@ -251,3 +263,58 @@ def test_a_float_map_is_refused_with_what_to_do(synth_exam_small):
         replace(img, benign_map=img.benign_map[:-1])
     levels = replace(img, malignant_map=map_levels(p), benign_map=map_levels(p))
     assert np.array_equal(levels.malignant_map, img.malignant_map)
+
+
+def _written(ds: pydicom.Dataset) -> bytes:
+    """The file's bytes, the creation times highdicom stamps (now) set to one value."""
+    for keyword in ("InstanceCreation", "Content"):
+        setattr(ds, f"{keyword}Date", "20260101")
+        setattr(ds, f"{keyword}Time", "120000")
+    for item in ds.ContributingEquipmentSequence:
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = "20260101120000"
+    with pydicom.filebase.DicomBytesIO() as buffer:
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+
+def test_comprehensive_sr_is_highdicoms_document_without_copying_the_tree(synth_exam_small):
+    """`comprehensive_sr` hands highdicom's ComprehensiveSR the bare root (it would copy and
+    search a whole tree) and attaches the tree after: byte for byte the document the whole
+    tree gives, holding the tree itself, and highdicom reads it back whole."""
+    prediction, sources = prediction_for(synth_exam_small, rois=True)
+    images = [sources[i.sop_instance_uid] for i in ordered_images(prediction)]
+    groups = [
+        hd.sr.PlanarROIMeasurementsAndQualitativeEvaluations(
+            tracking_identifier=hd.sr.TrackingIdentifier(
+                uid=pydicom.uid.generate_uid(), identifier=img.view_key
+            ),
+            referenced_region=hd.sr.ImageRegion(
+                graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
+                graphic_data=region_for(img).outline_xy(),
+                source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+            ),
+            measurements=[hd.sr.Measurement(DCM_PROBABILITY_OF_CANCER, 70.0, UCUM_PERCENT)],
+        )
+        for img, ds in zip(ordered_images(prediction), images, strict=True)
+    ]
+    report = hd.sr.MeasurementReport(
+        observation_context=hd.sr.ObservationContext(),
+        procedure_reported=hd.sr.CodedConcept("363679005", "SCT", "Imaging procedure"),
+        imaging_measurements=groups,
+        referenced_images=images,
+    )
+    arguments = dict(
+        series_instance_uid=derive_uid(prediction, "test", "series"),
+        series_number=9100,
+        sop_instance_uid=derive_uid(prediction, "test", "instance"),
+        instance_number=1,
+        is_complete=True,
+        **equipment(prediction),
+    )
+    ours = comprehensive_sr(images, report, **arguments)
+    theirs = hd.sr.ComprehensiveSR(evidence=images, content=report, **arguments)
+    assert _written(ours) == _written(theirs)
+    assert ours.ContentSequence is report[0].ContentSequence  # not a copy
+    back = hd.sr.ComprehensiveSR.from_dataset(pydicom.dcmread(io.BytesIO(_written(ours))))
+    assert len(back.content.get_planar_roi_measurement_groups()) == 4

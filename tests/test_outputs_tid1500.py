@@ -3,6 +3,7 @@ Orthanc Stone) and the machine one (TID 1501 groups with breast, exam and benign
 
 from __future__ import annotations
 
+import highdicom as hd
 import numpy as np
 import pytest
 
@@ -97,6 +98,27 @@ def test_validators_accept(synth_exam_small, tmp_path):
         build(prediction, sources).save_as(path, enforce_file_format=True)
         assert dciodvfy_errors(path) == [], name
         assert dsrdump_errors(path) == [], name
+
+
+def test_highdicom_reads_both_reports_back_whole(synth_exam_small, tmp_path):
+    """Built without highdicom's own parse of the tree (`common.comprehensive_sr`), so
+    highdicom parses the written files here: its TID 1500 object with every group."""
+    prediction, sources = prediction_for(synth_exam_small)
+    for build, region_groups, image_groups in ((build_tid1500, 4, 0), (build_tid1500_scores, 0, 7)):
+        path = tmp_path / f"{build.__name__}.dcm"
+        build(prediction, sources).save_as(path, enforce_file_format=True)
+        sr = hd.sr.srread(path)
+        assert isinstance(sr, hd.sr.ComprehensiveSR)
+        report = sr.content
+        assert isinstance(report, hd.sr.MeasurementReport)
+        regions = report.get_planar_roi_measurement_groups()
+        assert len(regions) == region_groups
+        assert len(report.get_image_measurement_groups()) == image_groups
+        for group in regions:
+            assert group.reference_type == hd.sr.CodedConcept("111030", "DCM", "Image Region")
+            assert group.roi.value_type == hd.sr.ValueTypeValues.SCOORD
+            (probability,) = group.get_measurements()
+            assert probability.unit == hd.sr.CodedConcept("%", "UCUM", "percent")
 
 
 @pytest.mark.slow

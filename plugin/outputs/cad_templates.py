@@ -2,10 +2,12 @@
 
 Each class is one template, written the way highdicom writes its own (`MeasurementReport` for
 TID 1500, `AlgorithmIdentification` for TID 4019): typed values in, content items out, nothing
-of this project's models inside (only two codes shared with the TID 1500 builders come from
-`common`), so the module could be offered to highdicom nearly as it is. Only
-the rows a CAD algorithm that scores images needs are parameters; rows left out are optional
-in the standard (TID 4000 is non-extensible: nothing may be added).
+of this project's models inside (from `common` come only two codes shared with the TID 1500
+builders, the shared `CodedConcept`s and the document helper), so the module could be offered
+to highdicom nearly as it is. Only the rows a CAD algorithm that scores images needs are
+parameters; rows left out are optional in the standard (TID 4000 is non-extensible: nothing
+may be added). Codes may come as pydicom `Code`s or highdicom `CodedConcept`s; each concept
+is built once (`common.concept`), as building them was most of a report's own cost.
 
 `MammographyCADSR` wraps a `MammographyCADReport` into a Mammography CAD SR Storage instance.
 highdicom has no public SR class for that SOP class (its public ones are Enhanced,
@@ -14,7 +16,8 @@ modules as the Comprehensive SR IOD (A.35.3): it differs in its SOP Class UID an
 only TID 4000 as content, which is what `MammographyCADReport` writes, and its value types and
 relationships are a subset of Comprehensive SR's. So the document is built by the public
 `highdicom.sr.ComprehensiveSR` (patient and study copied from the evidence, the evidence
-sequences, equipment, flags) and handed back as a plain pydicom `Dataset` carrying the
+sequences, equipment, flags; through `common.comprehensive_sr`, which spares it copying and
+searching the tree) and handed back as a plain pydicom `Dataset` carrying the
 Mammography CAD SR SOP Class UID, in the dataset and in its file meta. It is deliberately not
 a `ComprehensiveSR` instance: highdicom's methods on it would assume the wrong IOD.
 `tests/test_outputs_cad_sr.py` checks this boundary: no Comprehensive SR UID is left anywhere in
@@ -30,9 +33,8 @@ import numpy as np
 import pydicom
 from highdicom.sr import (
     CodeContentItem,
-    ComprehensiveSR,
+    CodedConcept,
     ContainerContentItem,
-    ContentSequence,
     DateContentItem,
     ImageContentItem,
     LanguageOfContentItemAndDescendants,
@@ -45,46 +47,48 @@ from highdicom.sr.templates import Template  # public; highdicom.sr does not re-
 from pydicom.sr.coding import Code
 from pydicom.uid import MammographyCADSRStorage
 
-from .common import DCM_PROBABILITY_OF_CANCER, UCUM_PERCENT
+from .common import DCM_PROBABILITY_OF_CANCER, UCUM_PERCENT, comprehensive_sr, concept
 
-REPORT = Code("111036", "DCM", "Mammography CAD Report")
-ENGLISH = Code("en-US", "RFC5646", "English (United States)")
-_IMAGE_LIBRARY = Code("111028", "DCM", "Image Library")
-_LATERALITY = Code("111027", "DCM", "Image Laterality")
-_VIEW = Code("111031", "DCM", "Image View")
-_ORIENTATION_ROW = Code("111044", "DCM", "Patient Orientation Row")
-_ORIENTATION_COL = Code("111043", "DCM", "Patient Orientation Column")
-_STUDY_DATE = Code("111060", "DCM", "Study Date")
-_H_SPACING = Code("111026", "DCM", "Horizontal Pixel Spacing")
-_V_SPACING = Code("111066", "DCM", "Vertical Pixel Spacing")
-_ROWS = Code("110910", "DCM", "Pixel Data Rows")
-_COLUMNS = Code("110911", "DCM", "Pixel Data Columns")
-_MM = Code("mm", "UCUM", "millimeter")
-_PIXELS = Code("{pixels}", "UCUM", "pixels")
+REPORT = CodedConcept("111036", "DCM", "Mammography CAD Report")
+ENGLISH = CodedConcept("en-US", "RFC5646", "English (United States)")
+_IMAGE_LIBRARY = CodedConcept("111028", "DCM", "Image Library")
+_LATERALITY = CodedConcept("111027", "DCM", "Image Laterality")
+_VIEW = CodedConcept("111031", "DCM", "Image View")
+_ORIENTATION_ROW = CodedConcept("111044", "DCM", "Patient Orientation Row")
+_ORIENTATION_COL = CodedConcept("111043", "DCM", "Patient Orientation Column")
+_STUDY_DATE = CodedConcept("111060", "DCM", "Study Date")
+_H_SPACING = CodedConcept("111026", "DCM", "Horizontal Pixel Spacing")
+_V_SPACING = CodedConcept("111066", "DCM", "Vertical Pixel Spacing")
+_ROWS = CodedConcept("110910", "DCM", "Pixel Data Rows")
+_COLUMNS = CodedConcept("110911", "DCM", "Pixel Data Columns")
+_MM = CodedConcept("mm", "UCUM", "millimeter")
+_PIXELS = CodedConcept("{pixels}", "UCUM", "pixels")
 
-_SUMMARY = Code("111017", "DCM", "CAD Processing and Findings Summary")
-_IMPRESSION = Code("111034", "DCM", "Individual Impression/Recommendation")
-_RENDERING_INTENT = Code("111056", "DCM", "Rendering Intent")
-_COMPOSITE_FEATURE = Code("111015", "DCM", "Composite Feature")
-_COMPOSITE_TYPE = Code("111016", "DCM", "Composite Type")
-_SCOPE = Code("111057", "DCM", "Scope of Feature")
-_SINGLE_IMAGE_FINDING = Code("111059", "DCM", "Single Image Finding")
-_ALGORITHM_NAME = Code("111001", "DCM", "Algorithm Name")
-_ALGORITHM_VERSION = Code("111003", "DCM", "Algorithm Version")
-_ALGORITHM_PARAMETERS = Code("111002", "DCM", "Algorithm Parameters")
-_CENTER = Code("111010", "DCM", "Center")
-_OUTLINE = Code("111041", "DCM", "Outline")
+_SUMMARY = CodedConcept("111017", "DCM", "CAD Processing and Findings Summary")
+_IMPRESSION = CodedConcept("111034", "DCM", "Individual Impression/Recommendation")
+_RENDERING_INTENT = CodedConcept("111056", "DCM", "Rendering Intent")
+_COMPOSITE_FEATURE = CodedConcept("111015", "DCM", "Composite Feature")
+_COMPOSITE_TYPE = CodedConcept("111016", "DCM", "Composite Type")
+_SCOPE = CodedConcept("111057", "DCM", "Scope of Feature")
+_SINGLE_IMAGE_FINDING = CodedConcept("111059", "DCM", "Single Image Finding")
+_ALGORITHM_NAME = CodedConcept("111001", "DCM", "Algorithm Name")
+_ALGORITHM_VERSION = CodedConcept("111003", "DCM", "Algorithm Version")
+_ALGORITHM_PARAMETERS = CodedConcept("111002", "DCM", "Algorithm Parameters")
+_CENTER = CodedConcept("111010", "DCM", "Center")
+_OUTLINE = CodedConcept("111041", "DCM", "Outline")
 # highdicom's ContentSequence wants a concept name on every item; the TID 4020/4021 IMAGE
 # items have none, so they carry this one while building and MammographyCADSR removes it.
-_SOURCE = Code("260753009", "SCT", "Source")
+_SOURCE = CodedConcept("260753009", "SCT", "Source")
 
-_DETECTIONS = Code("111064", "DCM", "Summary of Detections")
-_SUCCESSFUL_DETECTIONS = Code("111063", "DCM", "Successful Detections")
-_DETECTION_PERFORMED = Code("111022", "DCM", "Detection Performed")
-_ANALYSES = Code("111065", "DCM", "Summary of Analyses")
-_SUCCESSFUL_ANALYSES = Code("111062", "DCM", "Successful Analyses")
-_ANALYSIS_PERFORMED = Code("111004", "DCM", "Analysis Performed")
-_SUCCEEDED = Code("111222", "DCM", "Succeeded")
+_DETECTIONS = CodedConcept("111064", "DCM", "Summary of Detections")
+_SUCCESSFUL_DETECTIONS = CodedConcept("111063", "DCM", "Successful Detections")
+_DETECTION_PERFORMED = CodedConcept("111022", "DCM", "Detection Performed")
+_ANALYSES = CodedConcept("111065", "DCM", "Summary of Analyses")
+_SUCCESSFUL_ANALYSES = CodedConcept("111062", "DCM", "Successful Analyses")
+_ANALYSIS_PERFORMED = CodedConcept("111004", "DCM", "Analysis Performed")
+_SUCCEEDED = CodedConcept("111222", "DCM", "Succeeded")
+_PROBABILITY_OF_CANCER = concept(DCM_PROBABILITY_OF_CANCER)
+_PERCENT = concept(UCUM_PERCENT)
 
 
 def image_reference(image: pydicom.Dataset, relationship_type: Rel) -> ImageContentItem:
@@ -134,8 +138,8 @@ class ImageLibraryEntry(Template):
     ) -> None:
         ctx = Rel.HAS_ACQ_CONTEXT
         context = [
-            CodeContentItem(_LATERALITY, laterality, relationship_type=ctx),
-            CodeContentItem(_VIEW, view, relationship_type=ctx),
+            CodeContentItem(_LATERALITY, concept(laterality), relationship_type=ctx),
+            CodeContentItem(_VIEW, concept(view), relationship_type=ctx),
         ]
         if patient_orientation is not None:
             context += [
@@ -154,26 +158,26 @@ class ImageLibraryEntry(Template):
             NumContentItem(_COLUMNS, int(image.Columns), _PIXELS, relationship_type=ctx),
         ]
         item = image_reference(image, Rel.CONTAINS)
-        item.ContentSequence = ContentSequence(context)
+        item.ContentSequence = context
         super().__init__([item])
 
 
 def _probability(percent: float) -> NumContentItem:
     return NumContentItem(
-        DCM_PROBABILITY_OF_CANCER, percent, UCUM_PERCENT, relationship_type=Rel.HAS_PROPERTIES
+        _PROBABILITY_OF_CANCER, percent, _PERCENT, relationship_type=Rel.HAS_PROPERTIES
     )
 
 
-def _intent(code: Code) -> CodeContentItem:
-    return CodeContentItem(_RENDERING_INTENT, code, relationship_type=Rel.HAS_CONCEPT_MOD)
+def _intent(code: Code | CodedConcept) -> CodeContentItem:
+    return CodeContentItem(_RENDERING_INTENT, concept(code), relationship_type=Rel.HAS_CONCEPT_MOD)
 
 
 def _scoord(
-    name: Code, graphic_type: str, data: np.ndarray, image: pydicom.Dataset, rel: Rel
+    name: CodedConcept, graphic_type: str, data: np.ndarray, image: pydicom.Dataset, rel: Rel
 ) -> ScoordContentItem:
     """TID 4021 geometry: image coordinates (column, row), SELECTED FROM `image`."""
     item = ScoordContentItem(name, graphic_type, data, relationship_type=rel)
-    item.ContentSequence = ContentSequence([image_reference(image, Rel.SELECTED_FROM)])
+    item.ContentSequence = [image_reference(image, Rel.SELECTED_FROM)]
     return item
 
 
@@ -201,8 +205,10 @@ class SingleImageFinding(Template):
         children.append(_scoord(_CENTER, "POINT", center, image, props))
         if outline is not None:
             children.append(_scoord(_OUTLINE, "POLYLINE", outline, image, props))
-        item = CodeContentItem(_SINGLE_IMAGE_FINDING, finding, relationship_type=relationship_type)
-        item.ContentSequence = ContentSequence(children)
+        item = CodeContentItem(
+            _SINGLE_IMAGE_FINDING, concept(finding), relationship_type=relationship_type
+        )
+        item.ContentSequence = children
         super().__init__([item])
 
 
@@ -225,16 +231,16 @@ class CompositeFeature(Template):
         props = Rel.HAS_PROPERTIES
         children = [
             _intent(rendering_intent),
-            CodeContentItem(_COMPOSITE_TYPE, composite_type, relationship_type=props),
-            CodeContentItem(_SCOPE, scope, relationship_type=props),
+            CodeContentItem(_COMPOSITE_TYPE, concept(composite_type), relationship_type=props),
+            CodeContentItem(_SCOPE, concept(scope), relationship_type=props),
             *algorithm,
         ]
         if probability_of_cancer is not None:
             children.append(_probability(probability_of_cancer))
         children += [_scoord(_CENTER, "POINT", p, img, Rel.INFERRED_FROM) for p, img in centers]
         children += [item for finding in findings for item in finding]
-        item = CodeContentItem(_COMPOSITE_FEATURE, feature, relationship_type=Rel.CONTAINS)
-        item.ContentSequence = ContentSequence(children)
+        item = CodeContentItem(_COMPOSITE_FEATURE, concept(feature), relationship_type=Rel.CONTAINS)
+        item.ContentSequence = children
         super().__init__([item])
 
 
@@ -246,7 +252,7 @@ class IndividualImpression(Template):
         self, rendering_intent: Code, feature: CompositeFeature | SingleImageFinding
     ) -> None:
         item = ContainerContentItem(_IMPRESSION, relationship_type=Rel.INFERRED_FROM)
-        item.ContentSequence = ContentSequence([_intent(rendering_intent), *feature])
+        item.ContentSequence = [_intent(rendering_intent), *feature]
         super().__init__([item])
 
 
@@ -255,8 +261,8 @@ class OverallImpression(Template):
     Findings Summary (CID 6047) inferred from the individual impressions."""
 
     def __init__(self, summary: Code, impressions: Sequence[IndividualImpression]) -> None:
-        item = CodeContentItem(_SUMMARY, summary, relationship_type=Rel.CONTAINS)
-        item.ContentSequence = ContentSequence([i for imp in impressions for i in imp])
+        item = CodeContentItem(_SUMMARY, concept(summary), relationship_type=Rel.CONTAINS)
+        item.ContentSequence = [i for imp in impressions for i in imp]
         super().__init__([item])
 
 
@@ -264,9 +270,9 @@ class _SuccessfulProcessing(Template):
     """TID 4015/4016 for an algorithm that succeeded on every image: the summary reads
     "Succeeded" and one performed item names the algorithm and the images."""
 
-    name: Code
-    container: Code
-    performed: Code
+    name: CodedConcept
+    container: CodedConcept
+    performed: CodedConcept
 
     def __init__(
         self,
@@ -274,14 +280,15 @@ class _SuccessfulProcessing(Template):
         algorithm: CADAlgorithmIdentification,
         images: Sequence[pydicom.Dataset],
     ) -> None:
-        done = CodeContentItem(self.performed, value, relationship_type=Rel.CONTAINS)
-        done.ContentSequence = ContentSequence(
-            [*algorithm, *(image_reference(i, Rel.HAS_PROPERTIES) for i in images)]
-        )
+        done = CodeContentItem(self.performed, concept(value), relationship_type=Rel.CONTAINS)
+        done.ContentSequence = [
+            *algorithm,
+            *(image_reference(i, Rel.HAS_PROPERTIES) for i in images),
+        ]
         successful = ContainerContentItem(self.container, relationship_type=Rel.INFERRED_FROM)
-        successful.ContentSequence = ContentSequence([done])
+        successful.ContentSequence = [done]
         item = CodeContentItem(self.name, _SUCCEEDED, relationship_type=Rel.CONTAINS)
-        item.ContentSequence = ContentSequence([successful])
+        item.ContentSequence = [successful]
         super().__init__([item])
 
 
@@ -307,20 +314,18 @@ class MammographyCADReport(Template):
         overall_impression: OverallImpression,
         detections: SummaryOfDetections,
         analyses: SummaryOfAnalyses,
-        language: Code = ENGLISH,
+        language: Code | CodedConcept = ENGLISH,
     ) -> None:
         library = ContainerContentItem(_IMAGE_LIBRARY, relationship_type=Rel.CONTAINS)
-        library.ContentSequence = ContentSequence([i for e in image_library for i in e])
+        library.ContentSequence = [i for e in image_library for i in e]
         root = ContainerContentItem(REPORT, template_id="4000")
-        root.ContentSequence = ContentSequence(
-            [
-                *LanguageOfContentItemAndDescendants(language),
-                library,
-                *overall_impression,
-                *detections,
-                *analyses,
-            ]
-        )
+        root.ContentSequence = [
+            *LanguageOfContentItemAndDescendants(concept(language)),
+            library,
+            *overall_impression,
+            *detections,
+            *analyses,
+        ]
         super().__init__([root], is_root=True)
 
 
@@ -331,7 +336,7 @@ class MammographyCADSR(pydicom.Dataset):
     def __init__(
         self, evidence: Sequence[pydicom.Dataset], content: MammographyCADReport, **kwargs: Any
     ) -> None:
-        document = ComprehensiveSR(evidence=evidence, content=content, **kwargs)
+        document = comprehensive_sr(evidence, content, **kwargs)
         super().__init__(document)
         self.preamble = document.preamble
         self.file_meta = document.file_meta

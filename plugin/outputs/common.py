@@ -8,10 +8,11 @@ carry zero-width spaces ("Impression/\\u200bRecommendation") that end up in the 
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import highdicom as hd
 import numpy as np
@@ -108,6 +109,21 @@ BREAST_CODE = {Laterality.RIGHT: SCT_RIGHT_BREAST, Laterality.LEFT: SCT_LEFT_BRE
 SIDE_CODE = {Laterality.RIGHT: SCT_RIGHT, Laterality.LEFT: SCT_LEFT}
 VIEW_CODE = {View.CC: SCT_CC, View.MLO: SCT_MLO}
 BREAST_NAME = {Laterality.RIGHT: "right breast", Laterality.LEFT: "left breast"}
+
+
+def concept(code: Code | hd.sr.CodedConcept) -> hd.sr.CodedConcept:
+    """highdicom's `CodedConcept` for `code`, built once per code and then shared: a report
+    names a few dozen concepts hundreds of times, and building one costs about as much as the
+    content item that carries it. Shared by every document, so never modify one."""
+    if isinstance(code, hd.sr.CodedConcept):
+        return code
+    return _concept(*code)
+
+
+@functools.cache
+def _concept(value: str, scheme: str, meaning: str, version: str | None) -> hd.sr.CodedConcept:
+    # Keyed by all four fields: pydicom's Code equality ignores the meaning.
+    return hd.sr.CodedConcept(value, scheme, meaning, version)
 
 
 # -- identity -----------------------------------------------------------------------------------
@@ -302,6 +318,37 @@ def header_copy(ds: pydicom.Dataset) -> pydicom.Dataset:
         out.add(elem)
     out.file_meta = getattr(ds, "file_meta", pydicom.dataset.FileMetaDataset())
     return out
+
+
+def comprehensive_sr(
+    evidence: Sequence[pydicom.Dataset], content: hd.sr.ContentSequence, **kwargs: Any
+) -> pydicom.Dataset:
+    """A Comprehensive SR document around `content` (one root container, e.g. a `Template`)
+    built by highdicom's public `ComprehensiveSR` (`kwargs` are its arguments), returned as a
+    plain pydicom `Dataset` whose content tree is `content`'s own, not a copy.
+
+    Given a whole tree, `ComprehensiveSR` deep-copies it, parses the copy back into content
+    items and searches the tree three times (SCOORD3D items, IMAGE and COMPOSITE references):
+    most of the time a report takes, to check what our builders guarantee (no SCOORD3D in a
+    Comprehensive SR; only evidence referenced). Of `content` the document keeps the root's
+    attributes, and the evidence sequences depend on `evidence` alone (every instance is
+    recorded, referenced or not). So `ComprehensiveSR` gets the root without its children and
+    the tree joins the document afterwards: the same document, byte for byte (tests check).
+    It is a plain `Dataset` because a `ComprehensiveSR`'s `content` would hold the bare root;
+    `highdicom.sr.ComprehensiveSR.from_dataset` gives the full object back where one is wanted.
+    """
+    (root,) = content
+    bare = pydicom.Dataset()
+    for elem in root:
+        if elem.keyword != "ContentSequence":
+            bare.add(elem)
+    bare.ContentSequence = []  # ComprehensiveSR searches it
+    document = hd.sr.ComprehensiveSR(evidence=evidence, content=bare, **kwargs)
+    sr = pydicom.Dataset(document)
+    sr.preamble = document.preamble
+    sr.file_meta = document.file_meta
+    sr.ContentSequence = root.ContentSequence
+    return sr
 
 
 def per_image(

@@ -7,6 +7,10 @@ Comprehensive SR, TID 1410 only, and the region's image named "Original Source")
 `build_tid1500_scores` is for machines: TID 1501 groups per image, breast and exam with the
 malignant and benign probabilities and each member model's score. OHIF's SR viewport fails on
 TID 1501 groups (no region), which is why these never share a document with the viewer's.
+
+Both are plain pydicom datasets made by `common.comprehensive_sr` (highdicom's public
+`ComprehensiveSR` without its copy and searches of the tree);
+`highdicom.sr.ComprehensiveSR.from_dataset` reads one back as highdicom's object.
 """
 
 from __future__ import annotations
@@ -32,6 +36,8 @@ from .common import (
     OutputKind,
     OutputOptions,
     algorithm_name,
+    comprehensive_sr,
+    concept,
     derive_uid,
     ensemble_device_uid,
     equipment,
@@ -46,8 +52,8 @@ from .common import (
 
 _IMAGING_PROCEDURE = Code("363679005", "SCT", "Imaging procedure")  # CID 100 (PixelMed-clean)
 _ORIGINAL_SOURCE = Code("111040", "DCM", "Original Source")
-_IMAGE_REGION = "111030"
 _BOTH_SIDES = Code("51440002", "SCT", "Right and left")
+_DEVICE = Code("121007", "DCM", "Device")
 
 PRIVATE_SCHEME = "99MAMMOAI"
 PROBABILITY_OF_BENIGN = Code("BENIGNPROB", PRIVATE_SCHEME, "Probability of benign finding")
@@ -58,7 +64,7 @@ def build_tid1500(
     exam: ExamPrediction,
     sources: Mapping[str, pydicom.Dataset],
     options: OutputOptions = DEFAULT_OPTIONS,
-) -> hd.sr.ComprehensiveSR:
+) -> pydicom.Dataset:
     """Per image: closed outline + probability of cancer, breast site with laterality."""
     headers = _headers(exam, sources)
     groups = []
@@ -74,7 +80,7 @@ def build_tid1500(
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
                     graphic_data=region_for(img).outline_xy(),
-                    source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
+                    source_image=_original_source(ds),
                 ),
                 algorithm_id=sr_algorithm(exam),
                 finding_sites=[_site(img.laterality)],
@@ -82,16 +88,14 @@ def build_tid1500(
             )
         )
     report = _report(exam, headers, groups, options)
-    sr = _document(exam, headers, report, OutputKind.TID1500, options)
-    _name_region_sources(sr)
-    return sr
+    return _document(exam, headers, report, OutputKind.TID1500, options)
 
 
 def build_tid1500_scores(
     exam: ExamPrediction,
     sources: Mapping[str, pydicom.Dataset],
     options: OutputOptions = DEFAULT_OPTIONS,
-) -> hd.sr.ComprehensiveSR:
+) -> pydicom.Dataset:
     """Image, breast and exam scores (malignant, benign, per member) as TID 1501 groups."""
     headers = _headers(exam, sources)
     members = {m.name: m for m in exam.models}
@@ -151,7 +155,7 @@ def build_tid1500_scores(
     groups.append(
         group(
             "exam",
-            hd.sr.FindingSite(SCT_BREAST, laterality=_BOTH_SIDES),
+            hd.sr.FindingSite(concept(SCT_BREAST), laterality=concept(_BOTH_SIDES)),
             [i.sop_instance_uid for i in ordered_images(exam)],
             [
                 _probability(
@@ -188,7 +192,7 @@ def _headers(exam: ExamPrediction, sources: Mapping[str, pydicom.Dataset]):
 
 def _report(exam, headers, groups, options: OutputOptions) -> hd.sr.MeasurementReport:
     observer = hd.sr.ObserverContext(
-        observer_type=Code("121007", "DCM", "Device"),
+        observer_type=concept(_DEVICE),
         observer_identifying_attributes=hd.sr.DeviceObserverIdentifyingAttributes(
             uid=ensemble_device_uid(exam, options),
             name=algorithm_name(exam),
@@ -198,7 +202,7 @@ def _report(exam, headers, groups, options: OutputOptions) -> hd.sr.MeasurementR
     )
     return hd.sr.MeasurementReport(
         observation_context=hd.sr.ObservationContext(observer_device_context=observer),
-        procedure_reported=_IMAGING_PROCEDURE,
+        procedure_reported=concept(_IMAGING_PROCEDURE),
         imaging_measurements=groups,
         referenced_images=[headers[i.sop_instance_uid] for i in ordered_images(exam)],
     )
@@ -206,9 +210,9 @@ def _report(exam, headers, groups, options: OutputOptions) -> hd.sr.MeasurementR
 
 def _document(exam, headers, report, kind: OutputKind, options: OutputOptions, **extra):
     info = series_info(kind, exam)
-    return hd.sr.ComprehensiveSR(
-        evidence=[headers[i.sop_instance_uid] for i in ordered_images(exam)],
-        content=report,
+    return comprehensive_sr(
+        [headers[i.sop_instance_uid] for i in ordered_images(exam)],
+        report,
         series_instance_uid=derive_uid(exam, kind.value, "series", prefix=options.uid_prefix),
         series_number=info.number,
         series_description=info.description,
@@ -221,7 +225,7 @@ def _document(exam, headers, report, kind: OutputKind, options: OutputOptions, *
 
 
 def _site(laterality: Laterality) -> hd.sr.FindingSite:
-    return hd.sr.FindingSite(SCT_BREAST, laterality=SIDE_CODE[laterality])
+    return hd.sr.FindingSite(concept(SCT_BREAST), laterality=concept(SIDE_CODE[laterality]))
 
 
 def _probability(
@@ -230,9 +234,9 @@ def _probability(
     regions: Sequence[hd.sr.CoordinatesForMeasurement] | None = None,
 ):
     return hd.sr.Measurement(
-        DCM_PROBABILITY_OF_CANCER,
+        concept(DCM_PROBABILITY_OF_CANCER),
         percent(p),
-        UCUM_PERCENT,
+        concept(UCUM_PERCENT),
         algorithm_id=algorithm,
         referenced_coordinates=regions or None,
     )
@@ -241,28 +245,16 @@ def _probability(
 def _benign(p: float | None) -> list[hd.sr.Measurement]:
     if p is None:
         return []
-    return [hd.sr.Measurement(PROBABILITY_OF_BENIGN, percent(p), UCUM_PERCENT)]
+    return [hd.sr.Measurement(concept(PROBABILITY_OF_BENIGN), percent(p), concept(UCUM_PERCENT))]
 
 
 def _member_algorithm(model: ModelInfo) -> hd.sr.AlgorithmIdentification:
     return hd.sr.AlgorithmIdentification(name=model.name, version=model.version)
 
 
-def _name_region_sources(sr: pydicom.Dataset) -> None:
-    """Orthanc Stone reads a region only when its image is named "Original Source"; highdicom
-    writes "Source". PixelMed's TID 1500 rules accept both."""
-
-    def walk(items) -> None:
-        for item in items:
-            if "ContentSequence" not in item:
-                continue
-            concept = item.get("ConceptNameCodeSequence")
-            if item.ValueType == "SCOORD" and concept and concept[0].CodeValue == _IMAGE_REGION:
-                for child in item.ContentSequence:
-                    if child.ValueType == "IMAGE":
-                        child.ConceptNameCodeSequence = [
-                            hd.sr.CodedConcept.from_code(_ORIGINAL_SOURCE)
-                        ]
-            walk(item.ContentSequence)
-
-    walk(sr.ContentSequence)
+def _original_source(image: pydicom.Dataset) -> hd.sr.SourceImageForRegion:
+    """The region's image named "Original Source", the only name under which Orthanc Stone
+    reads a region (highdicom writes "Source"; PixelMed's TID 1500 rules accept both)."""
+    source = hd.sr.SourceImageForRegion.from_source_image(image)
+    source.ConceptNameCodeSequence = [concept(_ORIGINAL_SOURCE)]
+    return source
