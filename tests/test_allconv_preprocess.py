@@ -107,3 +107,34 @@ def test_bad_inputs_are_refused_with_a_reason() -> None:
         preprocess(_image(np.zeros((8, 8))), SMALL | {"scale_to_16bit": "false"})
     with pytest.raises(ValueError, match="bits_stored 20"):
         preprocess(_image(np.zeros((8, 8)), bits=20), SMALL)
+
+
+def _float64_stretch(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """The stretch as upstream's 16-bit PNG holds it, in float64 (the reference)."""
+    stretched = np.rint(pixels.astype(np.float64) * (65535.0 / (2**bits - 1)))
+    return np.clip(stretched, 0.0, 65535.0).astype(np.float32)
+
+
+def _stretched(pixels: np.ndarray, bits: int) -> np.ndarray:
+    """The model input before rescaling, at the source size (no resize)."""
+    spec = SMALL | {"target_size": list(pixels.shape), "rescale": 1.0, "featurewise_mean": 0.0}
+    return preprocess(_image(pixels, bits), spec).tensor[0].numpy()
+
+
+@pytest.mark.parametrize("bits", range(1, 16))
+def test_stretch_of_every_stored_value_is_the_float64_one(bits: int) -> None:
+    """Each value 0 .. 2^bits − 1, three times over, across several of the stretch's blocks."""
+    values = np.tile(np.arange(2**bits, dtype=np.float32), max(3, 200_000 // 2**bits))
+    pixels = np.zeros((-(-values.size // 512), 512), np.float32)
+    pixels.flat[: values.size] = values
+    np.testing.assert_array_equal(_stretched(pixels, bits), _float64_stretch(pixels, bits))
+
+
+@pytest.mark.parametrize(
+    "odd", [0.5, 4095.25, -1.0, 4096.0, 1e9, np.nan], ids=lambda v: f"pixel {v}"
+)
+def test_stretch_of_other_values_is_the_float64_one(odd: float) -> None:
+    """Values that are not stored values of the bit depth, in the image's last block."""
+    pixels = np.random.default_rng(3).integers(0, 4096, (300, 260)).astype(np.float32)
+    pixels[-1, -1] = odd
+    np.testing.assert_array_equal(_stretched(pixels, 12), _float64_stretch(pixels, 12))

@@ -210,7 +210,9 @@ def test_synthetic_exam_windows_are_gmics(synth_exam_small, monkeypatch) -> None
     images = [read_mammogram(image.dataset) for image in synth_exam_small.images]
     fast = [extract_window(image, spec) for image in images]
     monkeypatch.setattr(
-        GMIC_PREPROCESS, "find_tissue", lambda p, s, flipped: gmic_crop_stage(p.numpy(), s, flipped)
+        GMIC_PREPROCESS,
+        "find_tissue",
+        lambda p, s, flipped: gmic_crop_stage(np.asarray(p), s, flipped),
     )
     for image, (window, geometry) in zip(images, fast, strict=True):
         expected_window, expected_geometry = extract_window(image, spec)

@@ -31,6 +31,8 @@ RESCALE_16BIT = 0.003891
 DDSM_MEAN = 52.18
 INBREAST_MEAN = 44.33
 _MAX_16BIT = 65535.0
+_BLOCK = 1 << 16
+"""Pixels per block of the stretch: its temporaries stay in the CPU's cache."""
 
 
 class PreprocessSpec(StrictConfig):
@@ -67,13 +69,14 @@ def preprocess(
     device = torch.device(device)
     x = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
     if s.scale_to_16bit and image.bits_stored < 16:
-        factor = _MAX_16BIT / (2**image.bits_stored - 1)
-        if device.type == "cpu":
-            # The same float64 stretch in numpy: 3x faster than torch's on the CPU.
-            stretched = np.rint(pixels.astype(np.float64) * factor)
+        top = 2**image.bits_stored - 1
+        if device.type != "cpu":
+            x = _as_16bit_png(x.to(device).double() * (_MAX_16BIT / top))
+        elif (stretched := _stretch_stored_values(pixels, top)) is not None:
+            x = torch.from_numpy(stretched)
+        else:  # the same float64 stretch in numpy: 3x faster than torch's on the CPU
+            stretched = np.rint(pixels.astype(np.float64) * (_MAX_16BIT / top))
             x = torch.from_numpy(np.clip(stretched, 0.0, _MAX_16BIT).astype(np.float32))
-        else:
-            x = _as_16bit_png(x.to(device).double() * factor)
     x = x.to(device)
     rows, cols = s.target_size
     if tuple(x.shape) != (rows, cols):
@@ -85,6 +88,31 @@ def preprocess(
         tensor=x.unsqueeze(0).expand(3, -1, -1),
         geometry=Geometry(image.shape, (Resize(rows, cols),)),
     )
+
+
+def _stretch_stored_values(pixels: np.ndarray, top: int) -> np.ndarray | None:
+    """rint(x · 65535 / top) as float32, exactly as the float64 stretch, when every pixel x
+    is an integer in 0..top (decoded stored values are); else None. 3x faster: float32, in
+    blocks that stay in the cache. With q the integer part of 65535 / top and f the rest,
+    x · q is an exact integer, so the rounding is x · q + rint(x · f); the float32 x · f is
+    off by less than 2e-6, while the nearest tie is at least 1 / (2 · top) >= 1.5e-5 away
+    (top is odd: x · 65535 / top is never a half). A plain float32 x · 65535 / top rounds
+    65 of the 32768 15-bit values the other way."""
+    if pixels.dtype != np.float32:
+        return None
+    whole, rest = divmod(int(_MAX_16BIT), top)
+    q, f = np.float32(whole), np.float32(rest / top)
+    flat = np.ascontiguousarray(pixels).reshape(-1)
+    out = np.empty_like(flat)
+    scratch = np.empty(min(_BLOCK, flat.size), np.float32)
+    for start in range(0, flat.size, _BLOCK):
+        x, o = flat[start : start + _BLOCK], out[start : start + _BLOCK]
+        t = scratch[: x.size]
+        if not (x.min() >= 0 and x.max() <= top) or not np.array_equal(np.rint(x, out=t), x):
+            return None
+        np.rint(np.multiply(x, f, out=t), out=t)
+        np.add(np.multiply(x, q, out=o), t, out=o)
+    return out.reshape(pixels.shape)
 
 
 def _resize_bicubic(x: torch.Tensor, rows: int, cols: int) -> torch.Tensor:

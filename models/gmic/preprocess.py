@@ -133,14 +133,21 @@ def window_tensor(
     if source.ndim != 2:
         raise MammogramError(f"GMIC needs a 2-D image, got pixel array shape {source.shape}")
     geometry = Geometry(image.shape)
+    source = source.astype(np.float32, copy=False)
     flip = needs_flip(image, spec.orientation)
-    if flip:  # mirrored by the one copy that makes the float32 tensor
+    if flip:  # a view: mirrored by the one copy that makes the tensor
         geometry, source = geometry.then(Flip(axis=1)), source[:, ::-1]
-    pixels = torch.from_numpy(np.ascontiguousarray(source, dtype=np.float32)).to(device)
-
-    box = find_tissue(pixels, spec, flipped=flip)
+    if device.type == "cpu":  # the crop stage reads the view; only the crop is copied
+        box = find_tissue(source, spec, flipped=flip)
+        region = source[box.top : box.bottom, box.left : box.right]
+        pixels = torch.from_numpy(region.copy() if min(region.strides) < 0 else region)
+    else:
+        pixels = torch.from_numpy(np.ascontiguousarray(source)).to(device)
+        box = find_tissue(pixels, spec, flipped=flip)
+        pixels = pixels[box.top : box.bottom, box.left : box.right]
     crop = Crop(box.top, box.left, box.bottom - box.top, box.right - box.left)
-    geometry, pixels = _step(geometry, pixels, crop)
+    if crop != Crop(0, 0, *source.shape):
+        geometry = geometry.then(crop)
     rightmost_x, bottommost_y = box.rightmost_x, box.bottommost_y
 
     h, w = pixels.shape
@@ -190,7 +197,9 @@ def needs_flip(image: Mammogram, orientation: str) -> bool:
     return flip
 
 
-def find_tissue(pixels: torch.Tensor, spec: PreprocessSpec, flipped: bool) -> TissueBox:
+def find_tissue(
+    pixels: torch.Tensor | np.ndarray, spec: PreprocessSpec, flipped: bool
+) -> TissueBox:
     """GMIC's crop stage on a right-facing image.
 
     GMIC erodes `pixels > 0` `crop_iterations` times with the 4-neighbour cross (outside the
@@ -207,11 +216,11 @@ def find_tissue(pixels: torch.Tensor, spec: PreprocessSpec, flipped: bool) -> Ti
     mirrored image from the far edge, one pixel further right than on the mirrored grid.
     """
     r = spec.crop_iterations
-    mask = pixels > 0
-    if r and mask.device.type != "cpu":
-        eroded = BitMask.pack((_city_block_distance(mask) > r).cpu().numpy())
+    if isinstance(pixels, torch.Tensor) and pixels.device.type != "cpu":
+        mask = pixels > 0
+        eroded = BitMask.pack((_city_block_distance(mask) > r if r else mask).cpu().numpy())
     else:
-        eroded = BitMask.pack(mask.cpu().numpy()).erode_diamond(r)
+        eroded = BitMask.pack(np.asarray(pixels) > 0).erode_diamond(r)
     component, _ = largest_component(eroded)
     if component is None:
         raise MammogramError(

@@ -110,10 +110,9 @@ def _set_bits(words: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(row, column) of every set bit, in raster order."""
     flat = words.ravel()
     nonzero = np.flatnonzero(flat)
-    bits = np.unpackbits(flat[nonzero].view(np.uint8), bitorder="little").reshape(-1, _WORD)
-    word, bit = np.nonzero(bits)
-    index = nonzero[word]
-    return index // words.shape[1], (index % words.shape[1]) * _WORD + bit
+    bits = np.flatnonzero(np.unpackbits(flat[nonzero].view(np.uint8), bitorder="little"))
+    index = nonzero[bits // _WORD]
+    return index // words.shape[1], (index % words.shape[1]) * _WORD + bits % _WORD
 
 
 @dataclass(frozen=True)
