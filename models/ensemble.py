@@ -158,12 +158,14 @@ class _Member:
 
 @dataclass
 class _MemberImage:
-    """One member's flip-averaged view of one image, on the source grid."""
+    """One member's flip-averaged view of one image: scores and boxes on the source grid, maps
+    still on the model's grid (`_source_levels` takes them onto the source)."""
 
     malignant: float
     benign: float | None
-    malignant_map: torch.Tensor
-    benign_map: torch.Tensor | None
+    maps: torch.Tensor
+    """(2, h, w) benign and malignant map, or (1, h, w) malignant only, fp32."""
+    geometry: Geometry
     rois: list[RegionOfInterest]
 
 
@@ -326,13 +328,9 @@ class Ensemble:
         self, i: int, img: Mammogram, passes: list[_MemberPasses]
     ) -> ImagePrediction:
         parts = [_member_image(mp.member, mp.images[i]) for mp in passes]
-        malignant_map = _mean_map([p.malignant_map for p in parts])
         benign_parts = [p for p in parts if p.benign is not None]
-        benign_map = _mean_map([p.benign_map for p in benign_parts]) if benign_parts else None
         rois = sorted((r for p in parts for r in p.rois), key=lambda r: -r.weight)
-        # The peak from the fp32 map, then both maps quantised in place (they are this
-        # image's own): only uint8 levels leave the device.
-        peak = _peak(malignant_map)
+        malignant_map, benign_map, peak = _source_levels(parts, img.shape, self.device)
         return ImagePrediction(
             sop_instance_uid=img.sop_instance_uid,
             laterality=img.laterality,
@@ -340,8 +338,8 @@ class Ensemble:
             malignant=float(np.mean([p.malignant for p in parts])),
             benign=float(np.mean([p.benign for p in benign_parts])) if benign_parts else None,
             per_model={m.card.name: p.malignant for m, p in zip(self._members, parts, strict=True)},
-            malignant_map=to_levels_(malignant_map).cpu().numpy(),
-            benign_map=None if benign_map is None else to_levels_(benign_map).cpu().numpy(),
+            malignant_map=malignant_map.cpu().numpy(),
+            benign_map=None if benign_map is None else benign_map.cpu().numpy(),
             rois=tuple(rois),
             malignant_peak=peak,
         )
@@ -378,7 +376,7 @@ class _MemberPasses:
 
 
 def _member_image(member: _Member, passes: _ImagePasses) -> _MemberImage:
-    """Flip-average one member's passes over one image and map them onto its source grid.
+    """Flip-average one member's passes over one image; its boxes onto the source grid.
 
     Probabilities and maps are averaged over flips, each map flipped back first. ROI boxes
     come from one pass, the unflipped one when the member runs it, else its first flip: each
@@ -390,7 +388,6 @@ def _member_image(member: _Member, passes: _ImagePasses) -> _MemberImage:
     has_benign = bool(passes.benign)
     if not has_benign:
         maps = maps[1:]  # channel 0 repeats channel 1: map one channel back, not two
-    source_maps = passes.geometry.map_to_source(maps).clamp_(0.0, 1.0)
     rois: list[RegionOfInterest] = []
     if passes.boxes:
         roi_flip = flips.index("none") if "none" in flips else 0
@@ -406,8 +403,8 @@ def _member_image(member: _Member, passes: _ImagePasses) -> _MemberImage:
     return _MemberImage(
         malignant=float(torch.stack(passes.malignant).float().mean()),
         benign=float(torch.stack(passes.benign).float().mean()) if has_benign else None,
-        malignant_map=source_maps[-1],
-        benign_map=source_maps[0] if has_benign else None,
+        maps=maps,
+        geometry=passes.geometry,
         rois=rois,
     )
 
@@ -450,19 +447,83 @@ def _unflip_box(box: list[float], flip: str, shape: torch.Size) -> tuple[float, 
     return (top, left, bottom, right)
 
 
-def _mean_map(maps: list[torch.Tensor]) -> torch.Tensor:
+class _SourceMaps:
+    """One member's maps on the source grid, a strip of rows at a time, into its own buffer."""
+
+    def __init__(self, part: _MemberImage, strip_rows: int, cols: int) -> None:
+        maps = part.maps
+        # A benign map equal to the malignant one (GlimpseNet's single mask) is mapped once.
+        self.shared = maps.shape[0] == 2 and torch.equal(maps[0], maps[1])
+        self.maps = maps[1:] if self.shared else maps
+        self.benign = part.benign is not None
+        self.resampler = part.geometry.resampler(maps.shape[-2:], maps.device)
+        # A map in [0, 1] stays in [0, 1] on the source grid (`MapResampler`): clamping it
+        # there would change nothing.
+        self.clamp = not bool(((self.maps >= 0) & (self.maps <= 1)).all())
+        self._buffer = maps.new_empty(self.maps.shape[0] * strip_rows * cols)
+        self._cols = cols
+
+    def strip(self, start: int, stop: int) -> torch.Tensor:
+        """(channels, stop - start, cols): source rows [start, stop), clamped to [0, 1]."""
+        n = self.maps.shape[0]
+        out = self._buffer[: n * (stop - start) * self._cols].view(n, stop - start, self._cols)
+        self.resampler.rows_into(self.maps, start, stop, out)
+        return out.clamp_(0.0, 1.0) if self.clamp else out
+
+
+_STRIP_BYTES = 1 << 20
+"""fp32 bytes per map per strip of source rows on the CPU: every pass over a strip (mapping,
+mean, peak, levels) stays in cache, and no full-size float map is ever allocated."""
+
+
+def _source_levels(
+    parts: list[_MemberImage], shape: tuple[int, int], device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor | None, tuple[int, int]]:
+    """The members' maps on the source grid, clamped to [0, 1], averaged over members and
+    quantised (`to_levels_`); with the malignancy map's peak, found in fp32 first.
+
+    What mapping each member's whole maps, clamping and averaging them gives, but a strip of
+    source rows at a time (on the CPU; a GPU takes the image as one strip): every pass over a
+    strip stays in cache, and no full-size float map is ever allocated (at 3328×2560 each
+    would be 34 MB, above glibc's mmap threshold, so page-faulted afresh every time).
+    """
+    rows, cols = shape
+    strip_rows = rows if device.type != "cpu" else max(1, min(rows, _STRIP_BYTES // (4 * cols)))
+    members = [_SourceMaps(p, strip_rows, cols) for p in parts]
+    benign = [m for m in members if m.benign]
+    malignant_levels = torch.empty(shape, dtype=torch.uint8, device=device)
+    benign_levels = torch.empty_like(malignant_levels) if benign else None
+    total = torch.empty(strip_rows * cols, device=device)
+    best_values, best_rows = [], []
+    for start in range(0, rows, strip_rows):
+        stop = min(start + strip_rows, rows)
+        out = total[: (stop - start) * cols].view(stop - start, cols)
+        strips = {id(m): m.strip(start, stop) for m in members}
+        if benign_levels is not None:
+            mean = _mean_into([strips[id(m)][0] for m in benign], out)
+            to_levels_(mean, out=benign_levels[start:stop])
+        mean = _mean_into([strips[id(m)][-1] for m in members], out)
+        # The peak before quantising, the first maximum in row-major order (numpy's argmax):
+        # per strip its first row holding the strip's maximum, kept whole (a full argmax
+        # costs 20× a row-wise max on the CPU).
+        row = int(torch.argmax(mean.amax(1)))
+        best_values.append(mean[row].max())
+        best_rows.append((start + row, mean[row].clone()))
+        to_levels_(mean, out=malignant_levels[start:stop])
+    # The first strip of those holding the maximum, and its row's first maximum.
+    peak_row, values = best_rows[int(torch.argmax(torch.stack(best_values)))]
+    return malignant_levels, benign_levels, (peak_row, int(torch.argmax(values)))
+
+
+def _mean_into(maps: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+    """The mean of same-shape maps, written into `out`: summed in member order, then
+    divided (one map is copied as it is)."""
     if len(maps) == 1:
-        return maps[0]
-    total = maps[0] + maps[1]  # summed in place: no stacked copy of full-size maps
+        return out.copy_(maps[0])
+    torch.add(maps[0], maps[1], out=out)
     for m in maps[2:]:
-        total += m
-    return total.div_(len(maps))
-
-
-def _peak(m: torch.Tensor) -> tuple[int, int]:
-    """(row, col) of the fp32 map's first maximum in row-major order, as numpy's argmax."""
-    flat = int(torch.argmax(m))
-    return (flat // m.shape[1], flat % m.shape[1])
+        out += m
+    return out.div_(len(maps))
 
 
 def _breast(laterality: Laterality, images: Sequence[ImagePrediction]) -> BreastPrediction:

@@ -193,32 +193,21 @@ class Geometry:
         """
         if isinstance(grid_map, torch.Tensor):
             m = grid_map.float()
-            return self._resample(self._resample(m, 0), 1)
-        m = torch.from_numpy(np.ascontiguousarray(grid_map, dtype=np.float32))
-        return self._resample(self._resample(m, 0), 1).numpy()
+        else:
+            m = torch.from_numpy(np.ascontiguousarray(grid_map, dtype=np.float32))
+        resampler = self.resampler(m.shape[-2:], m.device)
+        out = m.new_empty(*m.shape[:-2], *self.source_shape)
+        resampler.rows_into(m, 0, self.source_shape[0], out)
+        return out if isinstance(grid_map, torch.Tensor) else out.numpy()
 
-    def _resample(self, m: torch.Tensor, a: int) -> torch.Tensor:
-        """Linear interpolation along axis `a` (0 rows, 1 columns) of a (…, h, w) map.
-
-        A coarse map (a saliency grid) is resampled as one matrix product with the (source,
-        map) interpolation weights: at most two non-zero per row, a zero row outside the input,
-        so every output is `(1 - t)·a + t·b` exactly as a gather would give it, at BLAS speed.
-        A fine map (the input itself) gathers the two neighbours instead.
-        """
-        dim = m.dim() - 2 + a
-        n_map = m.shape[dim]
-        i0, i1, t, inside = (torch.from_numpy(v).to(m.device) for v in self._sample_axis(a, n_map))
-        if n_map <= _MATMUL_MAX_CELLS:
-            weights = torch.zeros(i0.shape[0], n_map, dtype=m.dtype, device=m.device)
-            rows = torch.arange(i0.shape[0], device=m.device)
-            weights.index_put_((rows, i0), (1 - t) * inside, accumulate=True)
-            weights.index_put_((rows, i1), t * inside, accumulate=True)
-            return weights @ m if a == 0 else m @ weights.T
-        shape = [1] * m.dim()
-        shape[dim] = -1
-        lo, hi = m.index_select(dim, i0), m.index_select(dim, i1)
-        out = lo + (hi - lo) * t.view(shape)
-        return torch.where(inside.view(shape), out, out.new_zeros(()))
+    def resampler(self, map_shape: Sequence[int], device: torch.device) -> MapResampler:
+        """Bilinear resampling of (…, h, w) maps onto the source grid, a strip of source rows
+        at a time (`MapResampler.rows_into`): `map_to_source` in pieces that stay in cache."""
+        h, w = (int(n) for n in map_shape)
+        return MapResampler(
+            _AxisWeights.of(*self._sample_axis(0, h), h, device),
+            _AxisWeights.of(*self._sample_axis(1, w), w, device),
+        )
 
     def area_to_input(self, source_map: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
         """Area-average a (rows, cols) source-grid map onto an (h, w) grid covering the input.
@@ -269,5 +258,80 @@ class Geometry:
         return i0, i1, t, inside
 
 
-_MATMUL_MAX_CELLS = 512
-"""Up to this many map cells on an axis, resampling is a matrix product (see `_resample`)."""
+@dataclass(frozen=True, eq=False)
+class _AxisWeights:
+    """Linear interpolation along one axis as an (n_source, n_map) weight matrix: at most two
+    non-zero weights per source pixel ((1 - t) and t on the two cells around its centre), a
+    zero row where the input does not show the pixel. So a product with it gives every pixel
+    `(1 - t)·a + t·b`, as a gather would, at BLAS speed."""
+
+    weights: torch.Tensor
+    first: np.ndarray
+    """Per source pixel, the first map cell it reads; `last`, the last."""
+    last: np.ndarray
+
+    @classmethod
+    def of(
+        cls,
+        i0: np.ndarray,
+        i1: np.ndarray,
+        t: np.ndarray,
+        inside: np.ndarray,
+        n_map: int,
+        device: torch.device,
+    ) -> _AxisWeights:
+        weights = np.zeros((i0.shape[0], n_map), np.float32)
+        rows = np.arange(i0.shape[0])
+        np.add.at(weights, (rows, i0), (np.float32(1) - t) * inside)
+        np.add.at(weights, (rows, i1), t * inside)
+        return cls(torch.from_numpy(weights).to(device), i0, i1)
+
+    def cells(self, start: int, stop: int) -> tuple[int, int]:
+        """The map cells [lo, hi) that source pixels [start, stop) read."""
+        return int(self.first[start:stop].min()), int(self.last[start:stop].max()) + 1
+
+    def blocks(self, cells_per_block: int) -> list[tuple[int, int, int, int]]:
+        """(start, stop, lo, hi): source pixels in runs that each read about
+        `cells_per_block` map cells, [lo, hi) of them."""
+        n_src, n_map = self.weights.shape
+        step = max(1, n_src * cells_per_block // n_map)
+        return [(s, min(s + step, n_src), *self.cells(s, s + step)) for s in range(0, n_src, step)]
+
+
+_CELLS_PER_BLOCK = 16
+"""Map columns one product reads at most (about): products over the band of non-zero weights
+only, so a 128-cell map costs as little per pixel as an 8-cell one."""
+
+
+@dataclass(frozen=True, eq=False)
+class MapResampler:
+    """`Geometry.map_to_source` for one map shape, by strips of source rows.
+
+    Rows first, then columns, each a product with the axis's weights restricted to the band
+    of map cells the pixels read. The terms left out are exact zeros, so a pixel is the
+    whole product's float up to how BLAS orders its two non-zero terms for the shape at
+    hand (one fp32 rounding), and a map in [0, 1] stays in [0, 1]: the weights are >= 0 and
+    fl(fl(1 - t) + t) <= 1, so no ordering of a·(1 - t) + b·t can leave it."""
+
+    rows: _AxisWeights
+    cols: _AxisWeights
+    _col_blocks: list[tuple[int, int, int, int]] = field(init=False, repr=False)
+    _cols_t: torch.Tensor = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_col_blocks", self.cols.blocks(_CELLS_PER_BLOCK))
+        object.__setattr__(self, "_cols_t", self.cols.weights.T)
+
+    def rows_into(self, m: torch.Tensor, start: int, stop: int, out: torch.Tensor) -> torch.Tensor:
+        """Source rows [start, stop) of the (…, h, w) fp32 map `m` on the source grid, written
+        into `out` (…, stop - start, source columns); returns `out`. A strip costs in
+        proportion to its rows, whatever the map's size: the products skip the band's zeros."""
+        lo, hi = self.rows.cells(start, stop)
+        x = torch.matmul(self.rows.weights[start:stop, lo:hi], m[..., lo:hi, :])
+        blocks = self._col_blocks
+        if len(blocks) == 1:
+            _, _, c_lo, c_hi = blocks[0]
+            return torch.matmul(x[..., c_lo:c_hi], self._cols_t[c_lo:c_hi], out=out)
+        for c0, c1, c_lo, c_hi in blocks:
+            out[..., c0:c1] = torch.matmul(x[..., c_lo:c_hi], self._cols_t[c_lo:c_hi, c0:c1])
+        return out

@@ -71,10 +71,13 @@ def to_levels(p: torch.Tensor) -> torch.Tensor:
     return to_levels_(p.to(torch.float32, copy=True).nan_to_num_(nan=0.0).clamp_(0.0, 1.0))
 
 
-def to_levels_(p: torch.Tensor) -> torch.Tensor:
+def to_levels_(p: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """`to_levels` of an fp32 map already in [0, 1] (finite, clipped: the ensemble's), which it
-    overwrites: three passes and no full-size float copy, against six (0.062 -> 0.023 s for
-    3328×2560 on the CPU)."""
+    overwrites, into `out` (uint8, `p`'s shape) when given: no full-size float copy.
+
+    p × 255 + 0.5 lies in [0.5, 255.5], where truncating to int16 and narrowing to uint8 gives
+    exactly the direct uint8 cast, in vectorised conversions (about 7× faster on the CPU)."""
     if p.dtype != torch.float32:
         raise TypeError(f"to_levels_ works on an fp32 map, not {p.dtype}")
-    return p.mul_(LEVELS).add_(0.5).to(torch.uint8)
+    whole = p.mul_(LEVELS).add_(0.5).to(torch.int16)
+    return whole.to(torch.uint8) if out is None else out.copy_(whole)

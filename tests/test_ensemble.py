@@ -16,15 +16,19 @@ import numpy as np
 import pytest
 import torch
 
+from models import ensemble as ensemble_module
 from models import family as family_registry
 from models import get_family, load_model, new_model_file, read_card, save_model
 from models.allconv import PRESETS as ALLCONV_PRESETS
 from models.allconv import AllConvFamily
-from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec, _MemberImage, _source_levels
+from models.geometry import Crop, Flip, Geometry, Resize
 from models.gmic import PRESETS as GMIC_PRESETS
 from models.pixels import read_mammogram_file
 from models.reading import read_mammogram
+from models.results import map_levels
 from tests.support.maps import assert_levels_close, assert_levels_of
+from tests.test_geometry import random_geometry, reference_map_to_source
 
 ALL_FLIPS = ("none", "hflip", "vflip", "hvflip")
 DEMO_ALLCONV = Path(__file__).parents[1] / "models/weights/demo-allconv.safetensors"
@@ -364,3 +368,85 @@ def test_compile_failure_runs_eagerly_with_the_same_scores_and_says_why(tmp_path
     assert warnings[0].startswith("models.ensemble: torch.compile failed for model 'demo-allconv'")
     assert "No working C++ compiler" in warnings[0] and str(no_compiler) in warnings[0]
     assert warnings[0].endswith("; running it eagerly")
+
+
+def _reference_source_levels(parts, shape):
+    """The ensemble's maps the straightforward way: each member's whole maps onto the source
+    grid (whole weight products), clamped to [0, 1], summed in member order and divided by
+    their number in fp32, the peak by numpy's argmax, then the levels."""
+    source = [np.clip(reference_map_to_source(p.geometry, p.maps.numpy()), 0, 1) for p in parts]
+
+    def mean(maps):
+        total = maps[0].copy()
+        for m in maps[1:]:
+            total += m
+        return total / np.float32(len(maps)) if len(maps) > 1 else total
+
+    malignant = mean([m[-1] for m in source])
+    benign = [m[0] for m, p in zip(source, parts, strict=True) if p.benign is not None]
+    peak = np.unravel_index(int(np.argmax(malignant)), shape)
+    return malignant, mean(benign) if benign else None, (int(peak[0]), int(peak[1]))
+
+
+def _random_parts(rng, shape, members, exact):
+    """Flip-averaged member maps as `_member_image` hands them over, on random geometries.
+    `exact`: power-of-two resizes and map values in sixteenths, so every product and sum is
+    exact in fp32 and any order of the arithmetic gives the same floats (ties included)."""
+    parts = []
+    for k in range(members):
+        if exact:
+            factor = 2 ** int(rng.integers(0, 3))
+            steps = (Crop(int(rng.integers(-8, 9)), 0, shape[0], shape[1]), Flip(1))
+            geometry = Geometry(shape, steps[: int(rng.integers(0, 3))]).then(
+                Resize(shape[0] * factor, shape[1] * factor)
+            )
+            cells = (shape[0] * factor // 8, shape[1] * factor // 8)
+            maps = rng.integers(0, 17, size=(2, *cells)).astype(np.float32) / 16
+            maps[:, : cells[0] // 2] = 1.0  # a saturated block: the peak is a tie
+        else:
+            geometry = random_geometry(rng, shape)
+            cells = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+            low, high = (-0.3, 1.3) if k % 2 else (0.0, 1.0)  # some need the clamp
+            maps = rng.uniform(low, high, size=(2, *cells)).astype(np.float32)
+        benign = k % 3 != 1
+        if benign and rng.random() < 0.3:
+            maps[0] = maps[1]  # GlimpseNet: one mask for both classes, mapped once
+        parts.append(
+            _MemberImage(
+                malignant=0.5,
+                benign=0.5 if benign else None,
+                maps=torch.from_numpy(maps if benign else maps[1:]),
+                geometry=geometry,
+                rois=[],
+            )
+        )
+    return parts
+
+
+@pytest.mark.parametrize("strip_bytes", [None, 3 * 4 * 64])
+def test_source_levels_equal_the_straightforward_whole_map_path(monkeypatch, strip_bytes):
+    """`_source_levels` (strips of source rows, one buffer per member, the clamp skipped
+    where it provably changes nothing, the peak from row maxima) against the whole-map
+    computation: the same levels and peak; bit for bit where the arithmetic is exact
+    (saturated maps, peaks that tie across strips), else to fp32 rounding. Under 5 s."""
+    if strip_bytes is not None:
+        monkeypatch.setattr(ensemble_module, "_STRIP_BYTES", strip_bytes)  # 3-row strips
+    rng = np.random.default_rng(11)
+    cpu = torch.device("cpu")
+    for case in range(40):
+        exact = case % 2 == 0
+        shape = (8 * int(rng.integers(3, 12)), 8 * int(rng.integers(3, 12)))
+        parts = _random_parts(rng, shape, int(rng.integers(1, 4)), exact)
+        malignant, benign, peak = _source_levels(parts, shape, cpu)
+        want_malignant, want_benign, want_peak = _reference_source_levels(parts, shape)
+        assert (benign is None) == (want_benign is None)
+        if exact:
+            np.testing.assert_array_equal(malignant.numpy(), map_levels(want_malignant))
+            if benign is not None:
+                np.testing.assert_array_equal(benign.numpy(), map_levels(want_benign))
+            assert peak == want_peak
+        else:
+            assert_levels_of(malignant.numpy(), want_malignant, atol=1e-6)
+            if benign is not None:
+                assert_levels_of(benign.numpy(), want_benign, atol=1e-6)
+            assert want_malignant[peak] >= want_malignant.max() - 1e-6

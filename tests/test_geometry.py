@@ -2,6 +2,7 @@
 
 import numpy as np
 import pytest
+import torch
 
 from models.geometry import Crop, Flip, Geometry, Pad, Resize
 
@@ -156,3 +157,94 @@ def test_area_average_of_a_resize_is_the_block_mean():
     np.testing.assert_allclose(g.area_to_input(mask, (5, 4)).mean(), mask.mean(), atol=1e-6)
     with pytest.raises(ValueError, match="source grid"):
         g.area_to_input(mask[:-1], (10, 8))
+
+
+def random_geometry(rng: np.random.Generator, source_shape=None) -> Geometry:
+    """A source grid (random unless given) and a chain of the preprocessing's steps: flips,
+    crops that may reach past the image (pads), pads and resizes, in random order and sizes."""
+    rows, cols = source_shape or (int(n) for n in rng.integers(20, 160, size=2))
+    geometry = Geometry((rows, cols))
+    for _ in range(int(rng.integers(0, 5))):
+        h, w = geometry.input_shape
+        kind = rng.integers(4)
+        if kind == 0:
+            step = Flip(int(rng.integers(2)))
+        elif kind == 1:
+            top = int(rng.integers(-h // 4, h // 2 + 1))
+            left = int(rng.integers(-w // 4, w // 2 + 1))
+            step = Crop(top, left, int(rng.integers(1, h + 1)), int(rng.integers(1, w + 1)))
+        elif kind == 2:
+            step = Pad(*(int(v) for v in rng.integers(0, 12, size=4)))
+        else:
+            step = Resize(int(rng.integers(8, 3 * h + 1)), int(rng.integers(8, 3 * w + 1)))
+        geometry = geometry.then(step)
+    return geometry
+
+
+def reference_map_to_source(geometry: Geometry, m: np.ndarray) -> np.ndarray:
+    """Bilinear resampling the obvious way: per source pixel centre, its position on the map
+    (clamped to the outer cells' centres), the two cells around it and the weight of the
+    second, 0 where the input does not show it; rows first, then columns, each a product
+    with the whole (source, map) weight matrix."""
+    weights = []
+    for a in (0, 1):
+        n_src, n_map, n_in = geometry.source_shape[a], m.shape[-2 + a], geometry.input_shape[a]
+        centres = np.zeros((n_src, 2))
+        centres[:, a] = np.arange(n_src) + 0.5
+        x_in = geometry.to_input(centres)[:, a]
+        other = 1 - a  # a point inside the input on the other axis, to ask visible()
+        probe = np.zeros((n_src, 2))
+        probe[:, a] = x_in
+        probe[:, other] = sum(geometry._visible[other]) / 2
+        inside = geometry.visible(probe)
+        u = np.clip(x_in * (n_map / n_in) - 0.5, 0, n_map - 1)
+        i0 = np.floor(u).astype(int)
+        i1 = np.minimum(i0 + 1, n_map - 1)
+        t = (u - i0).astype(np.float32)
+        w = torch.zeros(n_src, n_map)
+        rows = torch.arange(n_src)
+        w.index_put_((rows, torch.from_numpy(i0)), torch.from_numpy((1 - t) * inside), True)
+        w.index_put_((rows, torch.from_numpy(i1)), torch.from_numpy(t * inside), True)
+        weights.append(w)
+    x = torch.from_numpy(np.ascontiguousarray(m, np.float32))
+    return ((weights[0] @ x) @ weights[1].T).numpy()
+
+
+def test_map_to_source_and_its_strips_are_the_whole_products_floats():
+    """`map_to_source`, and `MapResampler` a strip of rows at a time, give the bilinear
+    values: the whole weight products' floats and float64 gathers', to fp32 rounding (the
+    products over the band skip only exact zeros, but BLAS may order the two non-zero terms
+    otherwise for another shape), on random chains and map sizes from a coarse grid to finer
+    than the input."""
+    rng = np.random.default_rng(7)
+    for case in range(30):
+        geometry = random_geometry(rng)
+        h, w = geometry.input_shape
+        shape = (int(rng.integers(1, 40)), int(rng.integers(1, 40)))
+        if case % 5 == 0:
+            shape = (min(h, 300), min(w, 300))  # as fine as the input, or finer
+        maps = rng.uniform(-0.5, 1.5, size=(2, *shape)).astype(np.float32)
+        want = reference_map_to_source(geometry, maps)
+        np.testing.assert_allclose(geometry.map_to_source(maps), want, rtol=0, atol=2.4e-7)
+        resampler = geometry.resampler(shape, torch.device("cpu"))
+        rows, cols = geometry.source_shape
+        step = int(rng.integers(1, rows + 1))
+        for start in range(0, rows, step):
+            stop = min(start + step, rows)
+            out = torch.empty(2, stop - start, cols)
+            resampler.rows_into(torch.from_numpy(maps), start, stop, out)
+            np.testing.assert_allclose(out.numpy(), want[:, start:stop], rtol=0, atol=2.4e-7)
+        exact = _bilinear_f64(geometry, maps)
+        np.testing.assert_allclose(want, exact, atol=1e-6)
+
+
+def _bilinear_f64(geometry: Geometry, m: np.ndarray) -> np.ndarray:
+    out = np.asarray(m, np.float64)
+    for a in (0, 1):
+        i0, i1, t, inside = geometry._sample_axis(a, out.shape[-2 + a])
+        lo, hi = np.take(out, i0, axis=-2 + a), np.take(out, i1, axis=-2 + a)
+        shape = [1] * out.ndim
+        shape[-2 + a] = -1
+        t64 = t.astype(np.float64).reshape(shape)
+        out = np.where(inside.reshape(shape), lo * (1 - t64) + hi * t64, 0.0)
+    return out

@@ -14,7 +14,7 @@ from models import new_model_file
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.gmic import GMIC, PRESETS
 from models.gmic.preprocess import _city_block_distance
-from models.numerics import autocast, to_levels
+from models.numerics import autocast, to_levels, to_levels_
 from models.reading import read_mammogram
 from models.results import map_levels
 from tests.support.maps import assert_levels_close, rounding_cases
@@ -105,6 +105,10 @@ def test_levels_round_to_nearest_in_fp32():
     assert odd.tolist() == [0, 0, 0, 255, 255]
     assert np.array_equal(map_levels(values), levels)
     assert np.array_equal(map_levels(values.astype(np.float64)), levels)
+    # The ensemble's in-place form (through int16, into a given uint8 map): the same levels.
+    inside = torch.from_numpy(clipped.copy())
+    out = torch.empty(inside.shape, dtype=torch.uint8)
+    assert to_levels_(inside, out=out) is out and np.array_equal(out.numpy(), levels)
 
 
 def test_city_block_distance_is_scipys_iterated_erosion():
