@@ -110,8 +110,8 @@ def preprocess(
     image: Mammogram, spec: dict[str, Any] | PreprocessSpec, device: torch.device | str = "cpu"
 ) -> Prepared:
     """The model input, (1, rows, cols) float32 on `device`, and its `Geometry`. Every pixel
-    operation runs in torch on `device`; only the crop stage's connected-component labelling
-    (on a bit mask) runs on the CPU."""
+    operation runs in torch on `device`, except the crop stage's search on the CPU (numpy on
+    bit-packed rows) and its labelling (of the eroded mask's row runs) everywhere."""
     window, geometry = window_tensor(image, spec, torch.device(device))
     return Prepared(tensor=standardise(window).unsqueeze(0), geometry=geometry)
 
