@@ -10,7 +10,8 @@ Stages are joined by queues that the in-flight limit bounds (`submit` blocks whi
 `settings.in_flight` exams are between submission and outcome; `wait_for_room` lets a caller
 claim work only as room frees):
 
-- decode, in a process pool (`decode_processes`; 0: a thread of this process);
+- decode, in a process pool (`decode_processes`; 0: a thread of this process), an image a
+  task, so that the pool's processes decode one exam's images side by side;
 - the ensemble, in one thread of this process: it takes whatever exams are decoded, up to
   `max_batch` images or `max_batch_wait_ms`, and scores them in one `predict_exams` call, so
   that forwards batch across exams;
@@ -254,19 +255,16 @@ class Pipeline:
             self._in_flight += 1
         now = time.monotonic()
         exam = _Exam(request, now, since=now)
-        try:
-            future = self._decoders.submit(
-                partial(
-                    decode,
-                    keep_pixels=self.settings.keep_pixels,
-                    native_pixels=self.settings.native_pixels,
-                ),
-                request.files,
-            )
+        read = partial(
+            decode, keep_pixels=self.settings.keep_pixels, native_pixels=self.settings.native_pixels
+        )
+        futures: list[Future] = []
+        try:  # one task per image, so that the pool's processes decode an exam side by side
+            futures += [self._decoders.submit(read, (file,)) for file in request.files]
         except BaseException as exc:  # noqa: BLE001 - the exam's outcome carries it
             self._done.put((exam, exc))
             return
-        future.add_done_callback(partial(self._decoded_one, exam))
+        _when_all(futures, partial(self._decoded_all, exam))
 
     def close(self, timeout: float | None = None) -> bool:
         """Let the exams in flight reach their outcomes (at most `timeout` seconds), then stop
@@ -282,16 +280,18 @@ class Pipeline:
 
     # -- stages ------------------------------------------------------------------------------
 
-    def _decoded_one(self, exam: _Exam, future: Future) -> None:
-        try:
-            decoded: Decoded = future.result()
-        except BaseException as exc:  # noqa: BLE001 - a broken pool fails this attempt only
-            self._done.put((exam, exc))
-            return
+    def _decoded_all(self, exam: _Exam, futures: list[Future]) -> None:
+        parts: list[Decoded] = []
+        for future in futures:
+            try:
+                parts.append(future.result())
+            except BaseException as exc:  # noqa: BLE001 - a broken pool fails this attempt only
+                self._done.put((exam, exc))
+                return
         exam.entered("decode")
-        exam.mammograms = decoded.mammograms
-        exam.sources = decoded.datasets
-        exam.left_out = [LeftOut(key, "decode", reason) for key, reason in decoded.failed]
+        exam.mammograms = [m for d in parts for m in d.mammograms]
+        exam.sources = {uid: ds for d in parts for uid, ds in d.datasets.items()}
+        exam.left_out = [LeftOut(key, "decode", why) for d in parts for key, why in d.failed]
         self._decoded.put(exam)
 
     def _ensemble_stage(self) -> None:
@@ -380,18 +380,7 @@ class Pipeline:
             self._fail(exam, exc)
             return
         exam.passed_on = True
-        remaining = [len(futures)]
-        lock = threading.Lock()
-
-        def part_done(_: Future) -> None:
-            with lock:
-                remaining[0] -= 1
-                if remaining[0]:
-                    return
-            self._done.put((exam, futures))
-
-        for future in futures:
-            future.add_done_callback(part_done)
+        _when_all(futures, lambda done: self._done.put((exam, done)))
 
     def _fail(self, exam: _Exam, error: BaseException) -> None:
         exam.passed_on = True
@@ -457,6 +446,24 @@ class Pipeline:
         exam.since = time.monotonic()
         self._decoded.put(exam)
         return None
+
+
+def _when_all(futures: list[Future], then: Callable[[list[Future]], None]) -> None:
+    """`then(futures)` once every one of them is done (at once for none)."""
+    remaining = [len(futures)]
+    lock = threading.Lock()
+
+    def one_done(_: Future) -> None:
+        with lock:
+            remaining[0] -= 1
+            last = remaining[0] == 0
+        if last:
+            then(futures)
+
+    if not futures:
+        then(futures)
+    for future in futures:
+        future.add_done_callback(one_done)
 
 
 @dataclass(frozen=True)
