@@ -1,9 +1,10 @@
 """GMIC's crop stage: the bit-packed erosion and run labelling (`models.gmic.tissue`) and
 `find_tissue` give exactly what GMIC's own recipe gives, the slow way: r scipy cross erosions,
 scipy's labelling, the largest component, r scipy cross dilations, its box and right-most
-column. On the conformance images, GMIC's synthetic mammograms and ~600 awkward masks
-(holes, several components, tissue at the edges, ties, tiny images, r = 0, both mirrorings).
-About 10 s on one core."""
+column. On the conformance images, the synthetic exam's windows, and awkward masks (holes,
+several components, tissue at the edges, ties, tiny images, widths around 64-bit words,
+r = 0, both mirrorings): ~1,200 erosions, ~600 labellings, 150 crop stages.
+About 5-10 s on one core."""
 
 from __future__ import annotations
 
