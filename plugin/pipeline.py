@@ -368,7 +368,7 @@ class Pipeline:
                     self._builders.submit(
                         build_and_write,
                         shipped,
-                        part.sources(exam.sources),
+                        part.sources(exam.sources, to_process=self._builders.processes > 0),
                         part.kinds,
                         self.settings.options,
                         exam.request.folder,
@@ -475,13 +475,27 @@ class ObjectPart:
     views: tuple[str, ...]
     """SOPInstanceUIDs whose per-view objects this part builds; () for the exam level."""
 
-    def sources(self, sources: Mapping[str, pydicom.Dataset]) -> dict[str, pydicom.Dataset]:
+    def sources(
+        self, sources: Mapping[str, pydicom.Dataset], *, to_process: bool
+    ) -> dict[str, pydicom.Dataset]:
         """What the part's builders read: a view's own dataset (the heat-map needs its
         pixels); at the exam level every analysed image's header, which the SRs reference,
-        without the pixels that would only travel to a process for nothing."""
-        if self.views:
+        without the pixels that would only travel to a process for nothing. A view's dataset
+        bound for a process goes without pydicom's decoded-pixel cache, which pickles as a
+        second copy of the pixels and is not used there (it is keyed by object ids): its
+        pixel data is native then (`Settings.native_pixels`), cheap to read again."""
+        if not self.views:
+            return {uid: header_copy(ds) for uid, ds in sources.items()}
+        if not to_process:
             return {uid: sources[uid] for uid in self.views}
-        return {uid: header_copy(ds) for uid, ds in sources.items()}
+        return {uid: _without_pixel_cache(sources[uid]) for uid in self.views}
+
+
+def _without_pixel_cache(ds: pydicom.Dataset) -> pydicom.Dataset:
+    """The same elements and file meta in a new data set, which has no decoded pixels yet."""
+    out = pydicom.Dataset(dict(ds.items()))
+    out.file_meta = ds.file_meta
+    return out
 
 
 def object_parts(prediction: ExamPrediction, kinds: Collection[OutputKind]) -> list[ObjectPart]:
