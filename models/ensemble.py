@@ -471,9 +471,12 @@ class _SourceMaps:
         return out.clamp_(0.0, 1.0) if self.clamp else out
 
 
-_STRIP_BYTES = 1 << 20
-"""fp32 bytes per map per strip of source rows on the CPU: every pass over a strip (mapping,
-mean, peak, levels) stays in cache, and no full-size float map is ever allocated."""
+_STRIP_BYTES = 1 << 21
+"""fp32 bytes per map per strip of source rows on the CPU. Small enough that every pass over a
+strip (mapping, mean, peak, levels) stays in cache and no full-size float map is allocated;
+large enough that the passes stay few: each is a parallel region of torch's threads, and on
+a busy 2-core host (the worker's other stages, other processes) a region waits for its
+descheduled thread, so a 3328×2560 map in 0.5 MB strips took 10× longer there than in 2 MB."""
 
 
 def _source_levels(
@@ -500,9 +503,12 @@ def _source_levels(
         out = total[: (stop - start) * cols].view(stop - start, cols)
         strips = {id(m): m.strip(start, stop) for m in members}
         if benign_levels is not None:
-            mean = _mean_into([strips[id(m)][0] for m in benign], out)
+            # A lone member's benign strip is quantised in place unless it is also its
+            # malignant one; the malignant strips are not needed after their mean.
+            in_place = not (len(benign) == 1 and benign[0].shared)
+            mean = _mean_into([strips[id(m)][0] for m in benign], out, in_place)
             to_levels_(mean, out=benign_levels[start:stop])
-        mean = _mean_into([strips[id(m)][-1] for m in members], out)
+        mean = _mean_into([strips[id(m)][-1] for m in members], out, True)
         # The peak before quantising, the first maximum in row-major order (numpy's argmax):
         # per strip its first row holding the strip's maximum, kept whole (a full argmax
         # costs 20× a row-wise max on the CPU).
@@ -515,11 +521,12 @@ def _source_levels(
     return malignant_levels, benign_levels, (peak_row, int(torch.argmax(values)))
 
 
-def _mean_into(maps: list[torch.Tensor], out: torch.Tensor) -> torch.Tensor:
+def _mean_into(maps: list[torch.Tensor], out: torch.Tensor, in_place: bool) -> torch.Tensor:
     """The mean of same-shape maps, written into `out`: summed in member order, then
-    divided (one map is copied as it is)."""
+    divided. One map is its own mean: itself when the caller may overwrite it (`in_place`),
+    else a copy in `out`."""
     if len(maps) == 1:
-        return out.copy_(maps[0])
+        return maps[0] if in_place else out.copy_(maps[0])
     torch.add(maps[0], maps[1], out=out)
     for m in maps[2:]:
         out += m
