@@ -41,8 +41,8 @@ def decode(
     and decoded pixel data (tens of MB per mammogram) are freed as soon as each image is read
     for the models. `native_pixels` stores a compressed source's decoded pixels natively in
     the kept data set, for sources that travel to another process: pydicom's decoded-pixel
-    cache does not survive pickling, and the heat-map would decode the image a second time
-    there (0.9 s for a 3328x2560 JPEG 2000 mammogram)."""
+    cache is not used after pickling (it is keyed by object ids), and the heat-map would
+    decode the image a second time there (0.9 s for a 3328x2560 JPEG 2000 mammogram)."""
     mammograms, datasets, failed = [], {}, []
     for key, path in files:
         try:
