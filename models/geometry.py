@@ -332,6 +332,9 @@ class MapResampler:
         if len(blocks) == 1:
             _, _, c_lo, c_hi = blocks[0]
             return torch.matmul(x[..., c_lo:c_hi], self._cols_t[c_lo:c_hi], out=out)
+        # Per map and block straight into `out`'s columns: BLAS writes a strided block.
+        xs, outs = x.reshape(-1, *x.shape[-2:]), out.view(-1, *out.shape[-2:])
         for c0, c1, c_lo, c_hi in blocks:
-            out[..., c0:c1] = torch.matmul(x[..., c_lo:c_hi], self._cols_t[c_lo:c_hi, c0:c1])
+            for x_c, out_c in zip(xs, outs, strict=True):
+                torch.mm(x_c[:, c_lo:c_hi], self._cols_t[c_lo:c_hi, c0:c1], out=out_c[:, c0:c1])
         return out
