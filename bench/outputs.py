@@ -17,6 +17,11 @@ output process gets it: pickled, so pydicom's pixel cache (keyed by object ids) 
 source is decoded a second time (the unpickling itself not counted). The baseline's common.py,
 heatmap.py, seg.py and sc.py come from `git show` of the baseline commit into a temporary
 package, and get float maps k/255, the interface they had.
+
+Then the exam-level SRs (a four-view exam, GMIC-like ROIs): the Mammography CAD SR and the TID
+1500 viewer report built, and both written with pydicom (to memory, no fsync), against the SR
+code of `--sr-baseline` measured in the same run; the baseline's documents must be the same
+bytes as today's (the creation times highdicom stamps set to one value), which is printed.
 """
 
 from __future__ import annotations
@@ -52,13 +57,16 @@ sys.path.insert(0, str(REPO))
 from models.results import ExamPrediction, ImagePrediction, RegionOfInterest, map_levels  # noqa: E402
 from plugin.outputs import heatmap, labelmap, sc, seg  # noqa: E402
 from tests.support.maps import malignant_fields  # noqa: E402
-from tests.support.outputs_samples import exam_prediction, model_info  # noqa: E402
+from tests.support.outputs_samples import exam_prediction, model_info, prediction_for  # noqa: E402
 from trainer.synth import encode, synth_exam  # noqa: E402
 
 TARGET_S = 0.25
 BASELINE = "0251ad4"
 """The last commit before the maps became uint8 levels and the objects were sped up."""
 BASELINE_FILES = ("common.py", "heatmap.py", "seg.py", "sc.py")
+SR_BASELINE = "55b0c36"
+"""The last commit before the SRs were built without highdicom's copy of the tree."""
+SR_BASELINE_FILES = ("common.py", "cad_templates.py", "cad_sr.py", "tid1500.py")
 GRID = 64
 """Source pixels per saliency cell (GMIC's saliency map is 1/64 of its input per side)."""
 
@@ -69,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cols", type=int, default=2560)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--baseline", default=BASELINE, help="commit of the baseline code")
+    parser.add_argument("--sr-baseline", default=SR_BASELINE, help="commit of the SRs' baseline")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -147,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     if old is not None:
         ratio = b["both"].cpu / both.cpu
         print(f"baseline {args.baseline}: {b['both'].cpu:.3f} s CPU; now {ratio:.2f}x faster")
+    print()
+    sr_rows(args.rows, args.cols, args.repeats, args.sr_baseline)
     return 0
 
 
@@ -301,6 +312,63 @@ def pillow_jpeg(rgb: np.ndarray) -> bytes:
         return buffer.getvalue()
 
 
+# -- the SRs ------------------------------------------------------------------------------------
+
+
+def sr_rows(rows: int, cols: int, repeats: int, commit: str) -> None:
+    """The CAD SR and TID 1500 viewer report of one four-view exam: built, and written, against
+    `commit`'s SR code in the same run, and whether its documents are the same bytes."""
+    from plugin.outputs import cad_sr, tid1500
+
+    synth = synth_exam(7, rows=rows, cols=cols, malignant=True)
+    exam, sources = prediction_for(synth, rois=True)
+    now_docs = [cad_sr.build_cad_sr(exam, sources), tid1500.build_tid1500(exam, sources)]
+    now = {
+        "cad": lambda: cad_sr.build_cad_sr(exam, sources),
+        "tid": lambda: tid1500.build_tid1500(exam, sources),
+        "write": lambda: [written(d) for d in now_docs],
+    }
+    then = {}
+    package = load_outputs(commit, SR_BASELINE_FILES, "plugin.bench_baseline_srs")
+    if package is not None:
+        old_cad = importlib.import_module(f"{package}.cad_sr")
+        old_tid = importlib.import_module(f"{package}.tid1500")
+        then_docs = [old_cad.build_cad_sr(exam, sources), old_tid.build_tid1500(exam, sources)]
+        then = {
+            "cad": lambda: old_cad.build_cad_sr(exam, sources),
+            "tid": lambda: old_tid.build_tid1500(exam, sources),
+            "write": lambda: [written(d) for d in then_docs],
+        }
+    print(f"the exam-level SRs of one four-view {rows}x{cols} exam, median of {repeats} rounds")
+    b, n = measure(then, now, repeats)
+    for figures in (b, n) if then else (n,):
+        cad, tid = figures["cad"], figures["tid"]
+        figures["both"] = Figure(cad.wall + tid.wall, cad.cpu + tid.cpu)
+    steps = [
+        ("CAD SR: build", "cad"),
+        ("TID 1500 viewer report: build", "tid"),
+        ("CAD SR + TID 1500: build", "both"),
+        ("CAD SR + TID 1500: write (pydicom, memory)", "write"),
+    ]
+    report([(what, b.get(key), n[key]) for what, key in steps], commit if then else None)
+    if then:
+        same = [written(d) for d in then_docs] == [written(d) for d in now_docs]
+        print(f"same documents as {commit}, byte for byte: {'yes' if same else 'NO'}")
+
+
+def written(ds: pydicom.Dataset) -> bytes:
+    """`ds` as a file, the creation times highdicom stamps (now) set to one value."""
+    for keyword in ("InstanceCreation", "Content"):
+        setattr(ds, f"{keyword}Date", "20260101")
+        setattr(ds, f"{keyword}Time", "120000")
+    for item in ds.get("ContributingEquipmentSequence", []):
+        if "ContributionDateTime" in item:
+            item.ContributionDateTime = "20260101120000"
+    with io.BytesIO() as buffer:
+        ds.save_as(buffer, enforce_file_format=True)
+        return buffer.getvalue()
+
+
 # -- the baseline -------------------------------------------------------------------------------
 
 
@@ -314,8 +382,21 @@ class Baseline:
 def baseline(commit: str) -> Baseline | None:
     """The baseline commit's plugin/outputs modules as package `plugin.bench_baseline_outputs`
     (so their relative imports resolve), or None with a note when git cannot give them."""
+    package = load_outputs(commit, BASELINE_FILES, "plugin.bench_baseline_outputs")
+    if package is None:
+        return None
+    try:
+        return Baseline(package)
+    except (ImportError, AttributeError) as error:
+        print(f"(no baseline: {commit}'s outputs no longer import against this tree: {error})")
+        return None
+
+
+def load_outputs(commit: str, files: tuple[str, ...], package: str) -> str | None:
+    """`files` of the commit's plugin/outputs as `package` (their relative imports resolve
+    among them), or None with a note when git cannot give them or they no longer import."""
     folder = Path(tempfile.mkdtemp(prefix="bench-outputs-"))
-    for name in BASELINE_FILES:
+    for name in files:
         show = subprocess.run(
             ["git", "-C", str(REPO), "show", f"{commit}:plugin/outputs/{name}"],
             capture_output=True,
@@ -326,18 +407,19 @@ def baseline(commit: str) -> Baseline | None:
             return None
         (folder / name).write_text(show.stdout)
     (folder / "__init__.py").write_text("")
-    package = "plugin.bench_baseline_outputs"
     spec = importlib.util.spec_from_file_location(
         package, folder / "__init__.py", submodule_search_locations=[str(folder)]
     )
     module: ModuleType = importlib.util.module_from_spec(spec)
     sys.modules[package] = module
-    spec.loader.exec_module(module)
     try:
-        return Baseline(package)
+        spec.loader.exec_module(module)
+        for name in files:
+            importlib.import_module(f"{package}.{name.removesuffix('.py')}")
     except (ImportError, AttributeError) as error:
         print(f"(no baseline: {commit}'s outputs no longer import against this tree: {error})")
         return None
+    return package
 
 
 if __name__ == "__main__":

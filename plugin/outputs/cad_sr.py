@@ -58,7 +58,6 @@ from .common import (
     algorithm_version,
     derive_uid,
     equipment,
-    header_copy,
     operating_point,
     ordered_images,
     patient_orientation,
@@ -90,11 +89,9 @@ def build_cad_sr(
     sources: Mapping[str, pydicom.Dataset],
     options: OutputOptions = DEFAULT_OPTIONS,
 ) -> MammographyCADSR:
-    """The exam's CAD SR; `sources` needs only headers (SOPInstanceUID → dataset)."""
-    headers = {
-        i.sop_instance_uid: header_copy(source_for(sources, i.sop_instance_uid))
-        for i in exam.images
-    }
+    """The exam's CAD SR; `sources` needs only headers (SOPInstanceUID → dataset), which it
+    reads and does not change."""
+    headers = {i.sop_instance_uid: source_for(sources, i.sop_instance_uid) for i in exam.images}
     content = _ReportBuilder(exam, headers, operating_point(exam, options)).report()
     info = series_info(OutputKind.CAD_SR, exam)
     sr = MammographyCADSR(

@@ -41,7 +41,6 @@ from .common import (
     derive_uid,
     ensemble_device_uid,
     equipment,
-    header_copy,
     ordered_images,
     percent,
     region_for,
@@ -184,10 +183,9 @@ def build_tid1500_scores(
 
 
 def _headers(exam: ExamPrediction, sources: Mapping[str, pydicom.Dataset]):
-    return {
-        i.sop_instance_uid: header_copy(source_for(sources, i.sop_instance_uid))
-        for i in exam.images
-    }
+    """The evidence: the sources themselves, only read (a header copy without the pixel data
+    would give the same document; highdicom copies attributes, not pixels, from evidence)."""
+    return {i.sop_instance_uid: source_for(sources, i.sop_instance_uid) for i in exam.images}
 
 
 def _report(exam, headers, groups, options: OutputOptions) -> hd.sr.MeasurementReport:
