@@ -497,17 +497,19 @@ def _source_levels(
     malignant_levels = torch.empty(shape, dtype=torch.uint8, device=device)
     benign_levels = torch.empty_like(malignant_levels) if benign else None
     total = torch.empty(strip_rows * cols, device=device)
+    whole = torch.empty(strip_rows * cols, dtype=torch.int16, device=device)
     best_values, best_rows = [], []
     for start in range(0, rows, strip_rows):
         stop = min(start + strip_rows, rows)
         out = total[: (stop - start) * cols].view(stop - start, cols)
+        scratch = whole[: (stop - start) * cols].view(stop - start, cols)
         strips = {id(m): m.strip(start, stop) for m in members}
         if benign_levels is not None:
             # A lone member's benign strip is quantised in place unless it is also its
             # malignant one; the malignant strips are not needed after their mean.
             in_place = not (len(benign) == 1 and benign[0].shared)
             mean = _mean_into([strips[id(m)][0] for m in benign], out, in_place)
-            to_levels_(mean, out=benign_levels[start:stop])
+            to_levels_(mean, benign_levels[start:stop], scratch)
         mean = _mean_into([strips[id(m)][-1] for m in members], out, True)
         # The peak before quantising, the first maximum in row-major order (numpy's argmax):
         # per strip its first row holding the strip's maximum, kept whole (a full argmax
@@ -515,7 +517,7 @@ def _source_levels(
         row = int(torch.argmax(mean.amax(1)))
         best_values.append(mean[row].max())
         best_rows.append((start + row, mean[row].clone()))
-        to_levels_(mean, out=malignant_levels[start:stop])
+        to_levels_(mean, malignant_levels[start:stop], scratch)
     # The first strip of those holding the maximum, and its row's first maximum.
     peak_row, values = best_rows[int(torch.argmax(torch.stack(best_values)))]
     return malignant_levels, benign_levels, (peak_row, int(torch.argmax(values)))

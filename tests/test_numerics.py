@@ -109,6 +109,9 @@ def test_levels_round_to_nearest_in_fp32():
     inside = torch.from_numpy(clipped.copy())
     out = torch.empty(inside.shape, dtype=torch.uint8)
     assert to_levels_(inside, out=out) is out and np.array_equal(out.numpy(), levels)
+    inside = torch.from_numpy(clipped.copy())
+    scratch = torch.empty(inside.shape, dtype=torch.int16)
+    assert np.array_equal(to_levels_(inside, out, scratch).numpy(), levels)
 
 
 def test_city_block_distance_is_scipys_iterated_erosion():
