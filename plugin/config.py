@@ -263,10 +263,11 @@ class WorkerConfig(Section):
     """Processes that read and decode images (JPEG 2000 costs seconds an exam); 0 decodes
     in a thread of the worker; null: half the machine's CPUs (at most 8), 0 below 4 CPUs."""
     output_processes: int | None = Field(None, ge=0, le=256)
-    """Processes that build and write the result objects; 0 builds in a thread of the
+    """Processes that build and write the result objects; 0 builds in two threads of the
     worker; null: a quarter of the machine's CPUs (1 to 8), 0 below 4 CPUs. Below 4 CPUs the
-    ensemble's threads use every core, and handing an exam to a process (hundreds of MB of
-    pixels and maps pickled each way) costs more than it overlaps."""
+    ensemble's threads use every core, and handing an exam to a process (over 100 MB of
+    pixels and maps pickled each way) costs more than it overlaps (measured in
+    bench/pipeline.py)."""
     max_exams_in_flight: int | None = Field(None, ge=1, le=1024)
     """Exams claimed and not yet committed, which bounds the worker's memory (a 3328×2560
     four-view exam holds a few hundred MB in flight); further jobs stay queued in the store,

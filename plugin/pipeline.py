@@ -16,7 +16,7 @@ claim work only as room frees):
   `max_batch` images or `max_batch_wait_ms`, and scores them in one `predict_exams` call, so
   that forwards batch across exams;
 - result objects built and written durably (atomic, fsync'd) in a process pool
-  (`output_processes`; 0: a thread), in parts (the SRs, then each view's objects) that the
+  (`output_processes`; 0: two threads), in parts (the SRs, then each view's objects) that the
   pool's processes build side by side, so a lone exam's objects take a fraction of the time;
 - outcomes, one exam at a time, on one thread: `on_outcome` (the worker commits the exam's
   objects and deliveries there, in one transaction).
@@ -212,7 +212,7 @@ class Pipeline:
         self.settings = settings
         self.on_outcome = on_outcome
         self._decoders = _Pool("decode", settings.decode_processes)
-        self._builders = _Pool("output", settings.output_processes)
+        self._builders = _Pool("output", settings.output_processes, threads=OUTPUT_THREADS)
         # Every queue holds at most the exams in flight, so none needs a bound of its own.
         self._decoded: queue.Queue[_Exam] = queue.Queue()
         self._done: queue.Queue[tuple[_Exam, list[Future] | BaseException]] = queue.Queue()
@@ -582,20 +582,28 @@ def _write(obj: ResultObject, prediction: ExamPrediction, folder: Path, naming: 
 # -- process pools ------------------------------------------------------------------------------
 
 
-class _Pool:
-    """A process pool (or, for 0 processes, one thread) that is started again when a process
-    of it dies (killed for memory, a codec crash): the exams it held fail their attempt, the
-    next ones run."""
+OUTPUT_THREADS = 2
+"""Threads that build objects when the output stage has no processes (below 4 CPUs): numpy
+and Pillow's JPEG encoder release the GIL, so one view's heat-map overlaps another's SEG
+(CharLS and pydicom hold it); a lone 3328x2560 exam's objects take about 0.7 of the time
+one thread takes on 2 cores."""
 
-    def __init__(self, name: str, processes: int) -> None:
+
+class _Pool:
+    """A process pool (or, for 0 processes, `threads` threads) that is started again when a
+    process of it dies (killed for memory, a codec crash): the exams it held fail their
+    attempt, the next ones run."""
+
+    def __init__(self, name: str, processes: int, threads: int = 1) -> None:
         self.name = name
         self.processes = processes
+        self.threads = threads
         self._lock = threading.Lock()
         self._executor = self._new()
 
     def _new(self) -> Executor:
         if self.processes == 0:
-            return ThreadPoolExecutor(1, thread_name_prefix=self.name)
+            return ThreadPoolExecutor(self.threads, thread_name_prefix=self.name)
         executor = ProcessPoolExecutor(
             self.processes,
             mp_context=get_context("spawn"),  # no fork of a process running torch threads
