@@ -503,14 +503,15 @@ def _source_levels(
         stop = min(start + strip_rows, rows)
         out = total[: (stop - start) * cols].view(stop - start, cols)
         scratch = whole[: (stop - start) * cols].view(stop - start, cols)
-        strips = {id(m): m.strip(start, stop) for m in members}
+        strips = [m.strip(start, stop) for m in members]
         if benign_levels is not None:
             # A lone member's benign strip is quantised in place unless it is also its
             # malignant one; the malignant strips are not needed after their mean.
             in_place = not (len(benign) == 1 and benign[0].shared)
-            mean = _mean_into([strips[id(m)][0] for m in benign], out, in_place)
+            benign_strips = [s[0] for m, s in zip(members, strips, strict=True) if m.benign]
+            mean = _mean_into(benign_strips, out, in_place)
             to_levels_(mean, benign_levels[start:stop], scratch)
-        mean = _mean_into([strips[id(m)][-1] for m in members], out, True)
+        mean = _mean_into([s[-1] for s in strips], out, True)
         # The peak before quantising, the first maximum in row-major order (numpy's argmax):
         # per strip its first row holding the strip's maximum, kept whole (a full argmax
         # costs 20× a row-wise max on the CPU).

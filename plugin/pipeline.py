@@ -37,6 +37,7 @@ import queue
 import signal
 import threading
 import time
+from collections import defaultdict
 from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
@@ -145,10 +146,6 @@ class StageTimes:
     write: float = 0.0
     """Writing them durably (encoding included), summed like `build`."""
 
-    @property
-    def total(self) -> float:
-        return self.decode + self.ensemble + self.objects
-
 
 @dataclass(frozen=True)
 class Outcome:
@@ -176,15 +173,15 @@ class _Exam:
     prediction: ExamPrediction | None = None
     passed_on: bool = False
     """Handed to the output stage or to the outcomes (so a stage's failure fails it once)."""
-    stage: dict[str, float] = field(default_factory=dict)
+    stage: defaultdict[str, float] = field(default_factory=lambda: defaultdict(float))
     """Seconds so far per `StageTimes` field."""
     since: float = 0.0
     """`time.monotonic()` when the exam entered its current stage."""
 
-    def entered(self, previous: str) -> None:
-        """The exam leaves stage `previous` (its time is added) for the next one."""
+    def leaves(self, stage: str) -> None:
+        """The exam leaves `stage` (its time there is added) for the next one."""
         now = time.monotonic()
-        self.stage[previous] = self.stage.get(previous, 0.0) + now - self.since
+        self.stage[stage] += now - self.since
         self.since = now
 
     def drop(self, bad: Mapping[str, str], stage: str) -> None:
@@ -288,7 +285,7 @@ class Pipeline:
             except BaseException as exc:  # noqa: BLE001 - a broken pool fails this attempt only
                 self._done.put((exam, exc))
                 return
-        exam.entered("decode")
+        exam.leaves("decode")
         exam.mammograms = [m for d in parts for m in d.mammograms]
         exam.sources = {uid: ds for d in parts for uid, ds in d.datasets.items()}
         exam.left_out = [LeftOut(key, "decode", why) for d in parts for key, why in d.failed]
@@ -353,7 +350,7 @@ class Pipeline:
                 analysed = {i.sop_instance_uid for i in prediction.images}
                 exam.mammograms = [m for m in exam.mammograms if m.sop_instance_uid in analysed]
             exam.prediction = prediction
-            exam.entered("ensemble")
+            exam.leaves("ensemble")
             self._build(exam)
 
     def _build(self, exam: _Exam) -> None:
@@ -418,7 +415,7 @@ class Pipeline:
 
         if isinstance(result, BaseException):
             return outcome(error=result)
-        exam.entered("objects")
+        exam.leaves("objects")
         parts: list[_Built] = []
         error: BaseException | None = None
         for future in result:
@@ -426,8 +423,8 @@ class Pipeline:
                 parts.append(future.result())
             except BaseException as exc:  # noqa: BLE001 - the attempt fails, the stages go on
                 error = error or exc
-        exam.stage["build"] = exam.stage.get("build", 0.0) + sum(p.build_seconds for p in parts)
-        exam.stage["write"] = exam.stage.get("write", 0.0) + sum(p.write_seconds for p in parts)
+        exam.stage["build"] += sum(p.build_seconds for p in parts)
+        exam.stage["write"] += sum(p.write_seconds for p in parts)
         failed = {uid: why for p in parts for uid, why in p.failed.items()}
         written = [o for p in parts for o in p.objects]
         if error is None and not failed:

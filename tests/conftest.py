@@ -28,7 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import pytest
-from pynetdicom import _config
+from pynetdicom import _config  # pynetdicom's documented configuration module
 
 from plugin.config import ListenerConfig
 from plugin.listener import Listener
