@@ -49,16 +49,20 @@ from models.family import get_family  # noqa: E402
 from models.mammogram import Mammogram  # noqa: E402
 from models.modelfile import load_model, new_model_file  # noqa: E402
 from models.numerics import PRECISIONS, autocast  # noqa: E402
+from plugin.allocator import keep_freed_memory  # noqa: E402
 from plugin.config import load_config, machine_cpus  # noqa: E402
 from plugin.pipeline import Outcome, StageTimes  # noqa: E402
 from plugin.service import Service  # noqa: E402
 from trainer.synth import encode, synth_exam  # noqa: E402
 
 ROWS, COLS = 3328, 2560
-DEMO = [
-    (REPO / "models/weights/demo-gmic.safetensors", ["none", "hflip"]),
-    (REPO / "models/weights/demo-allconv.safetensors", ["none", "hflip"]),
-]
+
+
+def demo_models() -> list[tuple[Path, list[str]]]:
+    """The shipped `config.yml`'s members and flips: what `make serve` runs."""
+    members = load_config(REPO / "config.yml").models.members
+    return [(REPO / m.path, list(m.flips)) for m in members]
+
 PROPOSE = {"explicit": [], "jpeg2000": ["-xv"]}
 """storescu's options to send each syntax as it is stored."""
 MODES = {
@@ -330,6 +334,7 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def main() -> int:
+    keep_freed_memory()  # as `plugin serve` does: the worker runs in this process
     cuda = torch.cuda.is_available()
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--exams", type=int, default=32, help="exams per row (default 32)")
@@ -358,7 +363,7 @@ def main() -> int:
     rows: list[Row] = []
     with tempfile.TemporaryDirectory(prefix="bench-pipeline-") as tmp:
         work = Path(tmp)
-        sets = {"demo": DEMO}
+        sets = {"demo": demo_models()}
         if "published" in args.models:
             sets["published"] = published_models(work)
         for syntax in args.syntaxes.split(","):

@@ -6,6 +6,7 @@ import argparse
 import sys
 
 from models import command_line
+from plugin.allocator import keep_freed_memory
 
 # Each module in plugin.commands adds its subcommands with `register(subparsers)`.
 COMMANDS = [
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    keep_freed_memory()  # before any thread: `serve` and `run` reuse image-sized buffers
     return command_line.run(build_parser(), argv)
 
 

@@ -628,11 +628,13 @@ class _Pool:
 
 
 def _child_started(parent: int) -> None:
-    """In each pool process: the parent ends it (Ctrl-C and SIGTERM go to the whole process
-    group, and the parent drains first), and it ends itself if the parent dies (kill -9
-    leaves no orphans)."""
+    """In each pool process: freed image buffers are kept for reuse (`plugin.allocator`); the
+    parent ends it (Ctrl-C and SIGTERM go to the whole process group, and the parent drains
+    first), and it ends itself if the parent dies (kill -9 leaves no orphans)."""
+    from plugin.allocator import keep_freed_memory
     from plugin.observability import quiet_pydicom
 
+    keep_freed_memory()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     quiet_pydicom()
