@@ -63,6 +63,7 @@ def demo_models() -> list[tuple[Path, list[str]]]:
     members = load_config(REPO / "config.yml").models.members
     return [(REPO / m.path, list(m.flips)) for m in members]
 
+
 PROPOSE = {"explicit": [], "jpeg2000": ["-xv"]}
 """storescu's options to send each syntax as it is stored."""
 MODES = {
