@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 
 from models import Mammogram, new_model_file
+from models.compute_thread import on_compute_thread
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
 from models.reading import read_mammogram
 from trainer.synth import synth_exam
@@ -289,6 +290,11 @@ def run_stages(args: argparse.Namespace, rows: int, cols: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Everything on the thread the ensemble uses: stages timed beside it share its OpenMP team.
+    return on_compute_thread(_main, argv)
+
+
+def _main(argv: list[str] | None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="auto, cpu or cuda")
     parser.add_argument(

@@ -44,7 +44,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from models.ensemble import FLIPS, Ensemble, resolve_device  # noqa: E402
+from models.compute_thread import on_compute_thread  # noqa: E402
+from models.ensemble import FLIPS, resolve_device  # noqa: E402
 from models.family import get_family  # noqa: E402
 from models.mammogram import Mammogram  # noqa: E402
 from models.modelfile import load_model, new_model_file  # noqa: E402
@@ -280,7 +281,8 @@ def run_row(
         worker.stop()
     latencies = [c.released_at - c.claimed_at for c in claims if c.released_at is not None]
     seconds = max(c.released_at for c in claims) - min(c.claimed_at for c in claims)
-    forward = forward_only(worker.ensemble, members, exams[0], batches, args)
+    # Where the ensemble ran its forwards: a second OpenMP team would slow both.
+    forward = on_compute_thread(forward_only, members, exams[0], batches, args)
     stages = {
         name: statistics.median(getattr(t, name) for t in times)
         for name in ("decode", "ensemble", "objects", "build", "write")
@@ -289,7 +291,6 @@ def run_row(
 
 
 def forward_only(
-    ensemble: Ensemble,
     members: list[tuple[Path, list[str]]],
     exam: list[Path],
     batches: list[int],

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from .aggregation import breast_score, exam_score
+from .compute_thread import on_compute_thread
 from .family import ModelFamily, Prepared, ScoreMaps, get_family
 from .geometry import Geometry
 from .mammogram import SCREENING_VIEW_KEYS, Laterality, Mammogram, View
@@ -174,10 +175,14 @@ class Ensemble:
 
     Deterministic for a given device and precision. While it runs on CUDA, cuDNN autotuning is
     off, deterministic kernels on, and TF32 off unless the precision is "tf32"; the process's
-    settings are restored afterwards.
+    settings are restored afterwards. It loads and scores on the process's compute thread
+    (`models.compute_thread`), whichever thread calls it.
     """
 
     def __init__(self, spec: EnsembleSpec) -> None:
+        on_compute_thread(self._load, spec)
+
+    def _load(self, spec: EnsembleSpec) -> None:
         self.spec = spec
         self.device = resolve_device(spec.device)
         if spec.precision == "fp16" and self.device.type != "cuda":
@@ -224,8 +229,12 @@ class Ensemble:
         The forward passes of all their images × flips run in batches of `max_batch` that
         cross exam boundaries; preprocessing, flip-back, averaging and the mapping onto each
         source grid run on the ensemble's device, so only uint8 maps, their peaks, boxes and
-        scores leave it.
+        scores leave it. The work runs on the process's compute thread
+        (`models.compute_thread`).
         """
+        return on_compute_thread(self._predict_exams, exams)
+
+    def _predict_exams(self, exams: Sequence[Sequence[Mammogram]]) -> list[ExamPrediction]:
         exams = [list(images) for images in exams]
         for images in exams:
             _check_exam(images)
