@@ -16,6 +16,8 @@ costs a few array passes.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from models.results import ExamPrediction
@@ -67,12 +69,15 @@ def opacities(threshold: float) -> np.ndarray:
     return np.where(np.arange(256) >= first, ramp, 0.0).astype(np.float32)
 
 
+@functools.lru_cache(maxsize=16)
 def blend_table(threshold: float) -> np.ndarray:
-    """(65536, 3) uint8: the displayed colour for index grey × 256 + level."""
+    """(65536, 3) uint8, read-only: the displayed colour for index grey × 256 + level."""
     alpha = opacities(threshold)[None, :, None]
     grey = np.arange(256, dtype=np.float32)[:, None, None]
     mixed = grey * (1 - alpha) + colours()[None, :, :] * alpha
-    return np.round(mixed).astype(np.uint8).reshape(65536, 3)
+    table = np.round(mixed).astype(np.uint8).reshape(65536, 3)
+    table.flags.writeable = False
+    return table
 
 
 def is_shown(levels: np.ndarray, threshold: float) -> np.ndarray:
@@ -80,24 +85,24 @@ def is_shown(levels: np.ndarray, threshold: float) -> np.ndarray:
     return levels >= first_shown_level(threshold)
 
 
+_BLEND_ROWS = 16
+"""Rows per lookup: numpy takes with intp indices, and a few rows' worth stay in cache."""
+
+
 def overlay(grey: np.ndarray, levels: np.ndarray, threshold: float) -> np.ndarray:
     """(rows, cols, 3) uint8: `grey` (uint8) with a map's 8-bit `levels` coloured where they
-    reach the threshold. Only the bounding box of the coloured pixels goes through the blend
-    table."""
-    rgb = np.stack([grey, grey, grey], axis=-1)  # 7x faster than np.repeat on the last axis
-    shown = is_shown(levels, threshold)
-    rows = np.flatnonzero(shown.any(axis=1))
-    if rows.size == 0:
-        return rgb
-    cols = np.flatnonzero(shown.any(axis=0))
-    box = np.s_[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
-    index = grey[box].astype(np.uint16) << 8
-    index |= levels[box]
-    # One 4-byte word per colour: a flat take, 1.6x faster than taking (65536, 3) rows.
-    words = np.zeros((65536, 4), np.uint8)
-    words[:, :3] = blend_table(threshold)
-    packed = np.take(words.view(np.uint32).ravel(), index, mode="clip")
-    rgb[box] = packed.view(np.uint8).reshape(*index.shape, 4)[..., :3]
+    reach the threshold. Every pixel is one lookup in the blend table (below the threshold
+    it gives the grey back): 3x faster than blending only the coloured box."""
+    table = blend_table(threshold)
+    rgb = np.empty((*grey.shape, 3), np.uint8)
+    index = np.empty((_BLEND_ROWS, grey.shape[1]), np.intp)
+    for top in range(0, grey.shape[0], _BLEND_ROWS):
+        rows = slice(top, top + _BLEND_ROWS)
+        block = index[: len(grey[rows])]
+        np.copyto(block, grey[rows])
+        np.left_shift(block, 8, out=block)
+        np.bitwise_or(block, levels[rows], out=block)
+        np.take(table, block, axis=0, out=rgb[rows], mode="clip")
     return rgb
 
 
