@@ -446,19 +446,26 @@ class Pipeline:
 
 
 def _when_all(futures: list[Future], then: Callable[[list[Future]], None]) -> None:
-    """`then(futures)` once every one of them is done (at once for none)."""
-    remaining = [len(futures)]
+    """`then(futures)` once every one of them is done (at once for none).
+
+    Each future keeps its callback, so a callback that held the futures (and, through
+    `then`, the exam with its pixels and maps) would be a reference cycle, freed only when the
+    cyclic garbage collector next ran: hundreds of MB per exam piled up, and each new exam's
+    buffers were page-faulted afresh. The last callback lets go of both."""
+    if not futures:
+        then(futures)
+        return
+    waiting: dict[str, Any] = {"futures": futures, "then": then, "remaining": len(futures)}
     lock = threading.Lock()
 
     def one_done(_: Future) -> None:
         with lock:
-            remaining[0] -= 1
-            last = remaining[0] == 0
-        if last:
-            then(futures)
+            waiting["remaining"] -= 1
+            if waiting["remaining"]:
+                return
+            done, after = waiting.pop("futures"), waiting.pop("then")
+        after(done)
 
-    if not futures:
-        then(futures)
     for future in futures:
         future.add_done_callback(one_done)
 

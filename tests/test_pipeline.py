@@ -182,3 +182,23 @@ def test_a_view_whose_object_fails_is_left_out_and_leaves_no_files(
     assert sorted(p.name for p in (tmp_path / "0").iterdir()) == sorted(
         o.path.name for o in outcome.objects
     )
+
+
+def test_an_exams_pixels_and_maps_are_freed_with_its_outcome(ensemble, exams, tmp_path) -> None:
+    """No reference cycle holds an exam once its outcome is recorded: with the cyclic garbage
+    collector off, nothing of it is left (a cycle through the stages' future callbacks used
+    to keep each exam's pixels and maps until the collector next ran)."""
+    import gc
+
+    from plugin import pipeline as stages
+
+    gc.collect()
+    gc.disable()
+    try:
+        outcomes = analyse(ensemble, exams[:2], tmp_path, Settings(0, 0, in_flight=1))
+        assert all(o.error is None for o in outcomes.values())
+        del outcomes
+        left = [o for o in gc.get_objects() if isinstance(o, stages._Exam)]
+    finally:
+        gc.enable()
+    assert left == []
