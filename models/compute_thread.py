@@ -4,8 +4,8 @@ torch's CPU operators run their parallel parts on OpenMP, and libgomp gives ever
 starts parallel work a team of its own. Once a process holds more team threads than CPUs,
 libgomp stops spinning between parallel regions, so each operator waits for its team to wake
 (about 0.1 ms on a VM). A service loads its models in one thread and scores exams in another:
-two teams on 2 CPUs made a three-member exam's ensemble twice as slow (0.56 → 1.2 s, 2 cores,
-`bench/pipeline.py`). So an `Ensemble` loads and scores on this one thread, whichever thread
+with two teams on 2 CPUs a three-member exam's ensemble took 1.2 s instead of 0.56 s
+(`bench/pipeline.py`). So an `Ensemble` loads and scores on this one thread, whichever thread
 calls it; code that times the same modules beside it (`bench/pipeline.py`'s forward-only
 ceiling) runs here too.
 """
