@@ -46,8 +46,9 @@ from enum import StrEnum
 from functools import partial
 from multiprocessing import get_context
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import Any
 
+import numpy as np
 import pydicom
 
 from models.ensemble import Ensemble
@@ -65,9 +66,9 @@ from plugin.outputs import (
     ResultObject,
 )
 from plugin.outputs.common import header_copy, ordered_images
+from plugin.shared_payload import SharedPayload
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
 
 
 class Naming(StrEnum):
@@ -355,17 +356,22 @@ class Pipeline:
 
     def _build(self, exam: _Exam) -> None:
         """Hand the exam's objects to the output stage in parts (`object_parts`), which the
-        pool's processes build side by side; the outcome stage gets them once all are done."""
+        pool's processes build side by side; the outcome stage gets them once all are done.
+        A process pool receives the prediction (once for all parts) and each part's sources
+        through shared memory (`SharedPayload`)."""
         assert exam.prediction is not None
-        shipped = PickledOnce(exam.prediction)
+        prediction = SharedPayload(exam.prediction)
+        payloads = [prediction]
         futures: list[Future] = []
         try:
             for part in object_parts(exam.prediction, self.settings.kinds):
+                sources = SharedPayload(part.sources(exam.sources), reducers=PIXELS_APART)
+                payloads.append(sources)
                 futures.append(
                     self._builders.submit(
                         build_and_write,
-                        shipped,
-                        part.sources(exam.sources, to_process=self._builders.processes > 0),
+                        prediction,
+                        sources,
                         part.kinds,
                         self.settings.options,
                         exam.request.folder,
@@ -374,10 +380,18 @@ class Pipeline:
                     )
                 )
         except BaseException as exc:  # noqa: BLE001
+            for future in futures:
+                future.cancel()
+            _when_all(futures, lambda _: _release(payloads))
             self._fail(exam, exc)
             return
         exam.passed_on = True
-        _when_all(futures, lambda done: self._done.put((exam, done)))
+
+        def built(done: list[Future]) -> None:
+            _release(payloads)
+            self._done.put((exam, done))
+
+        _when_all(futures, built)
 
     def _fail(self, exam: _Exam, error: BaseException) -> None:
         exam.passed_on = True
@@ -479,27 +493,42 @@ class ObjectPart:
     views: tuple[str, ...]
     """SOPInstanceUIDs whose per-view objects this part builds; () for the exam level."""
 
-    def sources(
-        self, sources: Mapping[str, pydicom.Dataset], *, to_process: bool
-    ) -> dict[str, pydicom.Dataset]:
+    def sources(self, sources: Mapping[str, pydicom.Dataset]) -> dict[str, pydicom.Dataset]:
         """What the part's builders read: a view's own dataset (the heat-map needs its
         pixels); at the exam level every analysed image's header, which the SRs reference,
-        without the pixels that would only travel to a process for nothing. A view's dataset
-        bound for a process goes without pydicom's decoded-pixel cache, which pickles as a
-        second copy of the pixels and is not used there (it is keyed by object ids): its
-        pixel data is native then (`Settings.native_pixels`), cheap to read again."""
+        without the pixels that would only travel to a process for nothing."""
         if not self.views:
             return {uid: header_copy(ds) for uid, ds in sources.items()}
-        if not to_process:
-            return {uid: sources[uid] for uid in self.views}
-        return {uid: _without_pixel_cache(sources[uid]) for uid in self.views}
+        return {uid: sources[uid] for uid in self.views}
 
 
-def _without_pixel_cache(ds: pydicom.Dataset) -> pydicom.Dataset:
-    """The same elements and file meta in a new data set, which has no decoded pixels yet."""
-    out = pydicom.Dataset(dict(ds.items()))
-    out.file_meta = ds.file_meta
-    return out
+def _release(payloads: list[SharedPayload]) -> None:
+    for payload in payloads:
+        payload.release()
+
+
+PIXEL_DATA = 0x7FE00010
+
+
+def _pixels_apart(ds: pydicom.Dataset) -> tuple:
+    """How a source dataset travels to an output process: its pixel data as an array, which
+    `SharedPayload` puts in shared memory, and the rest pickled, without pydicom's
+    decoded-pixel cache (a second copy of the pixels, keyed by object ids, unused there).
+    The pixel data is native then (`Settings.native_pixels`), cheap to read again."""
+    if PIXEL_DATA not in ds:
+        return ds.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
+    element = ds[PIXEL_DATA]
+    header = pydicom.Dataset({tag: e for tag, e in ds.items() if tag != PIXEL_DATA})
+    header.file_meta = ds.file_meta
+    return _pixels_joined, (header, element.VR, np.frombuffer(element.value, np.uint8))
+
+
+def _pixels_joined(header: pydicom.Dataset, vr: str, pixels: np.ndarray) -> pydicom.Dataset:
+    header.add_new(PIXEL_DATA, vr, pixels.tobytes())
+    return header
+
+
+PIXELS_APART = {pydicom.Dataset: _pixels_apart, pydicom.FileDataset: _pixels_apart}
 
 
 def object_parts(prediction: ExamPrediction, kinds: Collection[OutputKind]) -> list[ObjectPart]:
@@ -521,44 +550,25 @@ def _object_order(prediction: ExamPrediction) -> Callable[[WrittenObject], tuple
     return lambda o: (kinds[o.kind], views.get(o.source_sop_instance_uid or "", -1))
 
 
-class PickledOnce(Generic[T]):
-    """A value that a process pool pickles once however many tasks carry it (an exam's
-    prediction, with its maps, goes to each of its object parts); in a thread it is the
-    value itself."""
-
-    def __init__(self, value: T) -> None:
-        self.value = value
-        self._pickled: bytes | None = None
-
-    def __reduce__(self):
-        if self._pickled is None:
-            self._pickled = pickle.dumps(self.value, protocol=pickle.HIGHEST_PROTOCOL)
-        return _unpickled, (self._pickled,)
-
-
-def _unpickled(data: bytes) -> PickledOnce:
-    return PickledOnce(pickle.loads(data))
-
-
 def build_and_write(
-    prediction: PickledOnce[ExamPrediction],
-    sources: Mapping[str, pydicom.Dataset],
+    prediction: SharedPayload[ExamPrediction],
+    sources: SharedPayload[Mapping[str, pydicom.Dataset]],
     kinds: Collection[OutputKind],
     options: OutputOptions,
     folder: Path,
     naming: Naming,
     views: Collection[str] | None = None,
 ) -> _Built:
-    """One part of an exam's output stage (in a pool process): build the requested objects
-    (per-view ones for `views` only, when given) and, when all could be built, write each
-    durably."""
+    """One part of an exam's output stage (in a pool process or thread): build the requested
+    objects (per-view ones for `views` only, when given) and, when all could be built, write
+    each durably."""
     started = time.perf_counter()
-    prediction = prediction.value
-    objects, failed = build_isolated(prediction, sources, kinds, options, views)
+    exam = prediction.value
+    objects, failed = build_isolated(exam, sources.value, kinds, options, views)
     built = time.perf_counter()
     if failed:
         return _Built((), failed, built - started, 0.0)
-    written = tuple(_write(obj, prediction, folder, naming) for obj in objects)
+    written = tuple(_write(obj, exam, folder, naming) for obj in objects)
     return _Built(written, {}, built - started, time.perf_counter() - built)
 
 
@@ -587,10 +597,9 @@ def _write(obj: ResultObject, prediction: ExamPrediction, folder: Path, naming: 
 
 
 OUTPUT_THREADS = 2
-"""Threads that build objects when the output stage has no processes (below 4 CPUs): numpy
-and Pillow's JPEG encoder release the GIL, so one view's heat-map overlaps another's SEG
-(CharLS and pydicom hold it); a lone 3328x2560 exam's objects take about 0.7 of the time
-one thread takes on 2 cores."""
+"""Threads that build objects when the output stage has no processes (below 4 CPUs): numpy,
+Pillow's JPEG encoder and the SEG's JPEG-LS encoder (`plugin.outputs.jpegls`) release the
+GIL, so one view's heat-map overlaps another's SEG (highdicom and pydicom's writer hold it)."""
 
 
 class _Pool:

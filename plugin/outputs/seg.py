@@ -22,7 +22,7 @@ from pydicom.uid import ExplicitVRLittleEndian, JPEGLSLossless
 
 from models.results import ExamPrediction, ImagePrediction
 
-from . import heatmap
+from . import heatmap, jpegls
 from .common import (
     BREAST_CODE,
     DEFAULT_OPTIONS,
@@ -45,6 +45,9 @@ MAX_FRACTIONAL_VALUE = 255
 CATEGORY = Code("49755003", "SCT", "Morphologically Abnormal Structure")
 MALIGNANT = Code("86049000", "SCT", "Malignant neoplasm, primary")
 BENIGN = Code("3898006", "SCT", "Neoplasm, benign")
+
+_ENCODER = jpegls.register()
+"""pydicom's JPEG-LS encoder plugin for the frames: one that releases the GIL."""
 
 
 def build_segs(
@@ -69,9 +72,9 @@ def build_seg(
     and rounds them back to 8 bits: at 3328x2560 with two segments that was most of the
     object's cost, for values that are 8-bit levels already. So highdicom builds the object
     around an all-zero placeholder, uncompressed, and pydicom's `Dataset.compress` then
-    stores the levels with the JPEG-LS encoder highdicom itself calls: the file is byte for
-    byte the one highdicom writes from the fractions k/255 (tests/test_outputs_seg.py builds
-    both)."""
+    stores the levels in JPEG-LS (CharLS, through `jpegls`, without holding the GIL): the
+    file is byte for byte the one highdicom writes from the fractions k/255
+    (tests/test_outputs_seg.py builds both)."""
     plan = plan_seg(exam, img, source, instance_number, options)
     frames = len(plan.levels)
     seg = hd.seg.Segmentation(
@@ -82,7 +85,7 @@ def build_seg(
     # What highdicom infers from fractional pixels: overlap is undefined between maps.
     seg.SegmentsOverlap = "UNDEFINED" if frames > 1 else "NO"
     pixels = np.stack(plan.levels) if frames > 1 else plan.levels[0]
-    seg.compress(JPEGLSLossless, pixels, generate_instance_uid=False)
+    seg.compress(JPEGLSLossless, pixels, generate_instance_uid=False, encoding_plugin=_ENCODER)
     finish_seg(seg, plan)
     return seg
 
