@@ -318,12 +318,11 @@ def _paste_label(
     rows, cols = grey.shape
     lines = caption(exam, img)
     large, small = label_sizes(rows, cols)
+    width = _label_width(lines, large, small)
+    if width > 0.6 * cols:
+        shrink = 0.6 * cols / width
+        large, small = max(8, int(large * shrink)), max(7, int(small * shrink))
     label = _label_image(lines, large, small, threshold)
-    if label.shape[1] > 0.6 * cols:
-        shrink = 0.6 * cols / label.shape[1]
-        label = _label_image(
-            lines, max(8, int(large * shrink)), max(7, int(small * shrink)), threshold
-        )
     h, w = min(label.shape[0], rows), min(label.shape[1], cols)
     step = max(1, max(h, w) // 128)
     left_cover = (grey[:h:step, :w:step] > _BREAST_LEVEL).mean()
@@ -332,13 +331,27 @@ def _paste_label(
     rgb[:h, x0 : x0 + w] = label[:h, :w]
 
 
-def _label_image(lines: list[Line], large: int, small: int, threshold: float) -> np.ndarray:
-    """The label as an RGB array: text lines, then the colour scale with its threshold."""
-    fonts = {True: ImageFont.load_default(size=large), False: ImageFont.load_default(size=small)}
-    pad, gap = max(4, small // 2), max(2, small // 4)
+def _fonts(large: int, small: int) -> dict[bool, ImageFont.FreeTypeFont]:
+    return {True: ImageFont.load_default(size=large), False: ImageFont.load_default(size=small)}
+
+
+def _bar_width(lines: list[Line], fonts: dict[bool, ImageFont.FreeTypeFont], small: int) -> int:
+    """The widest text line's width, at least ten small letters: the colour scale's width."""
     probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
     widths = [_words_width(probe, line.text, fonts[line.large]) for line in lines]
-    bar_w = max(int(max(widths)), 10 * small)
+    return max(int(max(widths)), 10 * small)
+
+
+def _label_width(lines: list[Line], large: int, small: int) -> int:
+    """The label's width at these text sizes, measured without drawing it."""
+    return _bar_width(lines, _fonts(large, small), small) + 2 * max(4, small // 2)
+
+
+def _label_image(lines: list[Line], large: int, small: int, threshold: float) -> np.ndarray:
+    """The label as an RGB array: text lines, then the colour scale with its threshold."""
+    fonts = _fonts(large, small)
+    pad, gap = max(4, small // 2), max(2, small // 4)
+    bar_w = _bar_width(lines, fonts, small)
     bar_h = max(6, small // 2)
     heights = [large if line.large else small for line in lines]
     width = bar_w + 2 * pad
