@@ -31,15 +31,15 @@ def _frames() -> dict[str, np.ndarray]:
 FRAMES = _frames()
 
 
-def _encode(frame: np.ndarray, plugin: str) -> bytes:
+def _encode(frame: np.ndarray, plugin: str, bits_stored: int = 8) -> bytes:
     return JPEGLSLosslessEncoder.encode(
         frame,
         encoding_plugin=plugin,
         rows=frame.shape[0],
         columns=frame.shape[1],
         samples_per_pixel=1,
-        bits_allocated=8,
-        bits_stored=8,
+        bits_allocated=frame.itemsize * 8,
+        bits_stored=bits_stored,
         pixel_representation=0,
         photometric_interpretation="MONOCHROME2",
         number_of_frames=1,
@@ -73,18 +73,7 @@ def test_a_compressed_dataset_reads_back_with_pydicom():
 def test_other_bit_depths_are_refused_with_the_way_out():
     frame = (FRAMES["noise"].astype(np.uint16) << 4).astype(np.uint16)
     with pytest.raises(RuntimeError, match="8-bit single-sample frames only.*pyjpegls"):
-        JPEGLSLosslessEncoder.encode(
-            frame,
-            encoding_plugin=jpegls.register(),
-            rows=frame.shape[0],
-            columns=frame.shape[1],
-            samples_per_pixel=1,
-            bits_allocated=16,
-            bits_stored=12,
-            pixel_representation=0,
-            photometric_interpretation="MONOCHROME2",
-            number_of_frames=1,
-        )
+        _encode(frame, jpegls.register(), bits_stored=12)
 
 
 def test_without_spiff_leaves_a_plain_codestream_and_refuses_what_is_not_one():
