@@ -23,6 +23,8 @@ import threading
 from collections.abc import Callable, Mapping
 from typing import Any, Generic, TypeVar
 
+import numpy as np
+
 T = TypeVar("T")
 Reducers = Mapping[type, Callable[[Any], tuple]]
 
@@ -70,8 +72,11 @@ class SharedPayload(Generic[T]):
             os.ftruncate(fd, size)
             if size:
                 with mmap.mmap(fd, size) as shared:
+                    # numpy copies without the GIL, so the stages' other threads go on.
+                    into = np.frombuffer(shared, np.uint8)
                     for buffer, (start, end) in zip(buffers, spans, strict=True):
-                        shared[start:end] = buffer.raw()
+                        into[start:end] = np.frombuffer(buffer.raw(), np.uint8)
+                    del into  # before the mapping closes
         except BaseException:
             os.close(fd)
             raise
