@@ -265,13 +265,13 @@ class WorkerConfig(Section):
     output_processes: int | None = Field(None, ge=0, le=256)
     """Processes that build and write the result objects; 0 builds in two threads of the
     worker; null: a quarter of the machine's CPUs (1 to 8), 0 below 4 CPUs. Below 4 CPUs the
-    ensemble's threads use every core, and handing an exam to a process (over 100 MB of
-    pixels and maps pickled each way) costs more than it overlaps (measured in
-    bench/pipeline.py)."""
+    ensemble's threads use every core, and two output processes only match two threads
+    (measured in bench/pipeline.py) for the memory of two more processes."""
     max_exams_in_flight: int | None = Field(None, ge=1, le=1024)
     """Exams claimed and not yet committed, which bounds the worker's memory (a 3328×2560
     four-view exam holds a few hundred MB in flight); further jobs stay queued in the store,
-    where another node may take them. null: enough to keep every stage busy."""
+    where another node may take them. null: enough to keep every stage busy, or one when
+    every stage runs in the worker's own threads (below 4 CPUs by default)."""
 
     @property
     def decoders(self) -> int:
@@ -289,9 +289,15 @@ class WorkerConfig(Section):
 
     def in_flight(self, max_batch: int) -> int:
         """Exams the worker holds at once: each pool busy with one and one waiting, plus a
-        batch for the ensemble (four views an exam)."""
+        batch for the ensemble (four views an exam). With no pool processes, one: the stages
+        then share the worker's cores, and a second exam in flight only slows the first (the
+        ensemble's OpenMP threads wait on output threads). On 2 CPUs, 24 exams through
+        bench/pipeline.py: 0.69 exams/s with one, 0.67 with two, 0.60 with six; median
+        latency 1.4 s against 9.0 s with six."""
         if self.max_exams_in_flight is not None:
             return self.max_exams_in_flight
+        if self.decoders == 0 and self.builders == 0:
+            return 1
         batch = max(1, -(-max_batch // 4))
         return 2 * (max(1, self.decoders) + max(1, self.builders)) + batch
 

@@ -109,9 +109,13 @@ def test_pipeline_defaults_come_from_the_machine(default_data: dict) -> None:
         assert (worker.decoders, worker.builders) == (0, 0)
     else:
         assert (worker.decoders, worker.builders) == (min(8, cpus // 2), max(1, min(8, cpus // 4)))
-    # Each stage busy with one exam and one waiting, plus a batch: 8 images = 2 exams.
-    assert worker.in_flight(8) == 2 * (max(1, worker.decoders) + max(1, worker.builders)) + 2
     data = copy.deepcopy(default_data)
+    # Each pool busy with one exam and one waiting, plus a batch: 8 images = 2 exams.
+    data["worker"].update(decode_processes=2, output_processes=1)
+    assert parse_config(data, REPO).worker.in_flight(8) == 2 * (2 + 1) + 2
+    # Every stage in the worker's threads: one exam at a time has all the cores.
+    data["worker"].update(decode_processes=0, output_processes=0)
+    assert parse_config(data, REPO).worker.in_flight(8) == 1
     data["worker"].update(decode_processes=0, output_processes=3, max_exams_in_flight=5)
     worker = parse_config(data, REPO).worker
     assert (worker.decoders, worker.builders, worker.in_flight(64)) == (0, 3, 5)
