@@ -519,7 +519,8 @@ def _pixels_apart(ds: pydicom.Dataset) -> tuple:
         return ds.__reduce_ex__(pickle.HIGHEST_PROTOCOL)
     element = ds[PIXEL_DATA]
     header = pydicom.Dataset({tag: e for tag, e in ds.items() if tag != PIXEL_DATA})
-    header.file_meta = ds.file_meta
+    if "file_meta" in vars(ds):
+        header.file_meta = ds.file_meta
     return _pixels_joined, (header, element.VR, np.frombuffer(element.value, np.uint8))
 
 

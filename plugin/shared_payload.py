@@ -42,9 +42,12 @@ class SharedPayload(Generic[T]):
         self._lock = threading.Lock()
         self._reduced: tuple | None = None
         self._fd: int | None = None
+        self._released = False
 
     def __reduce__(self):
         with self._lock:
+            if self._released:
+                raise RuntimeError("a released payload cannot be handed to a process again")
             if self._reduced is None:
                 self._reduced = self._share()
             return self._reduced
@@ -87,6 +90,7 @@ class SharedPayload(Generic[T]):
         """The owner's hold on the shared memory ends (once every task carrying the payload
         has finished): the kernel frees it when the last process drops its arrays."""
         with self._lock:
+            self._released = True
             if self._fd is not None:
                 os.close(self._fd)
                 self._fd = None

@@ -92,6 +92,8 @@ def test_release_closes_the_shared_memory_and_a_thread_sees_the_value_itself():
     payload.release()
     payload.release()  # twice is harmless
     assert _payload_memfds() == before
+    with pytest.raises(RuntimeError, match="released"):
+        pickle.dumps(payload)  # its shared memory is gone: it cannot travel again
 
 
 def test_without_memfd_the_payload_travels_in_band(pool, monkeypatch):
