@@ -342,15 +342,20 @@ def _bar_width(lines: list[Line], fonts: dict[bool, ImageFont.FreeTypeFont], sma
     return max(int(max(widths)), 10 * small)
 
 
+def _padding(small: int) -> int:
+    """Space around the label's contents, in pixels."""
+    return max(4, small // 2)
+
+
 def _label_width(lines: list[Line], large: int, small: int) -> int:
     """The label's width at these text sizes, measured without drawing it."""
-    return _bar_width(lines, _fonts(large, small), small) + 2 * max(4, small // 2)
+    return _bar_width(lines, _fonts(large, small), small) + 2 * _padding(small)
 
 
 def _label_image(lines: list[Line], large: int, small: int, threshold: float) -> np.ndarray:
     """The label as an RGB array: text lines, then the colour scale with its threshold."""
     fonts = _fonts(large, small)
-    pad, gap = max(4, small // 2), max(2, small // 4)
+    pad, gap = _padding(small), max(2, small // 4)
     bar_w = _bar_width(lines, fonts, small)
     bar_h = max(6, small // 2)
     heights = [large if line.large else small for line in lines]
