@@ -18,6 +18,7 @@ from plugin.outputs import DEFAULT_KINDS, OutputKind
 from plugin.pipeline import ExamRequest, Naming, Outcome, Pipeline, Settings
 from tests.support.maps import assert_levels_close
 from tests.support.service_harness import demo_models, exam_files
+from tests.support.shared_memory import payload_memfds
 
 EXAMS = 3
 
@@ -69,6 +70,8 @@ def test_many_in_flight_gives_what_one_at_a_time_gives(ensemble, exams, tmp_path
         tmp_path / "pipelined",
         Settings(1, 1, in_flight=EXAMS, max_batch=8, max_batch_wait_ms=500, kinds=kinds),
     )
+    # No exam's shared memory (the output process's payloads) outlives its parts.
+    assert not payload_memfds()
     assert sorted(serial) == sorted(pipelined) == list(range(EXAMS))
     for n in range(EXAMS):
         one, many = serial[n], pipelined[n]

@@ -16,6 +16,7 @@ from pydicom.data import get_testdata_file
 
 from plugin.pipeline import PIXELS_APART
 from plugin.shared_payload import SharedPayload
+from tests.support.shared_memory import payload_memfds
 
 
 def _summary(payload: SharedPayload) -> tuple:
@@ -69,38 +70,25 @@ def test_pickled_once_and_the_large_part_travels_out_of_band():
         payload.release()
 
 
-def _payload_memfds() -> set[str]:
-    """This process's open shared-memory files of payloads."""
-    out = set()
-    for fd in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{fd}")
-        except OSError:
-            continue
-        if target.startswith("/memfd:mammo-ai-payload"):
-            out.add(fd)
-    return out
-
-
 def test_release_closes_the_shared_memory_and_a_thread_sees_the_value_itself():
-    before = _payload_memfds()
+    before = payload_memfds()
     payload, maps, _ = _payload()
     assert payload.value[0] is maps  # no pickling in a thread
-    assert _payload_memfds() == before  # nor shared memory until a process needs it
+    assert payload_memfds() == before  # nor shared memory until a process needs it
     pickle.dumps(payload)
-    assert len(_payload_memfds() - before) == 1
+    assert len(payload_memfds() - before) == 1
     payload.release()
     payload.release()  # twice is harmless
-    assert _payload_memfds() == before
+    assert payload_memfds() == before
     with pytest.raises(RuntimeError, match="released"):
         pickle.dumps(payload)  # its shared memory is gone: it cannot travel again
 
 
 def test_without_memfd_the_payload_travels_in_band(pool, monkeypatch):
     monkeypatch.delattr(os, "memfd_create")
-    before = _payload_memfds()
+    before = payload_memfds()
     payload, maps, source = _payload()
     (got_maps, _, pixels, _, _) = pool.submit(_summary, payload).result()
     assert got_maps == [m.tobytes() for m in maps]
     assert pixels == source.pixel_array.tobytes()
-    assert _payload_memfds() == before
+    assert payload_memfds() == before
