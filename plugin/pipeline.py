@@ -599,8 +599,9 @@ def _write(obj: ResultObject, prediction: ExamPrediction, folder: Path, naming: 
 
 OUTPUT_THREADS = 2
 """Threads that build objects when the output stage has no processes (below 4 CPUs): numpy,
-Pillow's JPEG encoder and the SEG's JPEG-LS encoder (`plugin.outputs.jpegls`) release the
-GIL, so one view's heat-map overlaps another's SEG (highdicom and pydicom's writer hold it)."""
+the heat-map's JPEG encoder (`plugin.outputs.jpeg`) and the SEG's JPEG-LS encoder
+(`plugin.outputs.jpegls`) release the GIL, so one view's heat-map overlaps another's SEG
+(highdicom and pydicom's writer hold it)."""
 
 
 class _Pool:

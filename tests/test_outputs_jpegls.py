@@ -3,9 +3,6 @@ codestream pydicom's own plugin (pyjpegls) writes, SPIFF header dropped, and dec
 
 from __future__ import annotations
 
-import sys
-import threading
-
 import imagecodecs
 import numpy as np
 import pydicom
@@ -14,6 +11,7 @@ from pydicom.pixels.encoders import JPEGLSLosslessEncoder
 from pydicom.uid import JPEGLSLossless
 
 from plugin.outputs import jpegls
+from tests.support.gil import steps_during
 
 
 def _frames() -> dict[str, np.ndarray]:
@@ -87,35 +85,13 @@ def test_without_spiff_leaves_a_plain_codestream_and_refuses_what_is_not_one():
 
 
 def test_other_threads_run_while_a_frame_encodes(monkeypatch):
-    """What the plugin is for: CharLS runs without the GIL. A thread counting in Python keeps
-    counting while imagecodecs' encoder is in C. Were the GIL held there, the counter could
-    only run for the switch interval (set to 0.1 ms) before the call: a few thousand steps
-    against about a million in a 2048x2048 frame's encode."""
+    """What the plugin is for: CharLS runs without the GIL (`steps_during`): about a million
+    steps in a 2048x2048 frame's encode."""
     frame = np.random.default_rng(1).integers(0, 256, (2048, 2048), dtype=np.uint8)
-    counter, stop, during = [0], threading.Event(), []
-    encode = imagecodecs.jpegls_encode
 
-    def counted(*args, **kwargs):
-        before = counter[0]
-        try:
-            return encode(*args, **kwargs)
-        finally:
-            during.append(counter[0] - before)
-
-    def count() -> None:
-        while not stop.is_set():
-            counter[0] += 1
-
-    monkeypatch.setattr(imagecodecs, "jpegls_encode", counted)
-    previous = sys.getswitchinterval()
-    sys.setswitchinterval(1e-4)
-    thread = threading.Thread(target=count)
-    thread.start()
-    try:
+    def encode_three() -> None:
         for _ in range(3):
             _encode(frame, jpegls.register())
-    finally:
-        stop.set()
-        thread.join()
-        sys.setswitchinterval(previous)
+
+    during = steps_during(monkeypatch, imagecodecs, "jpegls_encode", encode_three)
     assert during and min(during) > 50_000

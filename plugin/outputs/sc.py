@@ -22,12 +22,12 @@ import numpy as np
 import pydicom
 from PIL import Image, ImageDraw, ImageFont
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import JPEGBaseline8Bit
+from pydicom.uid import ExplicitVRLittleEndian
 
 from models.results import ExamPrediction, ImagePrediction
 
 from .. import __version__
-from . import heatmap
+from . import heatmap, jpeg
 from .common import (
     BREAST_NAME,
     DEFAULT_OPTIONS,
@@ -83,7 +83,7 @@ def build_sc(
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
         pixel_array=rgb,
-        photometric_interpretation=hd.PhotometricInterpretationValues.YBR_FULL_422,
+        photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
         series_instance_uid=derive_uid(exam, "sc", "series", prefix=options.uid_prefix),
@@ -96,10 +96,11 @@ def build_sc(
         # highdicom accepts single letters only ("FR" of an MLO fails): the source's value
         # replaces this placeholder below.
         patient_orientation=("A", "R"),
-        transfer_syntax_uid=JPEGBaseline8Bit,
+        transfer_syntax_uid=ExplicitVRLittleEndian,  # JPEG baseline below (`jpeg.store`)
         series_description=info.description,
         **equipment(exam, options),
     )
+    jpeg.store(sc, rgb)
     # Type 2C: an unknown orientation stays empty rather than invented.
     sc.PatientOrientation = list(orientation) if orientation else ""
     sc.BurnedInAnnotation = "YES"

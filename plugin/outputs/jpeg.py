@@ -1,0 +1,50 @@
+"""JPEG baseline frames for the SC heat-map, encoded while other threads run.
+
+highdicom encodes a JPEG baseline frame with Pillow (quality 95, 4:2:0 chroma), which holds
+the GIL while libjpeg-turbo runs: in the output stage's threads one view's heat-map (about 30 ms
+at 3328x2560) stalled the other views' SEGs. imagecodecs wraps libjpeg-turbo too and releases
+the GIL; with the same settings its codestream is byte for byte Pillow's, in about half the
+time (tests/test_outputs_jpeg.py). Where imagecodecs is missing, highdicom's encoder is used.
+
+highdicom takes no encoded frames, so the SC is built uncompressed (RGB) and `store` then
+puts in what highdicom would have: the transfer syntax, YBR_FULL_422 and the encapsulated
+frame.
+"""
+
+from __future__ import annotations
+
+from importlib.util import find_spec
+
+import highdicom as hd
+import numpy as np
+import pydicom
+from pydicom.encaps import encapsulate
+from pydicom.uid import JPEGBaseline8Bit
+
+QUALITY = 95
+"""highdicom's (`highdicom.frame.encode_frame`)."""
+
+
+def encode(rgb: np.ndarray) -> bytes:
+    """One (rows, cols, 3) uint8 RGB frame as the JPEG baseline codestream highdicom writes."""
+    if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected (rows, cols, 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")
+    if find_spec("imagecodecs") is None:
+        return hd.frame.encode_frame(
+            rgb, JPEGBaseline8Bit, 8, 8, hd.PhotometricInterpretationValues.YBR_FULL_422, 0, 0
+        )
+    import imagecodecs
+
+    return bytes(imagecodecs.jpeg8_encode(rgb, level=QUALITY, subsampling="420"))
+
+
+def store(ds: pydicom.Dataset, rgb: np.ndarray) -> None:
+    """Replace the uncompressed RGB pixel data of `ds`, built by highdicom from `rgb`, by
+    `rgb` as one JPEG baseline frame, as highdicom stores it."""
+    if ds.file_meta.TransferSyntaxUID.is_compressed or ds.PhotometricInterpretation != "RGB":
+        raise ValueError("store() takes a data set highdicom built uncompressed, in RGB")
+    if (ds.Rows, ds.Columns, ds.SamplesPerPixel) != rgb.shape:
+        raise ValueError(f"the pixels {rgb.shape} are not the data set's")
+    ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
+    ds.PhotometricInterpretation = hd.PhotometricInterpretationValues.YBR_FULL_422.value
+    ds.PixelData = encapsulate([encode(rgb)])
