@@ -4,17 +4,18 @@ in the same run on the same batches.
 
     python bench/pipeline.py [--exams 32] [--models published,demo] [--precision bf16]
 
-Per row: the exams are received by the listener and queued by the assembler first (not
-timed); then a worker-only service analyses them, and the store's claims give each exam's
-latency from claim to commit. `stream` claims as the pipeline has room (the configured
-defaults); `lone` feeds one exam at a time (the latency a lone exam sees); `serial` is one
-exam at a time without pool processes, the worker as it was before the pipeline; `pools`
-streams with one decode and one output process (what the defaults give from 4 CPUs on). The
-forward-only ceiling replays the ensemble's batches (the images of each `predict_exams`
-call, views × flips in chunks of `models.max_batch`) through the member modules alone.
-Each row also gives the median time an exam spent in each of the pipeline's stages, waits
-included (`plugin.pipeline.StageTimes`: decode, ensemble, objects, and of the last the build
-and the durable writes as measured where they ran).
+Per row: the exams are received by the listener and queued by the assembler first (not timed);
+then a worker-only service analyses them, and the store's claims give each exam's latency from
+claim to commit. The worker warms up first, as it does by default (`plugin.warm_up`), and
+claims nothing meanwhile; the warm-up exam is in no figure. `stream` claims as the pipeline has
+room (the configured defaults); `lone` feeds one exam at a time (the latency a lone exam sees);
+`serial` is one exam at a time without pool processes, the worker as it was before the
+pipeline; `pools` streams with one decode and one output process (what the defaults give from 4
+CPUs on). The forward-only ceiling replays the ensemble's batches (the images of each
+`predict_exams` call, views × flips in chunks of `models.max_batch`) through the member modules
+alone. Each row also gives the median time an exam spent in each of the pipeline's stages,
+waits included (`plugin.pipeline.StageTimes`: decode, ensemble, objects, and of the last the
+build and the durable writes as measured where they ran).
 
 `published` = GMIC published architecture ×2 flips + all-conv ResNet-50 ×4 flips, random
 weights (the architectures' cost, not their scores); `demo` = the shipped demo models with
@@ -54,6 +55,7 @@ from plugin.allocator import keep_freed_memory  # noqa: E402
 from plugin.config import load_config, machine_cpus  # noqa: E402
 from plugin.pipeline import Outcome, StageTimes  # noqa: E402
 from plugin.service import Service  # noqa: E402
+from plugin.warm_up import WarmUp  # noqa: E402
 from trainer.synth import encode, synth_exam  # noqa: E402
 
 ROWS, COLS = 3328, 2560
@@ -250,7 +252,8 @@ def run_row(
     predict = worker.ensemble.predict_exams
 
     def recorded(batch: Sequence[Sequence[Mammogram]]):
-        batches.append(sum(len(e) for e in batch))
+        if not worker.worker.warming_up:  # the start's synthetic exam is not the stream's
+            batches.append(sum(len(e) for e in batch))
         return predict(batch)
 
     worker.ensemble.predict_exams = recorded  # type: ignore[method-assign]
@@ -258,7 +261,8 @@ def run_row(
     commit = worker.worker._commit
 
     def timed(outcome: Outcome) -> None:
-        times.append(outcome.times)
+        if not isinstance(outcome.request.tag, WarmUp):
+            times.append(outcome.times)
         commit(outcome)
 
     worker.worker._commit = timed  # before start(): the pipeline reports to it

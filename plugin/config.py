@@ -267,6 +267,9 @@ class WorkerConfig(Section):
     worker; null: a quarter of the machine's CPUs (1 to 8), 0 below 4 CPUs. Below 4 CPUs the
     ensemble's threads use every core, and two output processes only match two threads
     (measured in bench/pipeline.py) for the memory of two more processes."""
+    warm_up: bool = True
+    """Analyse a small synthetic exam at start, before claiming jobs, so that the first real
+    exam is as fast as the next ones (`plugin.warm_up`)."""
     max_exams_in_flight: int | None = Field(None, ge=1, le=1024)
     """Exams claimed and not yet committed, which bounds the worker's memory (a 3328×2560
     four-view exam holds a few hundred MB in flight); further jobs stay queued in the store,

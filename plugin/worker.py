@@ -32,6 +32,7 @@ from plugin.outputs.common import OutputKind
 from plugin.pipeline import ExamRequest, Naming, Outcome, Pipeline, settings_for
 from plugin.polling import PollingThread
 from plugin.store import Job, NewResult, Store
+from plugin.warm_up import WarmUp, warm_up
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +67,9 @@ class Worker:
         }
         self.settings = settings_for(config, self.kinds, OutputOptions())
         self.pipeline: Pipeline | None = None
+        self.warm_up_seconds: float | None = None
+        """How long the start's warm-up analysis took (`plugin.warm_up`); None if none ran."""
+        self._warming = config.worker.warm_up
         self._poller = PollingThread(
             "worker", self._claim, poll_seconds, log=log, failure="claiming a job failed"
         )
@@ -73,6 +77,11 @@ class Worker:
     def start(self) -> None:
         self.pipeline = Pipeline(self.ensemble, self.settings, self._commit)
         self._poller.start()
+
+    @property
+    def warming_up(self) -> bool:
+        """Whether the start's warm-up (`plugin.warm_up`) is still to come or running."""
+        return self._warming
 
     def wake(self) -> None:
         self._poller.wake()
@@ -92,9 +101,16 @@ class Worker:
             )
 
     def _claim(self) -> int:
-        """One pass of the claiming thread: 1 when it submitted a job or already waited (for
-        room in the pipeline), so the next pass starts at once; 0 when nothing was due."""
+        """One pass of the claiming thread: 1 when it submitted a job, already waited (for
+        room in the pipeline) or warmed up (the first pass), so the next pass starts at once;
+        0 when nothing was due."""
         assert self.pipeline is not None
+        if self._warming:
+            # One folder per worker process: a node may run one per device on one spool.
+            where = f"{self.config.node.name}-{self.ensemble.device}".replace(":", "-")
+            self.warm_up_seconds = warm_up(self.pipeline, self.store.spool / "warm-up" / where)
+            self._warming = False
+            return 1
         if not self.pipeline.wait_for_room(self.poll_seconds):
             return 1
         job = self.store.claim_job()
@@ -118,6 +134,9 @@ class Worker:
 
     def _commit(self, outcome: Outcome) -> None:
         """The pipeline's outcome for one job: its one commit, or a failed attempt."""
+        if isinstance(outcome.request.tag, WarmUp):
+            outcome.request.tag.finish(outcome)
+            return
         job: Job = outcome.request.tag
         fields = _fields(job)
         left_out = [

@@ -14,6 +14,7 @@ import pytest
 from pydicom import dcmread
 
 from plugin.cli import main
+from plugin.config import load_config
 from tests.support.dcmtk_peer import StoreSCP
 from tests.support.service_harness import (
     Serve,
@@ -168,6 +169,18 @@ def test_status_health_metrics_and_audit(pipeline, capsys) -> None:
     audit_text = (service.config.parent / "var" / "audit.jsonl").read_text()
     for text in (service.log, audit_text, json.dumps(committed)):
         assert study not in text and patient not in text
+
+
+def test_the_warm_up_exam_leaves_nothing_behind(pipeline) -> None:
+    """Before its first job the worker analysed a synthetic exam (`plugin.warm_up`): the log
+    says so, and nothing of it remains: no job, result or delivery (the counts and metrics in
+    the test above are the three sent exams' alone) and no file in the spool."""
+    service: Serve = pipeline["service"]
+    done = [json.loads(line) for line in service.log.splitlines() if "warm-up" in line]
+    assert [e["msg"] for e in done] == ["warm-up analysis done"]
+    assert done[0]["seconds"] > 0
+    warm_up = load_config(service.config).storage.spool / "warm-up"
+    assert warm_up.is_dir() and not any(warm_up.iterdir())
 
 
 def test_resent_exam_is_a_duplicate_not_a_new_analysis(pipeline) -> None:
