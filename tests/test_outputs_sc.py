@@ -12,7 +12,7 @@ from dataclasses import replace
 import numpy as np
 import pydicom
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from models.results import RegionOfInterest, map_levels
 from plugin.outputs import NOT_FOR_CLINICAL_USE, build_sc, build_scs, display_image
@@ -24,7 +24,7 @@ from plugin.outputs.heatmap import (
     first_shown_level,
     overlay,
 )
-from plugin.outputs.sc import caption, label_sizes, render
+from plugin.outputs.sc import _draw_words, caption, label_sizes, render
 from tests.support.outputs_samples import dciodvfy_errors, model_info, prediction_for
 from trainer.synth import synth_exam
 
@@ -273,3 +273,23 @@ def test_colour_starts_at_the_thresholds_level():
         coloured = (overlay(grey, levels, threshold) != grey[..., None]).any(axis=-1)
         assert np.array_equal(coloured.all(axis=0), np.arange(256) >= first)
         assert np.array_equal(coloured.any(axis=0), np.arange(256) >= first)
+
+
+@pytest.mark.parametrize("size", [7, 12, 31, 62, 111])
+def test_words_are_the_pixels_imagedraw_draws(size):
+    """Each word's coverage is rendered once and pasted (`_draw_words`): the same pixels as
+    Pillow drawing the words, blended over what is there, from sub-pixel positions; the
+    second time from the cache."""
+    rng = np.random.default_rng(size)
+    text = "NOT FOR CLINICAL USE  R-MLO AI P(cancer) 12.3%   Exam 7.0% (Åj)"
+    font = ImageFont.load_default(size=size)
+    for at in [(4, 4), (4.37, size / 3), (10.5, 0.25), (0.999, 2)] * 2:
+        pixels = rng.integers(0, 256, (2 * size + 8, 30 * size, 3), dtype=np.uint8)
+        ours, theirs = Image.fromarray(pixels), Image.fromarray(pixels)
+        _draw_words(ours, at, text, size, (255, 220, 0))
+        draw, x = ImageDraw.Draw(theirs), at[0]
+        for word in text.split(" "):
+            if word:
+                draw.text((x, at[1]), word, fill=(255, 220, 0), font=font)
+            x += draw.textlength(word, font=font) + 0.45 * size
+        assert np.array_equal(np.asarray(ours), np.asarray(theirs)), at

@@ -14,6 +14,8 @@ are copied so hanging protocols pair the heat-map with its source.
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 
@@ -332,14 +334,9 @@ def _paste_label(
     rgb[:h, x0 : x0 + w] = label[:h, :w]
 
 
-def _fonts(large: int, small: int) -> dict[bool, ImageFont.FreeTypeFont]:
-    return {True: ImageFont.load_default(size=large), False: ImageFont.load_default(size=small)}
-
-
-def _bar_width(lines: list[Line], fonts: dict[bool, ImageFont.FreeTypeFont], small: int) -> int:
+def _bar_width(lines: list[Line], large: int, small: int) -> int:
     """The widest text line's width, at least ten small letters: the colour scale's width."""
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    widths = [_words_width(probe, line.text, fonts[line.large]) for line in lines]
+    widths = [_words_width(line.text, large if line.large else small) for line in lines]
     return max(int(max(widths)), 10 * small)
 
 
@@ -350,54 +347,98 @@ def _padding(small: int) -> int:
 
 def _label_width(lines: list[Line], large: int, small: int) -> int:
     """The label's width at these text sizes, measured without drawing it."""
-    return _bar_width(lines, _fonts(large, small), small) + 2 * _padding(small)
+    return _bar_width(lines, large, small) + 2 * _padding(small)
 
 
 def _label_image(lines: list[Line], large: int, small: int, threshold: float) -> np.ndarray:
     """The label as an RGB array: text lines, then the colour scale with its threshold."""
-    fonts = _fonts(large, small)
     pad, gap = _padding(small), max(2, small // 4)
-    bar_w = _bar_width(lines, fonts, small)
+    bar_w = _bar_width(lines, large, small)
     bar_h = max(6, small // 2)
     heights = [large if line.large else small for line in lines]
     width = bar_w + 2 * pad
     height = pad + sum(h + gap for h in heights) + bar_h + gap + small + pad
     canvas = Image.new("RGB", (width, height), (0, 0, 0))
-    draw = ImageDraw.Draw(canvas)
     y = pad
     for line, h in zip(lines, heights, strict=True):
-        _draw_words(draw, (pad, y), line.text, fonts[line.large], line.colour)
+        _draw_words(canvas, (pad, y), line.text, h, line.colour)
         y += h + gap
     scale = heatmap.legend(bar_w, bar_h, threshold)
     out = np.asarray(canvas).copy()
     out[y : y + bar_h, pad : pad + bar_w] = scale
     canvas = Image.fromarray(out)
-    draw = ImageDraw.Draw(canvas)
     tick = pad + round(threshold * (bar_w - 1))
-    draw.line([(tick, y - gap), (tick, y + bar_h)], fill=(255, 255, 255), width=max(1, small // 8))
+    ImageDraw.Draw(canvas).line(
+        [(tick, y - gap), (tick, y + bar_h)], fill=(255, 255, 255), width=max(1, small // 8)
+    )
     text_y = y + bar_h + gap
-    _draw_words(draw, (pad, text_y), "0", fonts[False], (200, 200, 200))
+    _draw_words(canvas, (pad, text_y), "0", small, (200, 200, 200))
     shown = f"colour from {100 * threshold:.0f}%"
-    shown_w = _words_width(draw, shown, fonts[False])
+    shown_w = _words_width(shown, small)
     x = min(max(pad, tick - shown_w / 2), width - pad - shown_w)
-    _draw_words(draw, (x, text_y), shown, fonts[False], (200, 200, 200))
+    _draw_words(canvas, (x, text_y), shown, small, (200, 200, 200))
     return np.asarray(canvas)
 
 
-def _word_gap(font: ImageFont.FreeTypeFont) -> float:
+# -- text: Pillow's built-in font, each word rendered once -----------------------------------
+#
+# Pillow holds the GIL while FreeType renders, about 15 ms a label at 3328x2560, and most of a
+# label's words (the warning, model names, versions, the scale's text) are the same on every
+# heat-map. So a word's coverage is rendered once per size and sub-pixel start and then pasted
+# with its colour: Pillow's `paste(colour, box, mask)` blends as `ImageDraw.text` does, and the
+# pixels are the same (tests/test_outputs_sc.py).
+
+
+@functools.cache
+def _font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.load_default(size=size)
+
+
+_PROBE = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+"""Measures text as a drawing on an RGB image does."""
+
+
+@functools.lru_cache(maxsize=4096)
+def _word_length(word: str, size: int) -> float:
+    return _PROBE.textlength(word, font=_font(size))
+
+
+def _word_gap(size: int) -> float:
     """Space between words: Pillow's built-in font sets a space narrower than the gap
     between some letters, which made "NOT FOR CLINICAL USE" read as one word."""
-    return 0.45 * font.size
+    return 0.45 * size
 
 
-def _words_width(draw: ImageDraw.ImageDraw, text: str, font) -> float:
+def _words_width(text: str, size: int) -> float:
     words = text.split(" ")
-    return sum(draw.textlength(w, font=font) for w in words) + _word_gap(font) * (len(words) - 1)
+    return sum(_word_length(w, size) for w in words) + _word_gap(size) * (len(words) - 1)
 
 
-def _draw_words(draw: ImageDraw.ImageDraw, at: tuple[float, float], text: str, font, fill) -> None:
+_MARGIN = 256
+"""Room around a word's coverage image for glyphs that reach left of or above their origin."""
+
+
+@functools.lru_cache(maxsize=256)
+def _word_coverage(word: str, size: int, start: tuple[float, float]):
+    """How `ImageDraw.text` covers pixels with `word` from a position whose fractional parts
+    are `start` (FreeType places glyphs to the sub-pixel): an "L" image of the coverage,
+    cropped to it, and its corner relative to the position's integer parts; None for no ink.
+    Drawn with ink 255 on 0, so each pixel is the coverage itself."""
+    font = _font(size)
+    right, bottom = font.getbbox(word)[2:]
+    coverage = Image.new("L", (int(right) + 2 * _MARGIN, int(bottom) + 2 * _MARGIN), 0)
+    ImageDraw.Draw(coverage).text((_MARGIN + start[0], _MARGIN + start[1]), word, 255, font)
+    box = coverage.getbbox()
+    if box is None:
+        return None
+    return coverage.crop(box), box[0] - _MARGIN, box[1] - _MARGIN
+
+
+def _draw_words(canvas: Image.Image, at: tuple[float, float], text: str, size: int, fill) -> None:
     x, y = at
     for word in text.split(" "):
-        if word:
-            draw.text((x, y), word, fill=fill, font=font)
-        x += draw.textlength(word, font=font) + _word_gap(font)
+        drawn = _word_coverage(word, size, (math.modf(x)[0], math.modf(y)[0])) if word else None
+        if drawn is not None:
+            coverage, left, top = drawn
+            canvas.paste(fill, (int(x) + left, int(y) + top), coverage)
+        x += _word_length(word, size) + _word_gap(size)
