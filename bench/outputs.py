@@ -10,13 +10,15 @@ bilinearly to the source grid, as uint8 levels, with a GMIC-like ROI on the top 
 figure is the median over `--repeats` rounds, all steps run round-robin after a warm-up round;
 "cpu" is the process's CPU time, the one-core cost even when other jobs share the machine
 ("wall" is also what they leave over). Steps: our own work (windowing, overlay, label), the
-codecs alone (CharLS JPEG-LS per SEG frame, Pillow's JPEG at highdicom's quality 95, called as
-highdicom calls them), and the rest of each object's total (highdicom's construction, pydicom).
+codecs alone (CharLS JPEG-LS per SEG frame, libjpeg-turbo's JPEG at highdicom's quality 95,
+both through imagecodecs as the objects use them, and for comparison the same JPEG by Pillow as
+highdicom would encode it), and the rest of each object's total (highdicom's construction,
+pydicom).
 The labelmap SEG is timed too (outside the target), and the SC of a JPEG 2000 source as the
 output process gets it: pickled, so pydicom's pixel cache (keyed by object ids) is gone and the
-source is decoded a second time (the unpickling itself not counted). The baseline's common.py,
-heatmap.py, seg.py and sc.py come from `git show` of the baseline commit into a temporary
-package, and get float maps k/255, the interface they had.
+source is decoded a second time (the unpickling itself not counted). The baseline's plugin/outputs
+modules come from `git show` of the baseline commit into a temporary package (removed at exit),
+and get float maps k/255 where that was the interface they had.
 
 Then the exam-level SRs (a four-view exam, GMIC-like ROIs): the Mammography CAD SR and the TID
 1500 viewer report built, and both written with pydicom (to memory, no fsync), against the SR
@@ -32,10 +34,12 @@ for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
     os.environ[_var] = "1"  # before numpy and torch load their thread pools
 
 import argparse  # noqa: E402
+import atexit  # noqa: E402
 import importlib  # noqa: E402
 import importlib.util  # noqa: E402
 import io  # noqa: E402
 import pickle  # noqa: E402
+import shutil  # noqa: E402
 import statistics  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
@@ -55,7 +59,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from models.results import ExamPrediction, ImagePrediction, RegionOfInterest, map_levels  # noqa: E402
-from plugin.outputs import heatmap, labelmap, sc, seg  # noqa: E402
+from plugin.outputs import heatmap, jpeg, jpegls, labelmap, sc, seg  # noqa: E402
 from tests.support.maps import malignant_fields  # noqa: E402
 from tests.support.outputs_samples import exam_prediction, model_info, prediction_for  # noqa: E402
 from trainer.synth import encode, synth_exam  # noqa: E402
@@ -63,10 +67,8 @@ from trainer.synth import encode, synth_exam  # noqa: E402
 TARGET_S = 0.25
 BASELINE = "0251ad4"
 """The last commit before the maps became uint8 levels and the objects were sped up."""
-BASELINE_FILES = ("common.py", "heatmap.py", "seg.py", "sc.py")
 SR_BASELINE = "55b0c36"
 """The last commit before the SRs were built without highdicom's copy of the tree."""
-SR_BASELINE_FILES = ("common.py", "cad_templates.py", "cad_sr.py", "tid1500.py")
 GRID = 64
 """Source pixels per saliency cell (GMIC's saliency map is 1/64 of its input per side)."""
 
@@ -103,7 +105,8 @@ def main(argv: list[str] | None = None) -> int:
         "display": lambda: sc.display_image(source),
         "render": lambda: sc.render(exam, img, grey, threshold),
         "overlay": lambda: heatmap.overlay(grey, maps[0], threshold),
-        "sc codec": lambda: pillow_jpeg(rgb),
+        "sc codec": lambda: jpeg.encode(rgb),
+        "pillow": lambda: pillow_jpeg(rgb),
         "sc": lambda: sc.build_sc(exam, img, source),
         "labelmap": lambda: labelmap.build_labelmap_seg(exam, img, source),
         "unpickle": lambda: pickle.loads(shipped),
@@ -113,7 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     old = baseline(args.baseline)
     then = {}
     if old is not None:
-        floats = float_maps(img)
+        # Before the maps became uint8 levels, the builders took floats (`heatmap.levels`).
+        floats = float_maps(img) if hasattr(old.heatmap, "levels") else img
         then = {
             "seg": lambda: old.seg.build_seg(exam, floats, source),
             "display": lambda: old.sc.display_image(source),
@@ -126,7 +130,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
         }
     b, n = measure(then, now, args.repeats)
-    b["seg codec"], b["sc codec"] = n["seg codec"], n["sc codec"]
+    for codec in ("seg codec", "sc codec", "pillow"):
+        b[codec] = n[codec]
     rows = [
         ("SEG: CharLS JPEG-LS, 2 frames", "seg codec"),
         ("SEG: highdicom and ours, the rest", ("seg", "seg codec")),
@@ -134,7 +139,8 @@ def main(argv: list[str] | None = None) -> int:
         ("SC: display_image (window the source)", "display"),
         ("SC: render (overlay, outline, label)", "render"),
         ("SC:   of which overlay", "overlay"),
-        ("SC: Pillow JPEG q95 (highdicom's call)", "sc codec"),
+        ("SC: JPEG q95, libjpeg-turbo (imagecodecs)", "sc codec"),
+        ("SC:   the same by Pillow (highdicom's own)", "pillow"),
         ("SC: highdicom SCImage, the rest", ("sc", "display", "render", "sc codec")),
         ("SC: total", "sc"),
         ("labelmap SEG (HM's; not in the target)", "labelmap"),
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     codecs = n["seg codec"].cpu + n["sc codec"].cpu
     print(
         f"of which the codecs the objects' transfer syntaxes fix (CharLS for the SEG's frames, "
-        f"Pillow's JPEG for the SC): {codecs:.3f} s ({codecs / both.cpu:.0%})"
+        f"libjpeg-turbo's JPEG for the SC): {codecs:.3f} s ({codecs / both.cpu:.0%})"
     )
     if old is not None:
         ratio = b["both"].cpu / both.cpu
@@ -286,7 +292,7 @@ def saliency(breast: np.ndarray, rng: np.random.Generator, peaks: tuple[float, .
     return np.ascontiguousarray(fine[0, 0, :rows, :cols].numpy())
 
 
-# -- codecs, called as highdicom calls them ----------------------------------------------------
+# -- codecs, called as the objects call them -----------------------------------------------------
 
 
 def jpeg_ls(plane: np.ndarray) -> bytes:
@@ -295,6 +301,7 @@ def jpeg_ls(plane: np.ndarray) -> bytes:
 
     return get_encoder(JPEGLSLossless).encode(
         plane,
+        encoding_plugin=jpegls.register(),
         rows=plane.shape[0],
         columns=plane.shape[1],
         samples_per_pixel=1,
@@ -307,6 +314,7 @@ def jpeg_ls(plane: np.ndarray) -> bytes:
 
 
 def pillow_jpeg(rgb: np.ndarray) -> bytes:
+    """What highdicom's `encode_frame` does for JPEG baseline: Pillow, quality 95."""
     with io.BytesIO() as buffer:
         Image.fromarray(rgb, mode="RGB").save(buffer, format="jpeg", quality=95)
         return buffer.getvalue()
@@ -329,7 +337,7 @@ def sr_rows(rows: int, cols: int, repeats: int, commit: str) -> None:
         "write": lambda: [written(d) for d in now_docs],
     }
     then = {}
-    package = load_outputs(commit, SR_BASELINE_FILES, "plugin.bench_baseline_srs")
+    package = load_outputs(commit, "plugin.bench_baseline_srs")
     if package is not None:
         old_cad = importlib.import_module(f"{package}.cad_sr")
         old_tid = importlib.import_module(f"{package}.tid1500")
@@ -382,7 +390,7 @@ class Baseline:
 def baseline(commit: str) -> Baseline | None:
     """The baseline commit's plugin/outputs modules as package `plugin.bench_baseline_outputs`
     (so their relative imports resolve), or None with a note when git cannot give them."""
-    package = load_outputs(commit, BASELINE_FILES, "plugin.bench_baseline_outputs")
+    package = load_outputs(commit, "plugin.bench_baseline_outputs")
     if package is None:
         return None
     try:
@@ -392,21 +400,31 @@ def baseline(commit: str) -> Baseline | None:
         return None
 
 
-def load_outputs(commit: str, files: tuple[str, ...], package: str) -> str | None:
-    """`files` of the commit's plugin/outputs as `package` (their relative imports resolve
-    among them), or None with a note when git cannot give them or they no longer import."""
+def load_outputs(commit: str, package: str) -> str | None:
+    """The commit's plugin/outputs modules as `package` (their relative imports resolve among
+    them), or None with a note when git cannot give them or they no longer import."""
+    listing = subprocess.run(
+        ["git", "-C", str(REPO), "ls-tree", "--name-only", commit, "plugin/outputs/"],
+        capture_output=True,
+        text=True,
+    )
+    names = [Path(p).name for p in listing.stdout.split() if p.endswith(".py")]
+    if listing.returncode != 0 or not names:
+        print(f"(no baseline: git ls-tree {commit} plugin/outputs/ failed; a full clone?)")
+        return None
     folder = Path(tempfile.mkdtemp(prefix="bench-outputs-"))
-    for name in files:
+    atexit.register(shutil.rmtree, folder, True)
+    for name in names:
         show = subprocess.run(
             ["git", "-C", str(REPO), "show", f"{commit}:plugin/outputs/{name}"],
             capture_output=True,
             text=True,
         )
         if show.returncode != 0:
-            print(f"(no baseline: git show {commit}:plugin/outputs/{name} failed; a full clone?)")
+            print(f"(no baseline: git show {commit}:plugin/outputs/{name} failed)")
             return None
         (folder / name).write_text(show.stdout)
-    (folder / "__init__.py").write_text("")
+    (folder / "__init__.py").write_text("")  # the modules are imported as they are needed
     spec = importlib.util.spec_from_file_location(
         package, folder / "__init__.py", submodule_search_locations=[str(folder)]
     )
@@ -414,8 +432,6 @@ def load_outputs(commit: str, files: tuple[str, ...], package: str) -> str | Non
     sys.modules[package] = module
     try:
         spec.loader.exec_module(module)
-        for name in files:
-            importlib.import_module(f"{package}.{name.removesuffix('.py')}")
     except (ImportError, AttributeError) as error:
         print(f"(no baseline: {commit}'s outputs no longer import against this tree: {error})")
         return None
