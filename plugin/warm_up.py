@@ -77,7 +77,7 @@ def warm_up(pipeline: Pipeline, folder: Path, timeout: float = TIMEOUT_SECONDS) 
     finally:
         shutil.rmtree(folder, ignore_errors=True)
     seconds = round(time.monotonic() - started, 3)
-    if not finished:
+    if not finished:  # what it still writes is removed at the next start
         log.warning("warm-up analysis still running after %s s; claiming exams", timeout)
         return None
     if tag.outcome is not None and tag.outcome.error is not None:

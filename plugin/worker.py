@@ -67,8 +67,6 @@ class Worker:
         }
         self.settings = settings_for(config, self.kinds, OutputOptions())
         self.pipeline: Pipeline | None = None
-        self.warm_up_seconds: float | None = None
-        """How long the start's warm-up analysis took (`plugin.warm_up`); None if none ran."""
         self._warming = config.worker.warm_up
         self._poller = PollingThread(
             "worker", self._claim, poll_seconds, log=log, failure="claiming a job failed"
@@ -108,7 +106,7 @@ class Worker:
         if self._warming:
             # One folder per worker process: a node may run one per device on one spool.
             where = f"{self.config.node.name}-{self.ensemble.device}".replace(":", "-")
-            self.warm_up_seconds = warm_up(self.pipeline, self.store.spool / "warm-up" / where)
+            warm_up(self.pipeline, self.store.spool / "warm-up" / where)
             self._warming = False
             return 1
         if not self.pipeline.wait_for_room(self.poll_seconds):

@@ -176,9 +176,11 @@ def test_the_warm_up_exam_leaves_nothing_behind(pipeline) -> None:
     says so, and nothing of it remains: no job, result or delivery (the counts and metrics in
     the test above are the three sent exams' alone) and no file in the spool."""
     service: Serve = pipeline["service"]
-    done = [json.loads(line) for line in service.log.splitlines() if "warm-up" in line]
-    assert [e["msg"] for e in done] == ["warm-up analysis done"]
-    assert done[0]["seconds"] > 0
+    lines = [json.loads(line) for line in service.log.splitlines() if line.startswith("{")]
+    said = [e["msg"] for e in lines]
+    assert [m for m in said if "warm-up" in m] == ["warm-up analysis done"]
+    assert said.index("warm-up analysis done") < said.index("exam analysed")  # before any job
+    assert lines[said.index("warm-up analysis done")]["seconds"] > 0
     warm_up = load_config(service.config).storage.spool / "warm-up"
     assert warm_up.is_dir() and not any(warm_up.iterdir())
 
