@@ -1,9 +1,11 @@
 """The worker's warm-up (`plugin.warm_up`) on the real demo ensemble: a synthetic exam goes
 through every stage and output kind and nothing of it stays; a warm-up that fails or does not
-come back is a warning, never an error. About 10 s on 2 CPU cores."""
+come back is a warning, never an error, and `plugin serve` then analyses exams as usual.
+About 40 s on 2 CPU cores."""
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -14,7 +16,16 @@ from plugin.isolation import NoUsableImage
 from plugin.outputs import DEFAULT_KINDS
 from plugin.pipeline import Outcome, Pipeline, Settings
 from plugin.warm_up import WarmUp, warm_up
-from tests.support.service_harness import demo_models
+from tests.support.service_harness import (
+    Serve,
+    counts,
+    demo_models,
+    exam_files,
+    free_port,
+    storescu,
+    wait_until,
+    write_config,
+)
 
 
 @pytest.fixture(scope="module")
@@ -100,3 +111,29 @@ def test_a_request_that_cannot_be_made_is_a_warning(ensemble, tmp_path: Path, ca
         assert pipeline.close(60)
     [said] = _said(caplog)
     assert said.startswith("warm-up analysis failed; the first exam will be slower")
+
+
+def test_a_service_whose_warm_up_fails_analyses_exams_as_usual(tmp_path) -> None:
+    """`plugin serve` with a spool in which the warm-up cannot make its folder (a file where
+    it goes): a warning in the log, then the sent exam is analysed and delivered."""
+    config = write_config(
+        tmp_path / "service",
+        port=free_port(),
+        models=demo_models(tmp_path / "models"),
+        destinations=[{"type": "folder", "name": "out", "path": "out", "outputs": ["cad_sr"]}],
+    )
+    spool = tmp_path / "service" / "var" / "spool"
+    spool.mkdir(parents=True)
+    (spool / "warm-up").write_text("not a folder")
+    with Serve.start(config) as service:
+        storescu(exam_files(tmp_path / "in", 5), service.port)
+        wait_until(
+            lambda: counts(service)["deliveries"].get("delivered", 0) == 1,
+            240,
+            "the exam analysed and its CAD SR delivered",
+            service,
+        )
+        said = [json.loads(line)["msg"] for line in service.log.splitlines() if line[:1] == "{"]
+    failed = [m for m in said if m.startswith("warm-up analysis failed")]
+    assert len(failed) == 1 and "warm-up analysis done" not in said
+    assert said.index(failed[0]) < said.index("exam analysed")
