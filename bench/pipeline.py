@@ -55,7 +55,6 @@ from plugin.allocator import keep_freed_memory  # noqa: E402
 from plugin.config import load_config, machine_cpus  # noqa: E402
 from plugin.pipeline import Outcome, StageTimes  # noqa: E402
 from plugin.service import Service  # noqa: E402
-from plugin.warm_up import WarmUp  # noqa: E402
 from trainer.synth import encode, synth_exam  # noqa: E402
 
 ROWS, COLS = 3328, 2560
@@ -261,7 +260,7 @@ def run_row(
     commit = worker.worker._commit
 
     def timed(outcome: Outcome) -> None:
-        if not isinstance(outcome.request.tag, WarmUp):
+        if not worker.worker.warming_up:  # its outcome arrives before the warm-up ends
             times.append(outcome.times)
         commit(outcome)
 

@@ -1,10 +1,11 @@
 """JPEG baseline frames for the SC heat-map, encoded while other threads run.
 
-highdicom encodes a JPEG baseline frame with Pillow (quality 95, 4:2:0 chroma), which holds
-the GIL while libjpeg-turbo runs: in the output stage's threads one view's heat-map (about 30 ms
-at 3328x2560) stalled the other views' SEGs. imagecodecs wraps libjpeg-turbo too and releases
-the GIL; with the same settings its codestream is byte for byte Pillow's, in about half the
-time (tests/test_outputs_jpeg.py). Where imagecodecs is missing, highdicom's encoder is used.
+highdicom encodes a JPEG baseline frame with Pillow (quality 95, 4:2:0 chroma), which holds the
+GIL while libjpeg-turbo runs: in the output stage's threads one view's heat-map (about 30 ms at
+3328x2560) stalled the other views' SEGs. imagecodecs wraps libjpeg-turbo too and releases the
+GIL; with the same settings its codestream is byte for byte Pillow's
+(tests/test_outputs_jpeg.py), and it takes 0.032 s for a heat-map against Pillow's 0.043 s
+(bench/outputs.py). Where imagecodecs is missing, highdicom's encoder is used.
 
 highdicom takes no encoded frames, so the SC is built uncompressed (RGB) and `store` then
 puts in what highdicom would have: the transfer syntax, YBR_FULL_422 and the encapsulated
@@ -23,13 +24,14 @@ from pydicom.uid import JPEGBaseline8Bit
 
 QUALITY = 95
 """highdicom's (`highdicom.frame.encode_frame`)."""
+HAVE_IMAGECODECS = find_spec("imagecodecs") is not None
 
 
 def encode(rgb: np.ndarray) -> bytes:
     """One (rows, cols, 3) uint8 RGB frame as the JPEG baseline codestream highdicom writes."""
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected (rows, cols, 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")
-    if find_spec("imagecodecs") is None:
+    if not HAVE_IMAGECODECS:
         return hd.frame.encode_frame(
             rgb, JPEGBaseline8Bit, 8, 8, hd.PhotometricInterpretationValues.YBR_FULL_422, 0, 0
         )
