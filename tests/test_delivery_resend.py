@@ -74,7 +74,13 @@ def test_object_already_at_the_destination_is_not_sent_again(tmp_path: Path) -> 
                 "the delivery settled",
                 service,
             )
-            events = [e for e in service.audit() if e["event"] == "delivered"]
+            # The audit line is written after the state's commit: wait for it too.
+            events = wait_until(
+                lambda: [e for e in service.audit() if e["event"] == "delivered"],
+                30,
+                "the delivery audited",
+                service,
+            )
         assert len(events) == 1 and "already at the destination" in events[0]["detail"]
         assert orthanc.instance_uids() == {delivery.sop_instance_uid}
         # Orthanc saw one instance arrive (the REST upload), none by C-STORE.
