@@ -111,6 +111,16 @@ def test_map_off_the_source_grid_is_refused(synth_exam_small):
         build_seg(prediction, small, sources[img.sop_instance_uid])
 
 
+def test_the_source_keeps_its_grid(synth_exam_small):
+    """build_seg hands highdicom a one-pixel copy of the source's header: the source itself
+    must not see it, and the SEG has the source's grid."""
+    prediction, sources = prediction_for(synth_exam_small)
+    img = prediction.images[0]
+    source = sources[img.sop_instance_uid]
+    seg = build_seg(prediction, img, source)
+    assert (source.Rows, source.Columns) == img.malignant_map.shape == (seg.Rows, seg.Columns)
+
+
 def test_source_without_frame_of_reference_or_orientation(synth_exam_small):
     prediction, sources = prediction_for(synth_exam_small)
     img = prediction.images[0]
