@@ -59,11 +59,14 @@ def _file(ds: pydicom.Dataset) -> bytes:
     return out.getvalue()
 
 
+@pytest.mark.parametrize("placeholder", [False, True], ids=["built on the frame", "placeholder"])
 @pytest.mark.parametrize("shape", [(333, 256), (17, 3001), (1, 1)])
-def test_the_file_is_the_one_highdicom_writes_with_pillow(shape):
+def test_the_file_is_the_one_highdicom_writes_with_pillow(shape, placeholder):
+    """Whether highdicom built the data set on the frame itself or on `jpeg.PLACEHOLDER`
+    (what the heat-map does: `store` gives it the frame's grid)."""
     rgb = _rgb(*shape)
     theirs = _sc(rgb, JPEGBaseline8Bit, "YBR_FULL_422")
-    ours = _sc(rgb, ExplicitVRLittleEndian, "RGB")
+    ours = _sc(jpeg.PLACEHOLDER if placeholder else rgb, ExplicitVRLittleEndian, "RGB")
     jpeg.store(ours, rgb)
     _same_clock(ours, theirs)
     assert _file(ours) == _file(theirs)
@@ -87,7 +90,7 @@ def test_refuses_what_it_cannot_store():
     with pytest.raises(ValueError, match="uncompressed, in RGB"):
         jpeg.store(compressed, rgb)
     with pytest.raises(ValueError, match="not the data set's"):
-        jpeg.store(_sc(rgb, ExplicitVRLittleEndian, "RGB"), rgb[:-1])
+        jpeg.store(_sc(rgb, ExplicitVRLittleEndian, "RGB"), rgb[..., :2])
 
 
 def test_other_threads_run_while_a_frame_encodes(monkeypatch):

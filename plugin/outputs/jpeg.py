@@ -40,13 +40,19 @@ def encode(rgb: np.ndarray) -> bytes:
     return bytes(imagecodecs.jpeg8_encode(rgb, level=QUALITY, subsampling="420"))
 
 
+PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
+"""What highdicom may build the data set around (`store` gives it its grid): a full-size
+frame would only be checked and copied into uncompressed pixel data that `store` replaces."""
+
+
 def store(ds: pydicom.Dataset, rgb: np.ndarray) -> None:
-    """Replace the uncompressed RGB pixel data of `ds`, built by highdicom from `rgb`, by
-    `rgb` as one JPEG baseline frame, as highdicom stores it."""
+    """Replace the uncompressed RGB pixel data of `ds`, built by highdicom from `rgb` or
+    from `PLACEHOLDER`, by `rgb` as one JPEG baseline frame, as highdicom stores it."""
     if ds.file_meta.TransferSyntaxUID.is_compressed or ds.PhotometricInterpretation != "RGB":
         raise ValueError("store() takes a data set highdicom built uncompressed, in RGB")
-    if (ds.Rows, ds.Columns, ds.SamplesPerPixel) != rgb.shape:
+    if ds.SamplesPerPixel != 3 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"the pixels {rgb.shape} are not the data set's")
+    ds.Rows, ds.Columns = rgb.shape[:2]
     ds.file_meta.TransferSyntaxUID = JPEGBaseline8Bit
     ds.PhotometricInterpretation = hd.PhotometricInterpretationValues.YBR_FULL_422.value
     ds.PixelData = encapsulate([encode(rgb)])
