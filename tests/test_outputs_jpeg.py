@@ -75,11 +75,33 @@ def test_the_file_is_the_one_highdicom_writes_with_pillow(shape, placeholder):
     assert np.abs(decoded.astype(int) - rgb).mean() < 3
 
 
+def test_an_rgbx_images_rgb_view_is_encoded_as_its_rgb_copy(monkeypatch):
+    """The heat-map hands over the RGB view of an RGBX image (`heatmap.overlay`): the
+    encoder reads the RGBX image without a copy and writes the RGB copy's codestream; a view
+    of other channels (no RGBX image under it) is encoded from its own pixels."""
+    rgb = _rgb()
+    rgbx = np.dstack([rgb, np.full(rgb.shape[:2], 77, np.uint8)])
+    view = rgbx[..., :3]
+    assert jpeg.encode(view) == jpeg.encode(rgb)
+    other = rgbx[..., 1:]
+    assert jpeg.encode(other) == jpeg.encode(np.ascontiguousarray(other))
+    from_rgbx = []
+    real = imagecodecs.jpeg8_encode
+    monkeypatch.setattr(
+        imagecodecs,
+        "jpeg8_encode",
+        lambda a, **kw: from_rgbx.append(a.shape[2] == 4) or real(a, **kw),
+    )
+    jpeg.encode(view), jpeg.encode(other), jpeg.encode(rgb)
+    assert from_rgbx == [True, False, False]
+
+
 def test_without_imagecodecs_highdicoms_encoder_gives_the_same_bytes(monkeypatch):
     rgb = _rgb()
+    view = np.dstack([rgb, np.zeros(rgb.shape[:2], np.uint8)])[..., :3]
     ours = jpeg.encode(rgb)
     monkeypatch.setattr(jpeg, "HAVE_IMAGECODECS", False)
-    assert jpeg.encode(rgb) == ours
+    assert jpeg.encode(rgb) == jpeg.encode(view) == ours
 
 
 def test_refuses_what_it_cannot_store():

@@ -20,6 +20,7 @@ from plugin.outputs.common import DEFAULT_OPTIONS
 from plugin.outputs.heatmap import (
     DISPLAY_FLOOR,
     VIRIDIS,
+    blend_table,
     display_threshold,
     first_shown_level,
     overlay,
@@ -273,6 +274,18 @@ def test_colour_starts_at_the_thresholds_level():
         coloured = (overlay(grey, levels, threshold) != grey[..., None]).any(axis=-1)
         assert np.array_equal(coloured.all(axis=0), np.arange(256) >= first)
         assert np.array_equal(coloured.any(axis=0), np.arange(256) >= first)
+
+
+@pytest.mark.parametrize("rows", [1, 63, 64, 129])
+def test_every_pixel_is_its_blend_table_colour(rows):
+    """The overlay looks pixels up as 4-byte words, a block of rows at a time: each pixel is
+    still the blend table's colour for (grey, level), whatever the row count."""
+    rng = np.random.default_rng(rows)
+    grey = rng.integers(0, 256, (rows, 301), dtype=np.uint8)
+    levels = rng.integers(0, 256, (rows, 301), dtype=np.uint8)
+    for threshold in (0.0, DISPLAY_FLOOR, 0.73):
+        expected = blend_table(threshold)[grey.astype(np.intp) * 256 + levels]
+        assert np.array_equal(overlay(grey, levels, threshold), expected)
 
 
 @pytest.mark.parametrize("size", [7, 12, 31, 62, 111])

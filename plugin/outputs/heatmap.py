@@ -80,30 +80,40 @@ def blend_table(threshold: float) -> np.ndarray:
     return table
 
 
-def is_shown(levels: np.ndarray, threshold: float) -> np.ndarray:
-    """bool: where a map's 8-bit levels (`ImagePrediction.malignant_map`) may be coloured."""
-    return levels >= first_shown_level(threshold)
+@functools.lru_cache(maxsize=16)
+def _blend_words(threshold: float) -> np.ndarray:
+    """(65536,) uint32, read-only: `blend_table` with each colour as the first three bytes
+    of a word (RGBX), so that a lookup moves one word rather than three bytes."""
+    table = np.zeros((65536, 4), np.uint8)
+    table[:, :3] = blend_table(threshold)
+    words = table.view(np.uint32).reshape(65536)
+    words.flags.writeable = False
+    return words
 
 
-_BLEND_ROWS = 16
+_BLEND_ROWS = 64
 """Rows per lookup: numpy takes with intp indices, and a few rows' worth stay in cache."""
 
 
 def overlay(grey: np.ndarray, levels: np.ndarray, threshold: float) -> np.ndarray:
     """(rows, cols, 3) uint8: `grey` (uint8) with a map's 8-bit `levels` coloured where they
     reach the threshold. Every pixel is one lookup in the blend table (below the threshold
-    it gives the grey back): 3x faster than blending only the coloured box."""
-    table = blend_table(threshold)
-    rgb = np.empty((*grey.shape, 3), np.uint8)
-    index = np.empty((_BLEND_ROWS, grey.shape[1]), np.intp)
-    for top in range(0, grey.shape[0], _BLEND_ROWS):
-        rows = slice(top, top + _BLEND_ROWS)
-        block = index[: len(grey[rows])]
-        np.copyto(block, grey[rows])
-        np.left_shift(block, 8, out=block)
-        np.bitwise_or(block, levels[rows], out=block)
-        np.take(table, block, axis=0, out=rgb[rows], mode="clip")
-    return rgb
+    it gives the grey back): 3x faster than blending only the coloured box.
+
+    The result is the RGB view of a 4-byte-per-pixel (RGBX) image: looking up a 4-byte word
+    per pixel takes half the time of 3 bytes, and the JPEG encoder reads the RGBX image as
+    it is (`jpeg.encode`)."""
+    words = _blend_words(threshold)
+    rows, cols = grey.shape
+    rgbx = np.empty((rows, cols), np.uint32)
+    index = np.empty((_BLEND_ROWS, cols), np.uint16)
+    for top in range(0, rows, _BLEND_ROWS):
+        block = slice(top, top + _BLEND_ROWS)
+        at = index[: len(grey[block])]
+        np.left_shift(grey[block], 8, out=at, dtype=np.uint16)
+        np.bitwise_or(at, levels[block], out=at)
+        np.take(words, at, out=rgbx[block], mode="clip")
+    return rgbx.view(np.uint8).reshape(rows, cols, 4)[..., :3]
 
 
 def legend(width: int, height: int, threshold: float) -> np.ndarray:
