@@ -91,8 +91,14 @@ def _blend_words(threshold: float) -> np.ndarray:
     return words
 
 
+def is_shown(levels: np.ndarray, threshold: float) -> np.ndarray:
+    """bool: where a map's 8-bit levels (`ImagePrediction.malignant_map`) may be coloured."""
+    return levels >= first_shown_level(threshold)
+
+
 _BLEND_ROWS = 64
-"""Rows per lookup: numpy takes with intp indices, and a few rows' worth stay in cache."""
+"""Rows per lookup: their indices (uint16, which numpy widens to intp for each take) stay in
+cache."""
 
 
 def overlay(grey: np.ndarray, levels: np.ndarray, threshold: float) -> np.ndarray:
