@@ -52,7 +52,7 @@ def preprocess(image: Mammogram, spec: dict[str, Any]) -> Prepared:
         raise MammogramError(f"expected one 2-D image plane, got pixels of shape {pixels.shape}")
     if not 1 <= image.bits_stored <= 16:
         raise MammogramError(f"bits_stored {image.bits_stored} is outside 1..16")
-    x = torch.from_numpy(pixels.astype(np.float32) / np.float32(2**image.bits_stored - 1))
+    x = torch.from_numpy(np.divide(pixels, np.float32(2**image.bits_stored - 1), dtype=np.float32))
     x = x[None, None]
     if tuple(x.shape[-2:]) != (s.size, s.size):
         x = F.interpolate(
