@@ -84,7 +84,7 @@ def build_sc(
     spacing = source.get("PixelSpacing") or source.get("ImagerPixelSpacing")
     sc = hd.sc.SCImage.from_ref_dataset(
         ref_dataset=source,
-        pixel_array=jpeg.PLACEHOLDER,
+        pixel_array=jpeg.PLACEHOLDER,  # `jpeg.store` gives it the heat-map's grid and frame
         photometric_interpretation=hd.PhotometricInterpretationValues.RGB,
         bits_allocated=8,
         coordinate_system=hd.CoordinateSystemNames.PATIENT,
