@@ -34,21 +34,15 @@ def encode(rgb: np.ndarray) -> bytes:
     if rgb.dtype != np.uint8 or rgb.ndim != 3 or rgb.shape[2] != 3:
         raise ValueError(f"expected (rows, cols, 3) uint8 RGB, got {rgb.dtype} {rgb.shape}")
     if not HAVE_IMAGECODECS:
-        return hd.frame.encode_frame(
-            np.ascontiguousarray(rgb),
-            JPEGBaseline8Bit,
-            8,
-            8,
-            hd.PhotometricInterpretationValues.YBR_FULL_422,
-            0,
-            0,
-        )
+        frame = np.ascontiguousarray(rgb)
+        ybr = hd.PhotometricInterpretationValues.YBR_FULL_422
+        return hd.frame.encode_frame(frame, JPEGBaseline8Bit, 8, 8, ybr, 0, 0)
     import imagecodecs
 
     rgbx = _rgbx_under(rgb)
     if rgbx is None:
-        rgb = np.ascontiguousarray(rgb)
-        return bytes(imagecodecs.jpeg8_encode(rgb, level=QUALITY, subsampling="420"))
+        frame = np.ascontiguousarray(rgb)
+        return bytes(imagecodecs.jpeg8_encode(frame, level=QUALITY, subsampling="420"))
     return bytes(
         imagecodecs.jpeg8_encode(
             rgbx,
@@ -74,6 +68,7 @@ def _rgbx_under(rgb: np.ndarray) -> np.ndarray | None:
 
 
 PLACEHOLDER = np.zeros((1, 1, 3), np.uint8)
+PLACEHOLDER.flags.writeable = False
 """What highdicom may build the data set around (`store` gives it its grid): a full-size
 frame would only be checked and copied into uncompressed pixel data that `store` replaces."""
 
