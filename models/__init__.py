@@ -2,26 +2,46 @@
 all-convolutional classifier, GlimpseNet, model files and the flip-TTA ensemble. No networking,
 and no imports from `plugin` or `trainer`."""
 
+from importlib import import_module
 from importlib.metadata import PackageNotFoundError, version
 
-from .family import Prepared, ScoreMaps, get_family
-from .geometry import Crop, Flip, Geometry, Pad, Resize
-from .mammogram import ImageKind, Laterality, Mammogram, MammogramError, View
-from .modelfile import (
-    ModelCard,
-    ModelFileError,
-    load_model,
-    new_model_file,
-    read_card,
-    save_model,
-)
-from .results import (
-    BreastPrediction,
-    ExamPrediction,
-    ImagePrediction,
-    ModelInfo,
-    RegionOfInterest,
-)
+_EXPORTS = {
+    "Prepared": "family",
+    "ScoreMaps": "family",
+    "get_family": "family",
+    "Crop": "geometry",
+    "Flip": "geometry",
+    "Geometry": "geometry",
+    "Pad": "geometry",
+    "Resize": "geometry",
+    "ImageKind": "mammogram",
+    "Laterality": "mammogram",
+    "Mammogram": "mammogram",
+    "MammogramError": "mammogram",
+    "View": "mammogram",
+    "ModelCard": "modelfile",
+    "ModelFileError": "modelfile",
+    "load_model": "modelfile",
+    "new_model_file": "modelfile",
+    "read_card": "modelfile",
+    "save_model": "modelfile",
+    "BreastPrediction": "results",
+    "ExamPrediction": "results",
+    "ImagePrediction": "results",
+    "ModelInfo": "results",
+    "RegionOfInterest": "results",
+}
+"""The package's names and their modules, imported on first use: a process that needs only
+the result types (the pipeline's exam-level output process) then never imports torch."""
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
 
 try:
     __version__ = version("mammo-ai-plugin")

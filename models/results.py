@@ -6,10 +6,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from .mammogram import Laterality, View, view_key
-from .numerics import to_levels
 
 
 @dataclass(frozen=True)
@@ -54,6 +52,10 @@ def map_levels(p: np.ndarray) -> np.ndarray:
         raise TypeError(
             f"map_levels turns probabilities (floats in [0, 1]) into levels, not {p.dtype}"
         )
+    import torch  # here, not above: the result types alone need no torch
+
+    from .numerics import to_levels
+
     writable = np.require(p, dtype=np.float32, requirements="W")
     return to_levels(torch.from_numpy(writable)).numpy()
 

@@ -6,6 +6,7 @@ About 40 s on 2 CPU cores (512×416 synthetic exams; pool processes start once p
 
 from __future__ import annotations
 
+import multiprocessing
 import threading
 from pathlib import Path
 
@@ -103,6 +104,36 @@ def test_many_in_flight_gives_what_one_at_a_time_gives(ensemble, exams, tmp_path
             # where a rounding boundary falls between them; the fp32 peaks alike.
             assert_levels_close(x.malignant_map, y.malignant_map, atol=1e-5)
             assert x.malignant_peak == y.malignant_peak
+
+
+def test_without_output_processes_the_srs_get_a_process_without_torch(
+    ensemble, exams, tmp_path
+) -> None:
+    """With the per-view objects in threads (no output processes, below 4 CPUs), the
+    exam-level SRs, pure Python that held the GIL against the views, are built in one
+    process of their own. It loads no model code: no torch library is mapped in it (this
+    process, for comparison, has one)."""
+    if not Path("/proc/self/maps").exists():
+        pytest.skip("needs Linux's /proc to see which libraries a process maps")
+    assert "libtorch" in Path("/proc/self/maps").read_text()
+    before = set(multiprocessing.active_children())
+    outcomes: list[Outcome] = []
+    pipeline = Pipeline(ensemble, Settings(0, 0, in_flight=1), outcomes.append)
+    try:
+        pipeline.submit(ExamRequest(exams[0], tmp_path, Naming.BY_UID))
+        assert pipeline.wait_idle(300)
+        children = [p for p in multiprocessing.active_children() if p not in before]
+        assert len(children) == 1
+        assert "libtorch" not in Path(f"/proc/{children[0].pid}/maps").read_text()
+    finally:
+        assert pipeline.close(60)
+    [outcome] = outcomes
+    assert outcome.error is None
+    kinds = sorted(o.kind for o in outcome.objects)
+    assert kinds == sorted(
+        [OutputKind.CAD_SR, OutputKind.TID1500] + [OutputKind.SEG, OutputKind.SC] * 4
+    )
+    assert all(o.path.stat().st_size == o.size for o in outcome.objects)
 
 
 def test_in_flight_limit_holds_and_submit_waits_for_room(ensemble, exams, tmp_path) -> None:
