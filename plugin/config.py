@@ -263,8 +263,9 @@ class WorkerConfig(Section):
     """Processes that read and decode images (JPEG 2000 costs seconds an exam); 0 decodes
     in a thread of the worker; null: half the machine's CPUs (at most 8), 0 below 4 CPUs."""
     output_processes: int | None = Field(None, ge=0, le=256)
-    """Processes that build and write the result objects; 0 builds in two threads of the
-    worker; null: a quarter of the machine's CPUs (1 to 8), 0 below 4 CPUs. Below 4 CPUs the
+    """Processes that build and write the result objects; 0 builds the per-view objects in
+    two threads of the worker and the SRs in one small process (no torch in it) of their own;
+    null: a quarter of the machine's CPUs (1 to 8), 0 below 4 CPUs. Below 4 CPUs the
     ensemble's threads use every core, and two output processes only match two threads
     (measured in bench/pipeline.py) for the memory of two more processes."""
     warm_up: bool = True

@@ -1,5 +1,5 @@
-"""An exam's result objects built and written in parts: what the pipeline's output stage runs
-in its threads and processes (`plugin.pipeline`).
+"""An exam's result objects built and written in parts, what the pipeline's output stage runs
+in its threads and processes (`plugin.pipeline`), and how each pool process starts.
 
 A module of its own, importing no torch: an output process unpickles its task (and the
 prediction's types) from here and from `plugin.outputs`, so it starts in about a second and
