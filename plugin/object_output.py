@@ -53,6 +53,8 @@ class WrittenObject:
 
 @dataclass(frozen=True)
 class BuiltPart:
+    """What one part's task gives back: its objects written, or the images that failed it."""
+
     objects: tuple[WrittenObject, ...]
     failed: dict[str, str]
     """Images whose objects could not be built: nothing was written."""
