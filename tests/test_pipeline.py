@@ -111,7 +111,7 @@ def test_without_output_processes_the_srs_get_a_process_without_torch(
 ) -> None:
     """With the per-view objects in threads (no output processes, below 4 CPUs), the
     exam-level SRs, pure Python that held the GIL against the views, are built in one
-    process of their own. It loads no model code: no torch library is mapped in it (this
+    process of their own. It imports no torch: no torch library is mapped in it (this
     process, for comparison, has one)."""
     if not Path("/proc/self/maps").exists():
         pytest.skip("needs Linux's /proc to see which libraries a process maps")
