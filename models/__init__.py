@@ -48,29 +48,4 @@ try:
 except PackageNotFoundError:  # a source tree that was never installed (`make install`)
     __version__ = "0+unknown"
 
-__all__ = [
-    "BreastPrediction",
-    "Crop",
-    "ExamPrediction",
-    "Flip",
-    "Geometry",
-    "ImageKind",
-    "ImagePrediction",
-    "Laterality",
-    "Mammogram",
-    "MammogramError",
-    "ModelCard",
-    "ModelFileError",
-    "ModelInfo",
-    "Pad",
-    "Prepared",
-    "RegionOfInterest",
-    "Resize",
-    "ScoreMaps",
-    "View",
-    "get_family",
-    "load_model",
-    "new_model_file",
-    "read_card",
-    "save_model",
-]
+__all__ = sorted(_EXPORTS)

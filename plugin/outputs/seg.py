@@ -99,7 +99,7 @@ def build_seg(
 
 def _one_pixel(header: pydicom.Dataset) -> pydicom.Dataset:
     """`header` as if its image were one pixel; `header` itself is left as it is."""
-    out = pydicom.Dataset(dict(header.items()))  # a dict of its own: Dataset(ds) shares ds's
+    out = header_copy(header)
     out.add_new("Rows", "US", 1)
     out.add_new("Columns", "US", 1)
     return out
