@@ -1,11 +1,16 @@
 """Typed predictions that leave `models`: per image, per breast and per exam, with saliency
-maps (as 8-bit levels) and ROI boxes already on each source image's pixel grid."""
+maps (as 8-bit levels), ROI boxes and each image's marked region already on each source
+image's pixel grid."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import copy
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
+from scipy import ndimage
 
 from .mammogram import Laterality, View, view_key
 
@@ -23,6 +28,27 @@ class RegionOfInterest:
     def center(self) -> tuple[float, float]:
         top, left, bottom, right = self.box
         return ((top + bottom) / 2.0, (left + right) / 2.0)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One image's most suspicious region on the source grid, in continuous pixel coordinates
+    (pixel i covers [i, i+1)): centre (row, col) and box (top, left, bottom, right)."""
+
+    center: tuple[float, float]
+    box: tuple[float, float, float, float]
+    origin: str
+    """"roi" (the model's top region), "saliency" (peak of the malignant map) or "image"."""
+
+    def center_xy(self) -> np.ndarray:
+        """SCOORD POINT: (column, row)."""
+        return np.array([[self.center[1], self.center[0]]], dtype=np.float32)
+
+    def outline_xy(self) -> np.ndarray:
+        """SCOORD closed POLYLINE around the box: (column, row), first point repeated."""
+        top, left, bottom, right = self.box
+        pts = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
+        return np.array(pts, dtype=np.float32)
 
 
 @dataclass(frozen=True)
@@ -64,6 +90,11 @@ def _check_levels(name: str, m: np.ndarray | None, shape: tuple[int, ...] | None
     """A map is 2-D uint8 levels (on the source grid, so both maps share one shape)."""
     if m is None and name == "benign_map":
         return
+    if m is None:
+        raise TypeError(
+            "ImagePrediction.malignant_map is None: a prediction whose maps were left out "
+            "(without_maps) cannot be rebuilt; replace fields of the original instead"
+        )
     if not isinstance(m, np.ndarray) or m.dtype != np.uint8:
         kind = type(m).__name__ if not isinstance(m, np.ndarray) else f"{m.dtype} array"
         raise TypeError(
@@ -95,9 +126,9 @@ class ImagePrediction:
     level round(p × 255) (`models.numerics.to_levels`), the levels every output stores or
     shows. The ensemble quantises on its device, so a quarter of fp32's bytes leave it; a
     prediction built elsewhere turns its probabilities into levels with `map_levels`. Any
-    other dtype is refused (TypeError)."""
+    other dtype is refused (TypeError). None only in a copy from `without_maps`."""
     benign_map: np.ndarray | None = field(repr=False)
-    """Like `malignant_map`; None when no member has a benign class."""
+    """Like `malignant_map`; None when no member has a benign class (or in `without_maps`)."""
     rois: tuple[RegionOfInterest, ...] = ()
     """All members' boxes, highest weight first (weights of different families are not on
     one scale: GMIC's attention sums to 1 per image, all-conv's is a probability)."""
@@ -120,6 +151,41 @@ class ImagePrediction:
     def view_key(self) -> str:
         """ "R-CC", "L-MLO", …"""
         return view_key(self.laterality, self.view)
+
+    @functools.cached_property
+    def region(self) -> Region:
+        """The region every result object marks (the SRs' outline and centre, the heat-map's
+        outline): the top ROI when the models proposed any, else the half-maximum blob around
+        the saliency peak, else (a map whose peak rounds to level 0, below 0.2 %) the whole
+        image. Worked out once per prediction.
+
+        The peak is the ensemble's, found in fp32 (`malignant_peak`), so levels that tie after
+        quantising cannot move the mark. The blob is the connected set of pixels around it
+        whose level is at least half the peak's, on the 8-bit levels the objects carry.
+        """
+        rows, cols = self.malignant_map.shape
+        if self.rois:
+            top, left, bottom, right = _clip_box(self.rois[0].box, rows, cols)
+            centre = ((top + bottom) / 2, (left + right) / 2)
+            return Region(centre, (top, left, bottom, right), "roi")
+        m = self.malignant_map
+        r, c = self.malignant_peak
+        peak = int(m[r, c])
+        if peak == 0:
+            return Region((rows / 2, cols / 2), (0.0, 0.0, float(rows), float(cols)), "image")
+        labels, _ = ndimage.label(m >= (peak + 1) // 2)  # level >= peak / 2
+        blob = ndimage.find_objects((labels == labels[r, c]).astype(np.int32))[0]
+        box = (float(blob[0].start), float(blob[1].start), float(blob[0].stop), float(blob[1].stop))
+        return Region((r + 0.5, c + 0.5), box, "saliency")
+
+    def without_maps(self) -> ImagePrediction:
+        """This prediction with its maps left out (None) and its `region` worked out first:
+        for what reads scores, ROIs, the peak and the region only. The exam-level SRs are
+        built in a process of their own, which would otherwise receive 70 MB of maps per
+        3328x2560 exam that it never reads."""
+        lean = copy.copy(self)  # the fields as they are: no __post_init__ to check maps
+        vars(lean).update(malignant_map=None, benign_map=None, region=self.region)
+        return lean
 
 
 @dataclass(frozen=True)
@@ -164,3 +230,19 @@ class ExamPrediction:
             if img.sop_instance_uid == sop_instance_uid:
                 return img
         raise KeyError(sop_instance_uid)
+
+    def without_maps(self) -> ExamPrediction:
+        """The exam with every image's maps left out (`ImagePrediction.without_maps`)."""
+        return replace(self, images=tuple(img.without_maps() for img in self.images))
+
+
+def _clip_box(box: Sequence[float], rows: int, cols: int) -> tuple[float, float, float, float]:
+    top, left, bottom, right = (float(v) for v in box)
+    top, bottom = sorted((min(max(top, 0.0), rows), min(max(bottom, 0.0), rows)))
+    left, right = sorted((min(max(left, 0.0), cols), min(max(right, 0.0), cols)))
+    # A degenerate box still needs an area for a closed outline.
+    if bottom - top < 1.0:
+        top, bottom = max(0.0, top - 0.5), min(float(rows), top + 0.5)
+    if right - left < 1.0:
+        left, right = max(0.0, left - 0.5), min(float(cols), left + 0.5)
+    return (top, left, bottom, right)

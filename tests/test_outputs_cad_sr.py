@@ -12,7 +12,6 @@ import pytest
 from pydicom.uid import ComprehensiveSRStorage, MammographyCADSRStorage
 
 from plugin.outputs import NOT_FOR_CLINICAL_USE, OutputOptions, build_cad_sr
-from plugin.outputs.common import region_for
 from tests.support.outputs_samples import (
     children,
     code_value,
@@ -206,7 +205,7 @@ def test_partial_exam(synth_exam_small, tmp_path):
 def test_outline_from_saliency_peak_without_rois(synth_exam_small):
     prediction, sources = prediction_for(synth_exam_small, rois=False)
     img = next(i for i in prediction.images if i.malignant >= 0.5)
-    region = region_for(img)
+    region = img.region
     assert region.origin == "saliency"
     peak = np.unravel_index(np.argmax(img.malignant_map), img.malignant_map.shape)
     top, left, bottom, right = region.box

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import pickle
 import shutil
 from dataclasses import replace
 from pathlib import Path
@@ -20,7 +21,9 @@ from models.results import map_levels
 from plugin import __version__
 from plugin.outputs import (
     DEFAULT_KINDS,
+    EXAM_LEVEL,
     NOT_FOR_CLINICAL_USE,
+    PER_IMAGE,
     OutputKind,
     OutputOptions,
     build_outputs,
@@ -33,7 +36,6 @@ from plugin.outputs.common import (
     equipment,
     model_device_uid,
     ordered_images,
-    region_for,
 )
 from tests.support.maps import malignant_fields
 from tests.support.outputs_samples import model_info, prediction_for
@@ -240,13 +242,38 @@ def test_region_centres_on_the_fp32_peak_and_spans_the_half_maximum_levels(synth
     values[104, 210] = 1.0  # the fp32 peak, level 255
     values[110:112, 200:230] = 127 / 255  # next to the blob, below half: not in it
     # As the ensemble hands it over: the levels, with the peak it found in fp32.
-    region = region_for(replace(img, **malignant_fields(values), rois=()))
+    region = replace(img, **malignant_fields(values), rois=()).region
     assert region.origin == "saliency"
     assert region.center == (104.5, 210.5)
     assert region.box == (100.0, 200.0, 110.0, 230.0)
     faint = np.full((rows, cols), 0.4 / 255, np.float32)  # rounds to level 0
-    region = region_for(replace(img, **malignant_fields(faint), rois=()))
+    region = replace(img, **malignant_fields(faint), rois=()).region
     assert region.origin == "image" and region.box == (0.0, 0.0, float(rows), float(cols))
+
+
+@pytest.mark.parametrize("rois", [True, False], ids=["roi-regions", "saliency-regions"])
+def test_the_srs_are_the_same_from_the_prediction_without_maps(synth_exam_small, rois):
+    """The exam-level SRs read scores, ROIs and each image's region, never a map: built from
+    `without_maps` (what the pipeline hands the SRs' process) they are the same documents,
+    byte for byte, whether the regions came from ROIs or from the maps' blobs. The lean
+    prediction pickles without the maps, and what needs maps says why it has none."""
+    prediction, sources = prediction_for(synth_exam_small, rois=rois)
+    lean = prediction.without_maps()
+    assert all(i.malignant_map is None and i.benign_map is None for i in lean.images)
+    assert [i.region for i in lean.images] == [i.region for i in prediction.images]
+    assert {i.region.origin for i in lean.images} <= ({"roi"} if rois else {"saliency", "image"})
+    maps = sum(i.malignant_map.nbytes + i.benign_map.nbytes for i in prediction.images)
+    assert len(pickle.dumps(lean)) < len(pickle.dumps(prediction)) - maps
+    for kind, build in EXAM_LEVEL.items():
+        assert _written(build(lean, sources, OutputOptions())) == _written(
+            build(prediction, sources, OutputOptions())
+        ), kind
+    img = lean.images[0]
+    for kind, build in PER_IMAGE.items():
+        with pytest.raises(ValueError, match=r"has no maps \(ImagePrediction.without_maps\)"):
+            build(lean, img, sources[img.sop_instance_uid], 1, OutputOptions())
+    with pytest.raises(TypeError, match=r"maps were left out \(without_maps\) cannot be rebuilt"):
+        replace(img, malignant=0.5)
 
 
 def test_a_float_map_is_refused_with_what_to_do(synth_exam_small):
@@ -291,7 +318,7 @@ def test_comprehensive_sr_is_highdicoms_document_without_copying_the_tree(synth_
             ),
             referenced_region=hd.sr.ImageRegion(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=region_for(img).outline_xy(),
+                graphic_data=img.region.outline_xy(),
                 source_image=hd.sr.SourceImageForRegion.from_source_image(ds),
             ),
             measurements=[hd.sr.Measurement(DCM_PROBABILITY_OF_CANCER, 70.0, UCUM_PERCENT)],

@@ -62,7 +62,6 @@ from .common import (
     ordered_images,
     patient_orientation,
     percent,
-    region_for,
     series_info,
     source_for,
 )
@@ -120,7 +119,6 @@ class _ReportBuilder:
         self.headers = headers
         self.threshold = threshold
         self.images = ordered_images(exam)
-        self.regions = {i.sop_instance_uid: region_for(i) for i in self.images}
 
     def report(self) -> MammographyCADReport:
         headers = [self.headers[i.sop_instance_uid] for i in self.images]
@@ -175,10 +173,7 @@ class _ReportBuilder:
             _SPATIALLY_RELATED,
             _ON_MULTIPLE,
             self.algorithm(),
-            centers=[
-                (self.regions[i.sop_instance_uid].center_xy(), self.headers[i.sop_instance_uid])
-                for i in own
-            ],
+            centers=[(i.region.center_xy(), self.headers[i.sop_instance_uid]) for i in own],
             findings=[self.single_image_finding(i) for i in own],
             probability_of_cancer=percent(breast.malignant),
         )
@@ -186,14 +181,13 @@ class _ReportBuilder:
     def single_image_finding(
         self, img: ImagePrediction, rel: Rel = Rel.INFERRED_FROM
     ) -> SingleImageFinding:
-        region = self.regions[img.sop_instance_uid]
         return SingleImageFinding(
             FINDING,
             self.intent(img.malignant),
             self.algorithm(),
             self.headers[img.sop_instance_uid],
-            center=region.center_xy(),
-            outline=region.outline_xy(),
+            center=img.region.center_xy(),
+            outline=img.region.outline_xy(),
             probability_of_cancer=percent(img.malignant),
             relationship_type=rel,
         )

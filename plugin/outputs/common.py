@@ -1,6 +1,7 @@
 """What every result object shares: deterministic UIDs, series numbering, equipment and
-algorithm identification, the "not for clinical use" label, coded concepts, and the one region
-per image (centre + outline) that the SRs and the heat-map all draw.
+algorithm identification, the "not for clinical use" label and coded concepts. The one region
+per image that the SRs and the heat-map all draw is the prediction's own
+(`ImagePrediction.region`).
 
 Codes are spelled out here rather than taken from pydicom's dictionary: some of its meanings
 carry zero-width spaces ("Impression/\\u200bRecommendation") that end up in the objects.
@@ -19,7 +20,6 @@ import numpy as np
 import pydicom
 from pydicom.sr.coding import Code
 from pydicom.uid import UID, generate_uid
-from scipy import ndimage
 
 from models.mammogram import SCREENING_VIEW_KEYS, Laterality, View
 from models.results import ExamPrediction, ImagePrediction, ModelInfo
@@ -375,6 +375,11 @@ def patient_orientation(ds: pydicom.Dataset) -> tuple[str, str] | None:
 def check_on_source_grid(img: ImagePrediction, rows: int, cols: int) -> None:
     """Maps must lie on their source image's grid (`Geometry.map_to_source`); both maps share
     one shape (`ImagePrediction` checks)."""
+    if img.malignant_map is None:
+        raise ValueError(
+            f"the prediction of {img.view_key} has no maps (ImagePrediction.without_maps); "
+            "per-view objects are built from the ensemble's prediction itself"
+        )
     if img.malignant_map.shape != (rows, cols):
         m_rows, m_cols = img.malignant_map.shape
         raise ValueError(
@@ -386,65 +391,6 @@ def check_on_source_grid(img: ImagePrediction, rows: int, cols: int) -> None:
 def ordered_images(exam: ExamPrediction) -> list[ImagePrediction]:
     """R-CC, L-CC, R-MLO, L-MLO: the hanging order readers expect."""
     return sorted(exam.images, key=lambda i: SCREENING_VIEW_KEYS.index(i.view_key))
-
-
-# -- the region each object marks ------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Region:
-    """One image's most suspicious region on the source grid, in continuous pixel coordinates
-    (pixel i covers [i, i+1)): centre (row, col) and box (top, left, bottom, right)."""
-
-    center: tuple[float, float]
-    box: tuple[float, float, float, float]
-    origin: str
-    """"roi" (the model's top region), "saliency" (peak of the malignant map) or "image"."""
-
-    def center_xy(self) -> np.ndarray:
-        """SCOORD POINT: (column, row)."""
-        return np.array([[self.center[1], self.center[0]]], dtype=np.float32)
-
-    def outline_xy(self) -> np.ndarray:
-        """SCOORD closed POLYLINE around the box: (column, row), first point repeated."""
-        top, left, bottom, right = self.box
-        pts = [(left, top), (right, top), (right, bottom), (left, bottom), (left, top)]
-        return np.array(pts, dtype=np.float32)
-
-
-def region_for(img: ImagePrediction) -> Region:
-    """The top ROI when the models proposed any, else the half-maximum blob around the
-    saliency peak, else (a map whose peak rounds to level 0, below 0.2 %) the whole image.
-
-    The peak is the ensemble's, found in fp32 (`ImagePrediction.malignant_peak`), so levels
-    that tie after quantising cannot move the mark. The blob is the connected set of pixels
-    around it whose level is at least half the peak's, on the 8-bit levels the objects carry.
-    """
-    rows, cols = img.malignant_map.shape
-    if img.rois:
-        top, left, bottom, right = _clip_box(img.rois[0].box, rows, cols)
-        return Region(((top + bottom) / 2, (left + right) / 2), (top, left, bottom, right), "roi")
-    m = img.malignant_map
-    r, c = img.malignant_peak
-    peak = int(m[r, c])
-    if peak == 0:
-        return Region((rows / 2, cols / 2), (0.0, 0.0, float(rows), float(cols)), "image")
-    labels, _ = ndimage.label(m >= (peak + 1) // 2)  # level >= peak / 2
-    blob = ndimage.find_objects((labels == labels[r, c]).astype(np.int32))[0]
-    box = (float(blob[0].start), float(blob[1].start), float(blob[0].stop), float(blob[1].stop))
-    return Region((r + 0.5, c + 0.5), box, "saliency")
-
-
-def _clip_box(box: Sequence[float], rows: int, cols: int) -> tuple[float, float, float, float]:
-    top, left, bottom, right = (float(v) for v in box)
-    top, bottom = sorted((min(max(top, 0.0), rows), min(max(bottom, 0.0), rows)))
-    left, right = sorted((min(max(left, 0.0), cols), min(max(right, 0.0), cols)))
-    # A degenerate box still needs an area for a closed outline.
-    if bottom - top < 1.0:
-        top, bottom = max(0.0, top - 0.5), min(float(rows), top + 0.5)
-    if right - left < 1.0:
-        left, right = max(0.0, left - 0.5), min(float(cols), left + 0.5)
-    return (top, left, bottom, right)
 
 
 def percent(p: float) -> float:

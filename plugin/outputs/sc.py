@@ -44,7 +44,6 @@ from .common import (
     equipment,
     patient_orientation,
     per_image,
-    region_for,
     series_info,
 )
 
@@ -243,7 +242,7 @@ def _voi(
 def render(exam: ExamPrediction, img: ImagePrediction, grey: np.ndarray, threshold: float):
     """The heat-map image: overlay, outline where it shows breast, then the label."""
     rgb = heatmap.overlay(grey, img.malignant_map, threshold)
-    region = region_for(img)
+    region = img.region
     if region.origin != "image" and _shows_breast(grey, region.box):
         _outline(rgb, region.box)
     _paste_label(rgb, grey, exam, img, threshold)

@@ -43,7 +43,6 @@ from .common import (
     equipment,
     ordered_images,
     percent,
-    region_for,
     series_info,
     source_for,
     sr_algorithm,
@@ -78,7 +77,7 @@ def build_tid1500(
                 ),
                 referenced_region=hd.sr.ImageRegion(
                     graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                    graphic_data=region_for(img).outline_xy(),
+                    graphic_data=img.region.outline_xy(),
                     source_image=_original_source(ds),
                 ),
                 algorithm_id=sr_algorithm(exam),
@@ -119,7 +118,7 @@ def build_tid1500_scores(
         return [
             hd.sr.CoordinatesForMeasurement(
                 graphic_type=hd.sr.GraphicTypeValues.POLYLINE,
-                graphic_data=region_for(exam.image(u)).outline_xy(),
+                graphic_data=exam.image(u).region.outline_xy(),
                 source_image=hd.sr.SourceImageForRegion.from_source_image(headers[u]),
             )
             for u in uids
