@@ -269,7 +269,7 @@ def test_the_srs_are_the_same_from_the_prediction_without_maps(synth_exam_small,
             build(prediction, sources, OutputOptions())
         ), kind
     img = lean.images[0]
-    for kind, build in PER_IMAGE.items():
+    for build in PER_IMAGE.values():
         with pytest.raises(ValueError, match=r"has no maps \(ImagePrediction.without_maps\)"):
             build(lean, img, sources[img.sop_instance_uid], 1, OutputOptions())
     with pytest.raises(TypeError, match=r"maps were left out \(without_maps\) cannot be rebuilt"):

@@ -111,10 +111,16 @@ def test_monochrome1_is_inverted_to_match_monochrome2(syntax):
     assert b.photometric_interpretation == "MONOCHROME1"
 
 
-def test_bits_above_bits_stored_are_ignored(lcc):
-    expected = lcc.pixel_array.astype(np.float32)
+@pytest.mark.parametrize("photometric", ["MONOCHROME2", "MONOCHROME1"])
+def test_bits_above_bits_stored_are_ignored(lcc, photometric):
+    assert lcc.BitsStored == 12
+    stored = lcc.pixel_array.astype(np.float32)
+    if photometric == "MONOCHROME1":
+        lcc.PhotometricInterpretation, lcc.PresentationLUTShape = photometric, "INVERSE"
     lcc.PixelData = (lcc.pixel_array | 0xF000).astype("<u2").tobytes()  # e.g. overlay bits
-    assert np.array_equal(read_mammogram(lcc).pixels, expected)
+    pixels = read_mammogram(lcc).pixels
+    assert pixels.dtype == np.float32 and pixels.flags.c_contiguous
+    assert np.array_equal(pixels, stored if photometric == "MONOCHROME2" else 4095 - stored)
 
 
 def test_voi_and_rescale_are_recorded_not_applied(lcc):
