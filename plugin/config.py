@@ -228,7 +228,7 @@ class ModelsConfig(Section):
     this many images into one call of the ensemble, so that forwards batch across exams."""
     max_batch_wait_ms: float = Field(20, ge=0)
     """How long the worker waits for more decoded exams to fill a batch before it runs what
-    it has; 0 runs at once."""
+    it has, while more are being decoded (a lone exam runs at once); 0 runs at once."""
 
 
 def ensemble_spec(models: ModelsConfig) -> EnsembleSpec:

@@ -189,6 +189,8 @@ class Pipeline:
         self._done: queue.Queue[tuple[_Exam, list[Future] | BaseException]] = queue.Queue()
         self._room = threading.Condition()
         self._in_flight = 0
+        self._decoding = 0
+        """Exams submitted and not yet decoded: those a batch may still wait for."""
         self._stop = threading.Event()
         self._threads = [
             threading.Thread(target=self._ensemble_stage, name="ensemble", daemon=True),
@@ -230,10 +232,13 @@ class Pipeline:
             decode, keep_pixels=self.settings.keep_pixels, native_pixels=self.settings.native_pixels
         )
         futures: list[Future] = []
+        with self._room:
+            self._decoding += 1
         try:  # one task per image, so that the pool's processes decode an exam side by side
             futures += [self._decoders.submit(read, (file,)) for file in request.files]
         except BaseException as exc:  # noqa: BLE001 - the exam's outcome carries it
             self._done.put((exam, exc))
+            self._decode_ended()
             return
         _when_all(futures, partial(self._decoded_all, exam))
 
@@ -260,12 +265,20 @@ class Pipeline:
                 parts.append(future.result())
             except BaseException as exc:  # noqa: BLE001 - a broken pool fails this attempt only
                 self._done.put((exam, exc))
+                self._decode_ended()
                 return
         exam.leaves("decode")
         exam.mammograms = [m for d in parts for m in d.mammograms]
         exam.sources = {uid: ds for d in parts for uid, ds in d.datasets.items()}
         exam.left_out = [LeftOut(key, "decode", why) for d in parts for key, why in d.failed]
         self._decoded.put(exam)
+        self._decode_ended()
+
+    def _decode_ended(self) -> None:
+        """An exam has left the decode stage (after it is queued on: a batch waiting for it
+        must find it there)."""
+        with self._room:
+            self._decoding -= 1
 
     def _ensemble_stage(self) -> None:
         while not self._stop.is_set():
@@ -280,14 +293,15 @@ class Pipeline:
 
     def _next_batch(self) -> list[_Exam]:
         """The decoded exams up to `max_batch` images, waiting `max_batch_wait_ms` at most
-        for more once the first is there."""
+        for more once the first is there, while some exam is still being decoded (a lone exam
+        is scored at once)."""
         try:
             batch = [self._decoded.get(timeout=0.2)]
         except queue.Empty:
             return []
         images = len(batch[0].mammograms)
         deadline = time.monotonic() + self.settings.max_batch_wait_ms / 1000
-        while images < self.settings.max_batch:
+        while images < self.settings.max_batch and (self._decoding or not self._decoded.empty()):
             try:
                 exam = self._decoded.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:

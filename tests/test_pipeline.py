@@ -14,6 +14,7 @@ import pydicom
 import pytest
 
 from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from plugin import pipeline as stages
 from plugin.isolation import NoUsableImage
 from plugin.outputs import DEFAULT_KINDS, OutputKind
 from plugin.pipeline import ExamRequest, Naming, Outcome, Pipeline, Settings
@@ -104,6 +105,44 @@ def test_many_in_flight_gives_what_one_at_a_time_gives(ensemble, exams, tmp_path
             # where a rounding boundary falls between them; the fp32 peaks alike.
             assert_levels_close(x.malignant_map, y.malignant_map, atol=1e-5)
             assert x.malignant_peak == y.malignant_peak
+
+
+def test_a_batch_waits_only_for_exams_on_their_way(ensemble, exams, tmp_path, monkeypatch):
+    """The ensemble waits up to `max_batch_wait_ms` for more exams to batch with only while
+    some are still being decoded: a lone exam is scored at once, however long the wait is
+    set (an hour here), and exams submitted together still share one batch."""
+    batches: list[int] = []
+    predict = ensemble.predict_exams
+
+    def recorded(batch):
+        batches.append(len(batch))
+        return predict(batch)
+
+    monkeypatch.setattr(ensemble, "predict_exams", recorded)
+    submitted = threading.Event()
+    decode = stages.decode
+
+    def gated(*args, **kwargs):  # the second pair decodes once both are submitted
+        assert submitted.wait(60)
+        return decode(*args, **kwargs)
+
+    monkeypatch.setattr(stages, "decode", gated)
+    outcomes: list[Outcome] = []
+    settings = Settings(0, 0, in_flight=EXAMS, max_batch=8, max_batch_wait_ms=3_600_000)
+    pipeline = Pipeline(ensemble, settings, outcomes.append)
+    try:
+        submitted.set()
+        pipeline.submit(ExamRequest(exams[0], tmp_path / "0", Naming.BY_UID))
+        assert pipeline.wait_idle(300)  # not held for the hour
+        submitted.clear()
+        for n in (1, 2):
+            pipeline.submit(ExamRequest(exams[n], tmp_path / str(n), Naming.BY_UID))
+        submitted.set()
+        assert pipeline.wait_idle(300)
+    finally:
+        assert pipeline.close(60)
+    assert [o.error for o in outcomes] == [None] * EXAMS
+    assert batches == [1, 2]  # the second batch: two exams of four images, max_batch 8
 
 
 def test_without_output_processes_the_srs_get_a_process_without_torch(
@@ -223,8 +262,6 @@ def test_an_exams_pixels_and_maps_are_freed_with_its_outcome(ensemble, exams, tm
     collector off, nothing of it is left (a cycle through the stages' future callbacks used
     to keep each exam's pixels and maps until the collector next ran)."""
     import gc
-
-    from plugin import pipeline as stages
 
     gc.collect()
     gc.disable()
