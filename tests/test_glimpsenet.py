@@ -231,6 +231,24 @@ def test_fcgn_batch_norm_starts_at_scale_one_shift_001():
     assert all((bn.weight == 1).all() and torch.allclose(bn.bias, torch.tensor(0.01)) for bn in bns)
 
 
+def test_unshuffled_fcgn_input_keeps_a_speck_that_averaging_dilutes():
+    """The demo's FCGN sees each 4x4 block as 16 channels: a one-pixel speck reaches the first
+    convolution at full contrast, where the paper's averaged input holds a sixteenth of it.
+    An architecture without `fcgn.input` (every card written before it) averages."""
+    x = torch.zeros(1, 1, 512, 512)
+    x[0, 0, 201, 302] = 1.0
+    unshuffled = GlimpseNet(PRESETS["demo"])
+    assert PRESETS["demo"]["fcgn"]["input"] == "unshuffle"
+    assert unshuffled.fcgn_input(x).shape == (1, 16, 128, 128)
+    assert unshuffled.fcgn_input(x)[0, :, 50, 75].max() == 1.0
+    older = {k: v for k, v in PRESETS["demo"]["fcgn"].items() if k != "input"}
+    averaged = GlimpseNet({**PRESETS["demo"], "fcgn": older})
+    assert averaged.fcgn_input(x).shape == (1, 1, 128, 128)
+    assert averaged.fcgn_input(x)[0, 0, 50, 75] == 1.0 / 16
+    with torch.no_grad():
+        assert unshuffled.eval()(x).mask.shape == averaged.eval()(x).mask.shape == (1, 1, 128, 128)
+
+
 def test_model_file_round_trip_and_score_maps(tmp_path, synth_exam_small):
     torch.manual_seed(3)
     path = new_model_file(tmp_path / "gn.safetensors", "glimpsenet", PRESETS["demo"], name="gn")
@@ -276,6 +294,7 @@ def test_bad_architectures_are_refused_with_the_reason():
         ({"scale": 4.0}, "scale: must be an integer, got 4.0"),
         ({"classifier": {"width": 0.125}}, "classifier: missing fields ['dropout']"),
         ({"fcgn": {**PRESETS["demo"]["fcgn"], "kernels": [4]}}, "fcgn: needs one odd kernel"),
+        ({"fcgn": {**PRESETS["demo"]["fcgn"], "input": "max"}}, "fcgn.input: "),
     ],
 )
 def test_config_is_strict_and_names_the_field(change: dict, message: str):

@@ -80,6 +80,18 @@ def test_a_finished_run_resumes_to_the_same_weights(site, trained, capsys):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
+def test_a_cosine_fcgn_schedule_anneals_the_learning_rate(site, tmp_path):
+    out = tmp_path / "fcgn.safetensors"
+    args = _args(site, out, "--stage", "fcgn", "--fcgn-schedule", "cosine")
+    assert trainer_main(args) == 0
+    card = read_card(out)
+    history = card.provenance["training"]["history"]
+    # lr at epoch t of 3: 1e-3 · (1 + cos(πt/3)) / 2
+    assert [h["lr"] for h in history] == pytest.approx([1e-3, 7.5e-4, 2.5e-4])
+    (stage,) = card.provenance["training"]["stages"]
+    assert stage["name"] == "fcgn" and stage["lr_schedule"] == "cosine"
+
+
 def test_wrong_options_are_refused_with_what_to_do(site, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     assert trainer_main(_args(site, out, "--stage", "mil")) == 2

@@ -4,8 +4,9 @@ glimpses, Inception V3 classifies each, and multi-instance pooling scores the im
 Registers the "glimpsenet" family. For the ensemble: p(malignant) is the MALIGNANT class;
 p(benign) combines BENIGN_WITHOUT_CALLBACK and BENIGN as a noisy-OR, 1 − (1 − p_BWC)(1 − p_B),
 since the classes are independent Bernoullis (the plain sum can exceed 1; ours). Both map
-channels are the FCGN's lesion confidence (it is trained on all lesion masks, so it has no
-class); the ROIs are the glimpses, weighted by each glimpse's malignancy probability.
+channels are the FCGN's lesion confidence: it has one output, trained on all lesion masks (the
+paper) or on the malignant ones only (the demo; the card's training stages say which); the
+ROIs are the glimpses, weighted by each glimpse's malignancy probability.
 """
 
 from __future__ import annotations

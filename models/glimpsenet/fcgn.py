@@ -26,7 +26,7 @@ def _bn(channels: int) -> nn.BatchNorm2d:
 
 
 class FCGN(nn.Module):
-    def __init__(self, widths: list[int], kernels: list[int]) -> None:
+    def __init__(self, widths: list[int], kernels: list[int], in_channels: int = 1) -> None:
         super().__init__()
         if not widths or len(widths) != len(kernels):
             raise ValueError(
@@ -35,7 +35,7 @@ class FCGN(nn.Module):
         if min(widths) < 1 or any(k < 1 or k % 2 == 0 for k in kernels):
             raise ValueError(f"FCGN widths must be >= 1 and kernels odd: {widths}, {kernels}")
         self.depth = len(widths)
-        ins = [1, *widths[:-1]]
+        ins = [in_channels, *widths[:-1]]
         self.encoder = nn.ModuleList(
             nn.Sequential(nn.Conv2d(i, o, k, padding=k // 2, bias=False), _bn(o), nn.ReLU())
             for i, o, k in zip(ins, widths, kernels, strict=True)
@@ -50,7 +50,7 @@ class FCGN(nn.Module):
         self.head = nn.Conv2d(widths[0], 1, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, s, s) image, s divisible by 2**depth → (N, 1, s, s) raw mask."""
+        """(N, in_channels, s, s) image, s divisible by 2**depth → (N, 1, s, s) raw mask."""
         if x.shape[-1] % (2**self.depth) or x.shape[-2] % (2**self.depth):
             raise ValueError(
                 f"FCGN of depth {self.depth} needs sides divisible by {2**self.depth}, got "

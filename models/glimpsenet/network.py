@@ -1,7 +1,8 @@
 """GlimpseNet (Hang, Liu, Hannun 2017): FCGN mask → glimpses → Inception V3 → MIL pooling.
 
 One forward pass on the full-resolution input grid (`size × size`, with `size = fcgn_size ·
-scale`): the FCGN sees the image average-pooled to `fcgn_size` (the paper's 512×512), picks
+scale`): the FCGN sees the image at `fcgn_size` (average-pooled: the paper's 512×512; or each
+block's pixels as channels, `fcgn.input`), picks
 glimpse windows on its mask, and the glimpses are cut from the full-resolution input and
 resampled to the classifier's input (the paper's 299×299). The classifier gives each glimpse an
 independent Bernoulli probability per class, in the paper's order (BENIGN_WITHOUT_CALLBACK,
@@ -47,9 +48,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         "fcgn_size": 128,
         "scale": 4,
         "fcgn": {
-            "widths": [8, 16, 24, 32, 32, 32, 32],
-            "kernels": [5, 3, 3, 3, 3, 3, 3],
+            "widths": [16, 24, 32, 48, 64, 64, 64],
+            "kernels": [3, 3, 3, 3, 3, 3, 3],
             "mask_scale": 1.0,
+            "input": "unshuffle",
         },
         "glimpses": {"count": 4, "window": 16, "stride": 8, "iou": 0.5, "size": 75},
         "classifier": {"width": 0.125, "dropout": 0.4},
@@ -58,7 +60,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 """`paper`: the paper's 512×512 FCGN input and full Inception V3 at 299×299 glimpses (six
 glimpses of 64×64 FCGN pixels, a 2048×2048 full-resolution grid: ours). `demo`: a 128×128
-FCGN and a 1/8-width Inception V3 at 75×75, small enough to train on a CPU."""
+FCGN that sees each 4×4 block of the 512×512 grid as 16 channels (so calcification specks
+survive) and a 1/8-width Inception V3 at 75×75, small enough to train on a CPU."""
 
 
 class _Section(StrictConfig):
@@ -73,6 +76,12 @@ class FCGNConfig(_Section):
     mask_scale: Annotated[float, Field(gt=0.0)] = 1.0
     """The FCGN's raw output divided by this is the lesion confidence: 1 for the weighted
     loss, λ for the paper's printed loss (whose target is λ on lesion pixels)."""
+    input: Literal["average", "unshuffle"] = "average"
+    """How the full-resolution grid becomes the FCGN's `fcgn_size` input. "average": each
+    `scale`×`scale` block averaged to one pixel (the paper's resized image). "unshuffle": each
+    block's pixels as `scale²` channels (`pixel_unshuffle`), so detail finer than an FCGN
+    pixel (a calcification speck, averaged away by "average") still reaches the first
+    convolution; ours, for the demo's 128×128 FCGN."""
 
     @model_validator(mode="after")
     def _one_odd_kernel_per_level(self) -> Self:
@@ -188,20 +197,26 @@ class GlimpseNet(nn.Module):
         super().__init__()
         self.config = GlimpseNetConfig.from_dict(architecture)
         c = self.config
-        self.fcgn = FCGN(list(c.fcgn.widths), list(c.fcgn.kernels))
+        unshuffled = c.fcgn.input == "unshuffle"
+        self.fcgn = FCGN(list(c.fcgn.widths), list(c.fcgn.kernels), c.scale**2 if unshuffled else 1)
         self.inception = InceptionV3(c.classifier.width)
         self.dropout = nn.Dropout(c.classifier.dropout)
         self.fc = nn.Linear(self.inception.features, len(CLASSES))
 
     def fcgn_input(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, 1, size, size) full-resolution input → the FCGN's (N, 1, fcgn_size, fcgn_size)."""
+        """(N, 1, size, size) full-resolution input → the FCGN's (N, C, fcgn_size, fcgn_size),
+        C = 1, or scale² with the "unshuffle" input."""
         c = self.config
         if tuple(x.shape[-2:]) != (c.input_size, c.input_size) or x.shape[1] != 1:
             raise ValueError(
                 f"GlimpseNet needs (N, 1, {c.input_size}, {c.input_size}) inputs, got "
                 f"{tuple(x.shape)}; preprocess with the model card's spec"
             )
-        return F.avg_pool2d(x, c.scale) if c.scale > 1 else x
+        if c.scale == 1:
+            return x
+        if c.fcgn.input == "unshuffle":
+            return F.pixel_unshuffle(x, c.scale)
+        return F.avg_pool2d(x, c.scale)
 
     def lesion_mask(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw.float() / self.config.mask_scale).clamp(0.0, 1.0)

@@ -8,7 +8,7 @@ import argparse
 from models.modelfile import read_card
 
 from .objectives import FCGN_LOSSES, PAPER_LAMBDA
-from .train import FCGN_MASKS, STAGES, GlimpseNetOptions, train
+from .train import FCGN_MASKS, FCGN_SCHEDULES, STAGES, GlimpseNetOptions, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -21,6 +21,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stage", choices=STAGES, default="both", help="stages to run (default both)")
     g.add_argument("--fcgn-epochs", type=int, default=30, help="FCGN epochs (default 30)")
     g.add_argument("--fcgn-lr", type=float, default=1e-3, help="FCGN Adam lr (default 1e-3)")
+    g.add_argument(
+        "--fcgn-schedule",
+        choices=FCGN_SCHEDULES,
+        default="constant",
+        help="constant: --fcgn-lr throughout, as the paper (default); cosine: annealed to 0 "
+        "over --fcgn-epochs",
+    )
     g.add_argument(
         "--fcgn-loss",
         choices=FCGN_LOSSES,
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
         stage=args.stage,
         fcgn_epochs=args.fcgn_epochs,
         fcgn_lr=args.fcgn_lr,
+        fcgn_schedule=args.fcgn_schedule,
         fcgn_loss=args.fcgn_loss,
         fcgn_masks=args.fcgn_masks,
         lam=args.fcgn_lambda,
