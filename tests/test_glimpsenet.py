@@ -266,7 +266,7 @@ def test_model_file_round_trip_and_score_maps(tmp_path, synth_exam_small):
     assert torch.equal(out.probabilities, again.probabilities)
     assert torch.equal(out.boxes, again.boxes)
     maps = fam.score_maps(out)
-    assert maps.maps.shape == (2, 2, 128, 128) and maps.boxes.shape == (2, 4, 4)
+    assert maps.maps.shape == (2, 2, 128, 128) and maps.boxes.shape == (2, 8, 4)
     p = out.probabilities
     assert torch.allclose(maps.malignant, p[:, 2])
     assert torch.allclose(maps.benign, 1 - (1 - p[:, 0]) * (1 - p[:, 1]))
@@ -282,7 +282,7 @@ def test_bad_architectures_are_refused_with_the_reason():
     with pytest.raises(ValueError, match="at least 75"):
         GlimpseNet(arch)
     arch = {**PRESETS["demo"], "pooling": {"kind": "topk", "k": 9}}
-    with pytest.raises(ValueError, match="k <= 4"):
+    with pytest.raises(ValueError, match="k <= 8"):
         GlimpseNet(arch)
 
 

@@ -56,6 +56,21 @@ def test_allconv_schedule_is_top_layers_then_all_at_a_tenth():
         objectives.plan_stages("gmic", 10, 1e-5, 2, staged=True)
 
 
+def test_a_cosine_schedule_anneals_each_stage_from_its_rate():
+    stages = objectives.plan_stages("allconv", 7, 1e-3, 3, staged=False)
+    at = [objectives.stage_at(stages, e) for e in range(8)]
+    assert [(s.name, i) for s, i in at] == [
+        ("top", 0), ("top", 1), ("top", 2), ("all", 0), ("all", 1), ("all", 2), ("all", 3),
+        ("all", 4),  # an epoch past the plan (a resumed, extended run) stays in the last stage
+    ]  # fmt: skip
+    lrs = [objectives.epoch_lr(s, i, "cosine") for s, i in at[:7]]
+    assert lrs == pytest.approx([1e-3, 7.5e-4, 2.5e-4, 1e-4, 1e-4 * (2 + 2**0.5) / 4, 5e-5,
+                                 1e-4 * (2 - 2**0.5) / 4])  # fmt: skip
+    assert [objectives.epoch_lr(s, i, "constant") for s, i in at] == [1e-3] * 3 + [1e-4] * 5
+    with pytest.raises(ValueError, match="constant, cosine"):
+        objectives.epoch_lr(stages[0], 0, "step")
+
+
 def test_augmentation_is_seeded_and_keeps_the_background():
     x = torch.zeros(2, 1, 64, 48)
     x[:, :, 20:40, 10:30] = 5.0

@@ -303,6 +303,8 @@ def _operating_points_csv(path: Path, measured: dict[str, tuple[np.ndarray, np.n
 
 
 def _scores_csv(path: Path, images: Sequence[SiteImage], scores: np.ndarray) -> Path:
+    """One row per image with its score in full (round-trip) precision: six decimals tied
+    distinct scores below 5e-7, and the AUC recomputed from the file differed."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
@@ -316,7 +318,7 @@ def _scores_csv(path: Path, images: Sequence[SiteImage], scores: np.ndarray) -> 
                     im.laterality,
                     im.view,
                     im.malignant,
-                    f"{s:.6f}",
+                    repr(float(s)),
                 ]
             )
     return path

@@ -81,6 +81,8 @@ class FinetuneOptions:
     batch_size: int | None = None
     accumulate: int = 1
     lr: float | None = None
+    schedule: str = "constant"
+    """A name in `objectives.SCHEDULES`: the learning rate within each stage."""
     weight_decay: float | None = None
     top_epochs: int | None = None
     beta: float = objectives.DEFAULT_BETA
@@ -366,6 +368,10 @@ def _check_options(o: FinetuneOptions) -> Path:
         raise FinetuneError(f"{out} exists; choose another --out or pass --overwrite")
     if o.mask_weight < 0:
         raise FinetuneError(f"--mask-weight must be 0 or more, not {o.mask_weight}")
+    if o.schedule not in objectives.SCHEDULES:
+        raise FinetuneError(
+            f"--schedule must be one of {', '.join(objectives.SCHEDULES)}, not {o.schedule!r}"
+        )
     return out
 
 
@@ -526,13 +532,16 @@ def _train(run: _Run, state: _State, on_epoch_end: Callable[[dict[str, Any]], No
     for epoch in range(state.first_epoch, int(o.epochs)):
         if state.stopped:
             break
-        stage = objectives.stage_at(run.stages, epoch)
+        stage, in_stage = objectives.stage_at(run.stages, epoch)
         if stage.name != stage_name or optimizer is None:
             optimizer, frozen = _stage_optimizer(run, state, stage)
             stage_name = stage.name
+        lr = objectives.epoch_lr(stage, in_stage, o.schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         epoch_started = time.monotonic()
         loss = _epoch(run, epoch, stage, optimizer, frozen, scaler, labels)
-        row = _validate(run, state, epoch, stage, loss, time.monotonic() - epoch_started)
+        row = _validate(run, state, epoch, stage, lr, loss, time.monotonic() - epoch_started)
         run.checkpoint.save(
             {
                 "epoch": epoch,
@@ -626,7 +635,13 @@ def _epoch(
 
 
 def _validate(
-    run: _Run, state: _State, epoch: int, stage: objectives.Stage, loss: float, seconds: float
+    run: _Run,
+    state: _State,
+    epoch: int,
+    stage: objectives.Stage,
+    lr: float,
+    loss: float,
+    seconds: float,
 ) -> dict[str, Any]:
     """Score the validation split, keep the best weights, count epochs without improvement,
     and append (and print) the epoch's history row."""
@@ -641,7 +656,7 @@ def _validate(
     row = {
         "epoch": epoch + 1,
         "stage": stage.name,
-        "lr": stage.lr,
+        "lr": lr,
         "train_loss": loss,
         "val_auc": val_auc,
         "seconds": round(seconds, 2),
@@ -678,6 +693,7 @@ def _card(
         "batch_size": o.batch_size,
         "accumulate": o.accumulate,
         "lr": run.lr,
+        "lr_schedule": o.schedule,
         "weight_decay": run.weight_decay,
         "optimizer": "Adam",
         "beta_saliency_l1": o.beta if family_name == "gmic" else None,

@@ -21,6 +21,7 @@ is a `trainer finetune` option.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -133,13 +134,35 @@ def plan_stages(
     return stages
 
 
-def stage_at(stages: list[Stage], epoch: int) -> Stage:
+def stage_at(stages: list[Stage], epoch: int) -> tuple[Stage, int]:
+    """The stage that run epoch `epoch` (0-based) belongs to, and the epoch's place in it."""
     start = 0
     for stage in stages:
         if epoch < start + stage.epochs:
-            return stage
+            return stage, epoch - start
         start += stage.epochs
-    return stages[-1]
+    return stages[-1], epoch - (start - stages[-1].epochs)
+
+
+SCHEDULES = ("constant", "cosine")
+"""Learning rate within a stage: the stage's throughout, or annealed from it towards 0."""
+
+
+def epoch_lr(stage: Stage, epoch_in_stage: int, schedule: str) -> float:
+    """One epoch's learning rate: `stage.lr`, or with "cosine" `stage.lr`·(1 + cos(π·e/E))/2
+    for epoch e of the stage's E, the values torch's CosineAnnealingLR gives when stepped once
+    an epoch. A pure function of the epoch, so a resumed run sets the same rate again. A
+    constant rate that suits the first epochs makes the last ones oscillate (the demo
+    all-conv's validation AUC went 0.853 → 0.726 between its last epochs at 3e-4)."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {schedule!r}")
+    if schedule == "constant":
+        return stage.lr
+    return (
+        stage.lr
+        * 0.5
+        * (1.0 + math.cos(math.pi * min(epoch_in_stage, stage.epochs) / stage.epochs))
+    )
 
 
 def frozen_part(module: nn.Module, stage: Stage) -> nn.Module | None:

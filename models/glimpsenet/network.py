@@ -53,7 +53,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "mask_scale": 1.0,
             "input": "unshuffle",
         },
-        "glimpses": {"count": 4, "window": 16, "stride": 8, "iou": 0.5, "size": 75},
+        "glimpses": {"count": 8, "window": 16, "stride": 8, "iou": 0.5, "size": 75},
         "classifier": {"width": 0.125, "dropout": 0.4},
         "pooling": {"kind": "lse", "r": 5.0},
     },

@@ -66,6 +66,14 @@ def register(subparsers: Subcommands) -> None:
         help="learning rate (default: the recipe's); after a top-layers stage, all-conv's "
         "all-layers stage uses a tenth of it",
     )
+    p.add_argument(
+        "--schedule",
+        choices=objectives.SCHEDULES,
+        default="constant",
+        help="learning rate within each stage: constant (default), or cosine: annealed from "
+        "--lr towards 0 over the stage's epochs, so the last epochs settle (with --resume and "
+        "a new --epochs, it anneals over the new length)",
+    )
     p.add_argument("--weight-decay", type=float, help="Adam weight decay (gmic 1e-5, allconv 1e-4)")
     p.add_argument(
         "--top-epochs",
@@ -144,6 +152,7 @@ def run(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         accumulate=args.accumulate,
         lr=args.lr,
+        schedule=args.schedule,
         weight_decay=args.weight_decay,
         top_epochs=args.top_epochs,
         beta=args.beta,

@@ -13,6 +13,7 @@ from PIL import Image
 from ..progress import progress as progress_bar
 from .dicom import SYNTAXES, encode
 from .exam import DEFAULT_COLS, DEFAULT_ROWS, SynthExam, SynthImage, synth_exam
+from .look import DetectorLook
 
 LABEL_COLUMNS = (
     "path",
@@ -41,15 +42,15 @@ def write_dataset(
     rows: int = DEFAULT_ROWS,
     cols: int = DEFAULT_COLS,
     bits_stored: int = 12,
-    look: str = "standard",
+    look: str | DetectorLook = "standard",
     progress: bool = False,
 ) -> Path:
     """Write `n_exams` exams as DICOM files plus masks and labels.csv; returns the CSV's path.
 
     `transfer_syntax` is a name from `SYNTAXES`, "mixed" (explicit, jpeg2000 and jpegls in
     turn), or a sequence of names used in turn per image. `photometric` is MONOCHROME1,
-    MONOCHROME2 or "mixed" (alternating per exam). `look` names a detector look from
-    `trainer.synth.look.LOOKS`. Exactly round(n_exams × positive_fraction)
+    MONOCHROME2 or "mixed" (alternating per exam). `look` is a detector look, or the name of
+    one in `trainer.synth.look.LOOKS`. Exactly round(n_exams × positive_fraction)
     exams are positive. The same arguments write the same files, UIDs included.
     """
     if not 0.0 <= positive_fraction <= 1.0:
