@@ -17,6 +17,7 @@ from trainer.cli import main as trainer_main
 from trainer.synth import (
     LABEL_COLUMNS,
     SYNTAXES,
+    DetectorLook,
     LesionType,
     read_labels,
     read_mask,
@@ -237,3 +238,11 @@ def test_a_detector_look_changes_the_pixels_not_the_anatomy():
     )
     with pytest.raises(ValueError, match="unknown detector look 'vendor-z'; known: standard"):
         synth_exam(5, rows=ROWS, cols=COLS, look="vendor-z")
+
+
+def test_a_dataset_takes_a_look_of_ones_own(tmp_path: Path):
+    """A held-out look no model was built on, for a domain-shift test of one's own."""
+    soft = DetectorLook("soft", "a soft tone curve", gamma=0.55, contrast=0.8, noise=0.02)
+    write_dataset(tmp_path, 1, seed=5, rows=ROWS, cols=COLS, look=soft)
+    first = dcmread(next(tmp_path.glob("exam_00000/*.dcm")))
+    assert first.ManufacturerModelName == "trainer synth, soft look"

@@ -303,8 +303,8 @@ def _operating_points_csv(path: Path, measured: dict[str, tuple[np.ndarray, np.n
 
 
 def _scores_csv(path: Path, images: Sequence[SiteImage], scores: np.ndarray) -> Path:
-    """One row per image with its score in full (round-trip) precision: six decimals tied
-    distinct scores below 5e-7, and the AUC recomputed from the file differed."""
+    """One row per image with its score in full (round-trip) precision: six decimals can tie
+    distinct scores, and an AUC recomputed from the file then differs from the reported one."""
     with path.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(
