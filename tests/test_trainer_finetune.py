@@ -16,6 +16,10 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +206,33 @@ def test_a_cosine_schedule_sets_each_epochs_rate_and_records_it(
                 site_data=tiny_site, base=tiny_base, out=tmp_path / "x.safetensors", schedule="step"
             )
         )
+
+
+def test_a_cache_that_cannot_be_written_says_where_and_what_to_do(
+    tiny_site: Path, tiny_base: Path, tmp_path: Path
+):
+    """A real short write: the process may write no file over 64 KiB (as on a full disk, the
+    kernel refuses the rest), and each cached input is about 0.8 MB."""
+
+    def limit_file_size() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 16, 1 << 16))
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a failed write, not a killed process
+
+    work = tmp_path / "work"
+    args = ["finetune", "--site-data", str(tiny_site), "--base", str(tiny_base)]
+    args += ["--out", str(tmp_path / "o.safetensors"), "--work-dir", str(work), "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, "-m", "trainer.cli", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=limit_file_size,
+        timeout=300,
+    )
+    assert done.returncode == 2, done.stderr
+    message = done.stderr.strip().splitlines()[-1]
+    assert message.startswith("trainer finetune: error: could not write the preprocessed-input ")
+    assert str(work / "inputs") in message and "pass --work-dir on a disk with room" in message
+    assert not list((work / "inputs").glob("*.npy")), "no truncated entry is left to be read"
 
 
 def test_finetune_refuses_to_write_over_its_base(site: Path, demo_base: Path):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +33,10 @@ from .sitedata import MaskFileError, SiteImage
 DEFAULT_MEMORY_BUDGET = 2 * 1024**3
 MASK_STRIDE = 4
 """Input pixels per lesion-mask cell, per axis."""
+
+
+class InputCacheError(OSError):
+    """The input cache could not be written (a full disk, a file size limit, no permission)."""
 
 
 class InputCache:
@@ -122,7 +127,17 @@ class InputCache:
         # Whole or absent, through the one atomic writer: a training run killed mid-write
         # leaves no truncated entry for the next run to load (about 10 ms an entry).
         array = tensor.numpy()
-        write_atomically(path, lambda fp: np.save(fp, array))
+        try:
+            write_atomically(path, lambda fp: np.save(fp, array))
+        except OSError as exc:
+            # numpy reports a short write as "N requested and M written": say where and why.
+            free = shutil.disk_usage(path.parent).free
+            raise InputCacheError(
+                f"could not write the preprocessed-input cache in {path.parent} ({exc}; "
+                f"{free / 2**20:.0f} MiB free there, each image needs "
+                f"{array.nbytes / 2**20:.1f} MiB): free disk space, or pass --work-dir on a "
+                "disk with room, then rerun the same command: the images cached so far are kept"
+            ) from exc
 
     def _cached(self, image: SiteImage, masks: bool) -> bool:
         def cached(memory: dict[str, torch.Tensor], kind: str) -> bool:
