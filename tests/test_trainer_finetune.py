@@ -5,10 +5,9 @@ look only; the site's scanner has another vendor's look (`trainer synth --look v
 anatomy, different tone curve, edge enhancement and noise). The base loses accuracy on it, and
 fine-tuning on the site's image-level labels alone (no lesion masks) must win it back, measured
 on held-out exams of the same site. Its base is the demo all-conv v0.2 (tests/data), the
-shipped one until 2026-11-29, which the look sends to chance (0.50). The demo
-that replaced it (v0.3, trained on 4× the data) keeps 0.69 on vendor-b, and 24 exams lift it
-only to 0.73 (48 exams: 0.79), so it cannot show a lift of this size; see
-models/weights/README.md.
+shipped one until 2026-11-29, which the look sends to chance (0.50). The demo that replaced it
+(v0.3: v0.2 fine-tuned on 800 more exams) keeps 0.69 on vendor-b, and 24 exams lift it only to
+0.73 (48 exams: 0.79), so it cannot show a lift of this size; see models/weights/README.md.
 """
 
 from __future__ import annotations
@@ -110,17 +109,17 @@ def _sha(path: Path) -> str:
 def test_finetune_adapts_a_model_to_another_scanners_look(
     site: Path, holdout: Path, holdout_standard_look: Path, tmp_path: Path
 ):
-    demo_base = STANDARD_LOOK_BASE
+    base = STANDARD_LOOK_BASE
     out = tmp_path / "site.safetensors"
-    before = _sha(demo_base)
-    args = ["finetune", "--site-data", str(site), "--base", str(demo_base), "--out", str(out)]
+    before = _sha(base)
+    args = ["finetune", "--site-data", str(site), "--base", str(base), "--out", str(out)]
     # A new look changes low-level statistics, so all layers adapt from the first epoch.
     schedule = ["--epochs", "8", "--top-epochs", "0", "--lr", "3e-4", "--batch-size", "8"]
     assert main([*args, *schedule, "--augment", "flips", "--n-boot", "100", "--no-progress"]) == 0
-    assert _sha(demo_base) == before, "the base model file must never change"
+    assert _sha(base) == before, "the base model file must never change"
 
-    at_home = _holdout_auc(demo_base, holdout_standard_look, tmp_path)["image"]["auc"]
-    base_auc = _holdout_auc(demo_base, holdout, tmp_path)["image"]["auc"]
+    at_home = _holdout_auc(base, holdout_standard_look, tmp_path)["image"]["auc"]
+    base_auc = _holdout_auc(base, holdout, tmp_path)["image"]["auc"]
     tuned_auc = _holdout_auc(out, holdout, tmp_path)["image"]["auc"]
     print(
         f"held-out image AUC (80 images): base on its own look {at_home:.3f}, on the site's "
