@@ -40,6 +40,7 @@ from models.family import get_family
 from models.glimpsenet import PRESETS, GlimpseNet
 from models.modelfile import ModelCard, load_model, read_card, save_model
 
+from .. import objectives
 from ..card import training_card
 from ..checkpoint import Checkpoint
 from ..evaluate import report, reports_to_json, score_images
@@ -53,7 +54,7 @@ from .objectives import FCGN_LOSSES, PAPER_LAMBDA, fcgn_loss, mil_loss
 
 STAGES = ("fcgn", "mil", "both")
 FCGN_MASKS = ("all", "malignant")
-FCGN_SCHEDULES = ("constant", "cosine")
+FCGN_SCHEDULES = objectives.SCHEDULES
 CHECKPOINT_FORMAT = 1
 LR_HALVING_EPOCHS = 30
 BWC_HANDLING = (
@@ -319,12 +320,8 @@ def _fcgn_stage(o, module, cache, train_set, val, device, checkpoint, state) -> 
         )
     params = list(module.fcgn.parameters())
     optimizer = torch.optim.Adam(params, lr=o.fcgn_lr)
-    scheduler = (
-        torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, o.fcgn_epochs)
-        if o.fcgn_schedule == "cosine"
-        else None
-    )
-    first = _resume_stage(state, "fcgn", module, optimizer, scheduler)
+    plan = objectives.Stage("fcgn", o.fcgn_epochs, o.fcgn_lr)
+    first = _resume_stage(state, "fcgn", module, optimizer)
 
     def batch(images):
         x = module.fcgn_input(cache.batch(images).to(device))
@@ -336,7 +333,9 @@ def _fcgn_stage(o, module, cache, train_set, val, device, checkpoint, state) -> 
         g = torch.Generator().manual_seed(_epoch_seed(o.seed, epoch, "fcgn"))
         order = torch.randperm(len(train_known), generator=g).tolist()
         module.train()
-        lr = optimizer.param_groups[0]["lr"]
+        lr = objectives.epoch_lr(plan, epoch, o.fcgn_schedule)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         total = 0.0
         chunks = [order[i : i + o.batch_size] for i in range(0, len(order), o.batch_size)]
         chunks = [c for c in chunks if len(c) > 1]  # batch norm needs two samples
@@ -351,8 +350,6 @@ def _fcgn_stage(o, module, cache, train_set, val, device, checkpoint, state) -> 
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
-        if scheduler is not None:
-            scheduler.step()
         module.eval()
         val_loss = 0.0
         with torch.no_grad():
@@ -363,7 +360,7 @@ def _fcgn_stage(o, module, cache, train_set, val, device, checkpoint, state) -> 
         row = {"stage": "fcgn", "epoch": epoch + 1, "lr": lr,
                "train_loss": total / max(1, sum(len(c) for c in chunks)),
                "val_loss": val_loss, "seconds": round(time.monotonic() - t0, 1)}  # fmt: skip
-        _end_epoch(o, module, optimizer, scheduler, checkpoint, state, row, -val_loss, "fcgn")
+        _end_epoch(o, module, optimizer, None, checkpoint, state, row, -val_loss, "fcgn")
         if state["stopped"]:
             break
     module.load_state_dict(state["best"])
