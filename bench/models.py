@@ -270,7 +270,7 @@ def run_stages(args: argparse.Namespace, rows: int, cols: int) -> None:
         f"{torch.__version__}; source images {rows}x{cols}; median of {args.repeats}"
     )
     demo = [
-        MemberSpec(DEMO_WEIGHTS / "demo-gmic.safetensors", ("none", "hflip")),
+        MemberSpec(DEMO_WEIGHTS / "demo-gmic.safetensors", ("none", "vflip")),
         MemberSpec(DEMO_WEIGHTS / "demo-allconv.safetensors", ("none", "hflip")),
     ]
     print_stages(
@@ -279,7 +279,7 @@ def run_stages(args: argparse.Namespace, rows: int, cols: int) -> None:
     )
     with tempfile.TemporaryDirectory() as tmp:
         published = [
-            MemberSpec(write_model(Path(tmp), "gmic", args.gmic_preset), ("none", "hflip")),
+            MemberSpec(write_model(Path(tmp), "gmic", args.gmic_preset), ("none", "vflip")),
             MemberSpec(write_model(Path(tmp), "allconv", args.allconv_preset), ALL_FLIPS),
         ]  # forward passes at full size: the main table (minutes per exam on a CPU)
         print_stages(
@@ -325,12 +325,12 @@ def _main(argv: list[str] | None) -> int:
         glimpsenets = {p: write_model(Path(tmp), "glimpsenet", p) for p in args.glimpsenet_presets}
         plans = [
             ("GMIC, 1 pass", [MemberSpec(gmic)]),
-            ("GMIC, hflip TTA", [MemberSpec(gmic, ("none", "hflip"))]),
+            ("GMIC, vflip TTA", [MemberSpec(gmic, ("none", "vflip"))]),
             ("all-conv, 1 pass", [MemberSpec(allconv)]),
             ("all-conv, 4-flip TTA", [MemberSpec(allconv, ALL_FLIPS)]),
             (
                 "ensemble (GMIC x2 + all-conv x4)",
-                [MemberSpec(gmic, ("none", "hflip")), MemberSpec(allconv, ALL_FLIPS)],
+                [MemberSpec(gmic, ("none", "vflip")), MemberSpec(allconv, ALL_FLIPS)],
             ),
         ]
         for preset, path in glimpsenets.items():
@@ -340,7 +340,7 @@ def _main(argv: list[str] | None) -> int:
                 (
                     "ensemble + GlimpseNet paper x2",
                     [
-                        MemberSpec(gmic, ("none", "hflip")),
+                        MemberSpec(gmic, ("none", "vflip")),
                         MemberSpec(allconv, ALL_FLIPS),
                         MemberSpec(glimpsenets["paper"], ("none", "hflip")),
                     ],

@@ -146,7 +146,7 @@ def published_models(folder: Path) -> list[tuple[Path, list[str]]]:
     gmic, allconv = folder / "gmic-published.safetensors", folder / "allconv-resnet50.safetensors"
     new_model_file(gmic, "gmic", GMIC["published"], name="gmic-published-random")
     new_model_file(allconv, "allconv", ALLCONV["resnet50"], name="allconv-resnet50-random")
-    return [(gmic, ["none", "hflip"]), (allconv, ["none", "hflip", "vflip", "hvflip"])]
+    return [(gmic, ["none", "vflip"]), (allconv, ["none", "hflip", "vflip", "hvflip"])]
 
 
 # -- one row ---------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from models.ensemble import default_member  # noqa: E402
 from plugin.config import ListenerConfig  # noqa: E402
 from plugin.listener import Listener  # noqa: E402
 from plugin.observability import AuditTrail, Metrics  # noqa: E402
@@ -169,7 +170,9 @@ def turnaround(work: Path, exams: int, rows: int, cols: int, device: str) -> dic
         "storage": {"spool": "var/spool", "database": "var/db.sqlite", "min_free_mb": 1},
         "exams": {"settle_seconds": 1, "quiet_seconds": 30, "max_wait_seconds": 120},
         "models": {
-            "members": [{"path": str(p), "flips": ["none", "hflip"]} for p in model_files(work)],
+            "members": [
+                {"path": str(p), "flips": list(default_member(p).flips)} for p in model_files(work)
+            ],
             "device": device,
         },
         "destinations": [{"type": "folder", "name": "folder", "path": "results"}],

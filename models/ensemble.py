@@ -30,7 +30,7 @@ from .compute_thread import on_compute_thread
 from .family import ModelFamily, Prepared, ScoreMaps, get_family
 from .geometry import Geometry
 from .mammogram import SCREENING_VIEW_KEYS, Laterality, Mammogram, View
-from .modelfile import ModelCard, file_sha256, load_model
+from .modelfile import ModelCard, file_sha256, load_model, read_card
 from .numerics import PRECISIONS, autocast, fp32_guard, to_levels_
 from .results import (
     BreastPrediction,
@@ -198,6 +198,7 @@ class Ensemble:
                 module = module.to(memory_format=torch.channels_last)
             card: ModelCard = module.card
             family = get_family(card.family)
+            check_flips(m, card)
             member = _Member(module, card, family, m.flips, file_sha256(Path(m.path)))
             if spec.compile:
                 member.compile()
@@ -429,6 +430,27 @@ def _prepare(family: ModelFamily, image: Mammogram, spec: dict, device: torch.de
 
 def _flip(x: torch.Tensor, flip: str) -> torch.Tensor:
     return torch.flip(x, FLIPS[flip]) if FLIPS[flip] else x
+
+
+def default_member(path: Path) -> MemberSpec:
+    """A member with the test-time augmentation the shipped configuration gives it: the image
+    and its mirror image, left-right where the family allows that flip, else upside down."""
+    family = get_family(read_card(path).family)
+    mirror = "hflip" if "hflip" in family.test_time_flips else "vflip"
+    return MemberSpec(path, ("none", mirror))
+
+
+def check_flips(member: MemberSpec, card: ModelCard) -> None:
+    """Refuse a flip that shows the member's model an image unlike any it is run on."""
+    family = get_family(card.family)
+    foreign = [f for f in member.flips if f not in family.test_time_flips]
+    if foreign:
+        raise ValueError(
+            f"ensemble member {card.name} ({member.path}): {family.name}'s preprocessing never "
+            f"gives its models an image flipped by {', '.join(foreign)} (it turns every breast "
+            "to face one way), so scores and maps under that flip mean nothing; choose its "
+            f"flips from {', '.join(family.test_time_flips)}"
+        )
 
 
 def _check_exam(images: Sequence[Mammogram]) -> None:

@@ -63,6 +63,10 @@ class ModelFamily(Protocol):
     and read its output. Families register themselves with `register_family`."""
 
     name: str
+    test_time_flips: tuple[str, ...]
+    """The flips (of "none", "hflip", "vflip", "hvflip") whose images look like those the
+    family's preprocessing gives its models. A family that turns every breast to face one way
+    (GMIC) leaves out the horizontal ones: a mirrored breast is one its models never see."""
 
     def build(self, architecture: dict[str, Any]) -> nn.Module:
         """A module with freshly initialised weights for this architecture config."""

@@ -120,7 +120,8 @@ def test_pipeline_defaults_come_from_the_machine(default_data: dict) -> None:
     worker = parse_config(data, REPO).worker
     assert (worker.decoders, worker.builders, worker.in_flight(64)) == (0, 3, 5)
     spec = ensemble_spec(config.models)
-    assert [m.flips for m in spec.members] == [("none", "hflip")] * 3
+    # GMIC faces every breast one way, so its mirror image is the vertical one.
+    assert [m.flips for m in spec.members] == [("none", "vflip")] + [("none", "hflip")] * 2
     assert (spec.device, spec.precision, spec.max_batch) == ("auto", "fp32", 8)
     assert (spec.channels_last, spec.compile) == (False, False)
     data = copy.deepcopy(default_data)
@@ -168,7 +169,11 @@ def test_secrets_come_from_named_environment_variables(monkeypatch) -> None:
 
 def test_config_check_command(tmp_path: Path, default_data: dict, capsys) -> None:
     data = copy.deepcopy(default_data)
-    data["models"]["members"] = [{"path": "missing.safetensors"}]
+    gmic = str(REPO / "models/weights/demo-gmic.safetensors")
+    data["models"]["members"] = [
+        {"path": "missing.safetensors"},
+        {"path": gmic, "flips": ["none", "hflip"]},
+    ]
     data["destinations"].append(
         {
             "type": "orthanc",
@@ -183,6 +188,12 @@ def test_config_check_command(tmp_path: Path, default_data: dict, capsys) -> Non
     assert main(["config", "check", str(path)]) == 1
     out = capsys.readouterr().out
     assert "models.members.0.path: no model file at" in out
+    # GMIC turns every breast to face one way: a horizontal flip shows it a breast it never sees.
+    assert (
+        "models.members.1: ensemble member demo-gmic (" + gmic + "): gmic's preprocessing never "
+        "gives its models an image flipped by hflip"
+    ) in out
+    assert "choose its flips from none, vflip" in out
     assert "MAMMO_TEST_UNSET_PASSWORD" in out
 
     data["listener"]["bogus"] = 1

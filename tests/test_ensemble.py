@@ -21,7 +21,14 @@ from models import family as family_registry
 from models import get_family, load_model, new_model_file, read_card, save_model
 from models.allconv import PRESETS as ALLCONV_PRESETS
 from models.allconv import AllConvFamily
-from models.ensemble import Ensemble, EnsembleSpec, MemberSpec, _MemberImage, _source_levels
+from models.ensemble import (
+    Ensemble,
+    EnsembleSpec,
+    MemberSpec,
+    _MemberImage,
+    _source_levels,
+    default_member,
+)
 from models.geometry import Crop, Flip, Geometry, Resize
 from models.gmic import PRESETS as GMIC_PRESETS
 from models.pixels import read_mammogram_file
@@ -32,6 +39,7 @@ from tests.test_geometry import random_geometry, reference_map_to_source
 
 ALL_FLIPS = ("none", "hflip", "vflip", "hvflip")
 DEMO_ALLCONV = Path(__file__).parents[1] / "models/weights/demo-allconv.safetensors"
+DEMO_GMIC = DEMO_ALLCONV.with_name("demo-gmic.safetensors")
 
 
 def _model_file(folder, family: str, preset: dict, name: str, seed: int):
@@ -95,7 +103,7 @@ def test_predict_exams_equals_one_exam_at_a_time(model_files, exam, exam_negativ
     some CPUs (AVX-512 Xeon, with or without oneDNN): the comparison would measure that
     model's conditioning, not the batching. The trained model's scores move by 5e-7."""
     members = (
-        MemberSpec(model_files["gmic"], ("none", "hflip")),
+        MemberSpec(model_files["gmic"], ("none", "vflip")),
         MemberSpec(DEMO_ALLCONV, ("none", "vflip")),
     )
     ens = Ensemble(EnsembleSpec(members, device="cpu", max_batch=max_batch))
@@ -110,7 +118,7 @@ def test_predict_exams_equals_one_exam_at_a_time(model_files, exam, exam_negativ
 def test_predict_exams_batches_forwards_across_exams(model_files, exam, exam_negative):
     ens = Ensemble(
         EnsembleSpec(
-            (MemberSpec(model_files["gmic"], ("none", "hflip")),), device="cpu", max_batch=16
+            (MemberSpec(model_files["gmic"], ("none", "vflip")),), device="cpu", max_batch=16
         )
     )
     batches = []
@@ -143,15 +151,21 @@ def _source_map(path, image, flip: str) -> np.ndarray:
     return np.clip(prepared.geometry.map_to_source(maps.numpy()), 0, 1)
 
 
-def test_flip_tta_averages_probabilities_and_unflipped_maps(model_files, exam):
+@pytest.mark.parametrize(
+    ("family", "flips"),
+    # GMIC, with a benign class, under the flips it allows; all-conv under every flip.
+    [("gmic", ("none", "vflip")), ("allconv", ALL_FLIPS)],
+)
+def test_flip_tta_averages_probabilities_and_unflipped_maps(model_files, exam, family, flips):
     image = exam[0]
-    path = model_files["gmic"]
-    passes = [_single_pass(path, image, f) for f in ALL_FLIPS]
-    tta = Ensemble(EnsembleSpec((MemberSpec(path, ALL_FLIPS),), device="cpu"))
+    path = model_files[family]
+    passes = [_single_pass(path, image, f) for f in flips]
+    tta = Ensemble(EnsembleSpec((MemberSpec(path, flips),), device="cpu"))
     result = tta.predict_exam([image]).images[0]
     assert result.malignant == pytest.approx(np.mean([p.malignant for p in passes]), abs=1e-6)
-    assert result.benign == pytest.approx(np.mean([p.benign for p in passes]), abs=1e-6)
-    expected_map = np.mean([_source_map(path, image, f) for f in ALL_FLIPS], axis=0)
+    if family == "gmic":
+        assert result.benign == pytest.approx(np.mean([p.benign for p in passes]), abs=1e-6)
+    expected_map = np.mean([_source_map(path, image, f) for f in flips], axis=0)
     assert_levels_of(result.malignant_map, expected_map, atol=1e-5)
     # The peak is the fp32 map's, not the first of the pixels at the top level.
     assert result.malignant_peak == np.unravel_index(np.argmax(expected_map), expected_map.shape)
@@ -178,7 +192,7 @@ def test_hflip_pass_equals_flipped_input_with_maps_flipped_back(model_files, exa
 
 def test_members_breasts_and_exam_aggregate_as_designed(model_files, exam):
     members = (
-        MemberSpec(model_files["gmic"], ("none", "hflip")),
+        MemberSpec(model_files["gmic"], ("none", "vflip")),
         MemberSpec(model_files["allconv"], ALL_FLIPS),
     )
     ens = Ensemble(EnsembleSpec(members, device="cpu"))
@@ -212,8 +226,9 @@ def test_partial_exam_reports_missing_views_and_single_image_breast(model_files,
     assert right.malignant == pytest.approx(pred.image(right.sop_instance_uids[0]).malignant)
 
 
-def test_gmic_rois_land_on_the_source_grid_of_each_side(model_files, exam):
-    ens = Ensemble(EnsembleSpec((MemberSpec(model_files["gmic"], ("hflip",)),), device="cpu"))
+def test_gmic_rois_land_on_the_source_grid_of_each_side(exam):
+    """The trained demo's crops: a randomly initialised GMIC may put all of them in padding."""
+    ens = Ensemble(EnsembleSpec((MemberSpec(DEMO_GMIC, ("vflip",)),), device="cpu"))
     pred = ens.predict_exam(exam)
     k = GMIC_PRESETS["demo"]["K"]
     for img, src in zip(pred.images, exam, strict=True):
@@ -255,6 +270,11 @@ def test_refusals(model_files, exam):
     object.__setattr__(other, "study_instance_uid", "1.2.3.4")
     with pytest.raises(ValueError, match="different studies"):
         ens.predict_exam([exam[0], other])
+    # GMIC turns every breast to face one way: a mirrored breast is one it never sees.
+    with pytest.raises(ValueError, match="flipped by hflip, hvflip .*from none, vflip"):
+        Ensemble(EnsembleSpec((MemberSpec(model_files["gmic"], ("none", "hflip", "hvflip")),)))
+    assert default_member(model_files["gmic"]).flips == ("none", "vflip")
+    assert default_member(model_files["allconv"]).flips == ("none", "hflip")
     with pytest.raises(ValueError, match="distinct model names"):
         Ensemble(EnsembleSpec((MemberSpec(model_files["gmic"]), MemberSpec(model_files["gmic"]))))
 
@@ -281,9 +301,7 @@ def test_member_without_boxes_scores_the_same_and_marks_nothing(
     boxed = Ensemble(EnsembleSpec((MemberSpec(model_files["allconv"], flips),), device="cpu"))
     unboxed = Ensemble(EnsembleSpec((MemberSpec(path, flips),), device="cpu"))
     with_gmic = Ensemble(
-        EnsembleSpec(
-            (MemberSpec(path, flips), MemberSpec(model_files["gmic"], ("hflip",))), device="cpu"
-        )
+        EnsembleSpec((MemberSpec(path, flips), MemberSpec(DEMO_GMIC, ("vflip",))), device="cpu")
     )
     a = boxed.predict_exam(images).images[0]
     b = unboxed.predict_exam(images).images[0]
@@ -291,17 +309,17 @@ def test_member_without_boxes_scores_the_same_and_marks_nothing(
     assert a.rois and b.rois == ()
     assert b.malignant == a.malignant and b.benign is None
     np.testing.assert_array_equal(b.malignant_map, a.malignant_map)
-    assert c.rois and {r.model for r in c.rois} == {"gmic-test"}
+    assert c.rois and {r.model for r in c.rois} == {"demo-gmic"}
     assert c.per_model["allconv-noboxes"] == b.malignant
 
 
-def test_members_sharing_preprocessing_score_alike(model_files, exam, tmp_path):
-    card = dataclasses.replace(read_card(model_files["gmic"]), name="gmic-twin")
-    twin = save_model(load_model(model_files["gmic"]), card, tmp_path / "twin.safetensors")
-    members = (MemberSpec(model_files["gmic"], ("hflip",)), MemberSpec(twin, ("hflip",)))
+def test_members_sharing_preprocessing_score_alike(exam, tmp_path):
+    card = dataclasses.replace(read_card(DEMO_GMIC), name="gmic-twin")
+    twin = save_model(load_model(DEMO_GMIC), card, tmp_path / "twin.safetensors")
+    members = (MemberSpec(DEMO_GMIC, ("vflip",)), MemberSpec(twin, ("vflip",)))
     img = Ensemble(EnsembleSpec(members, device="cpu")).predict_exam(exam[:1]).images[0]
-    assert img.per_model["gmic-test"] == img.per_model["gmic-twin"] == img.malignant
-    assert len(img.rois) % 2 == 0 and {r.model for r in img.rois} == {"gmic-test", "gmic-twin"}
+    assert img.per_model["demo-gmic"] == img.per_model["gmic-twin"] == img.malignant
+    assert len(img.rois) % 2 == 0 and {r.model for r in img.rois} == {"demo-gmic", "gmic-twin"}
 
 
 def test_non_finite_scores_are_refused(model_files, exam, tmp_path):
@@ -318,7 +336,7 @@ def test_non_finite_scores_are_refused(model_files, exam, tmp_path):
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(model_files, exam):
-    members = (MemberSpec(model_files["gmic"], ("none", "hflip")),)
+    members = (MemberSpec(model_files["gmic"], ("none", "vflip")),)
     cpu = Ensemble(EnsembleSpec(members, device="cpu")).predict_exam(exam)
     gpu = Ensemble(EnsembleSpec(members, device="cuda")).predict_exam(exam)
     np.testing.assert_allclose(

@@ -29,7 +29,7 @@ def members(tmp_path_factory):
     torch.manual_seed(0)
     gmic = new_model_file(folder / "g.safetensors", "gmic", GMIC_PRESETS["demo"], name="g")
     allconv = new_model_file(folder / "a.safetensors", "allconv", ALLCONV_PRESETS["demo"], name="a")
-    return (MemberSpec(gmic, ("none", "hflip")), MemberSpec(allconv, ("none", "vflip")))
+    return (MemberSpec(gmic, ("none", "vflip")), MemberSpec(allconv, ("none", "vflip")))
 
 
 def test_cuda_fp32_equals_cpu_fp32(members, synth_exam_small):

@@ -13,7 +13,7 @@ from pathlib import Path
 import pydicom
 import pytest
 
-from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.ensemble import Ensemble, EnsembleSpec, default_member
 from plugin import pipeline as stages
 from plugin.isolation import NoUsableImage
 from plugin.outputs import DEFAULT_KINDS, OutputKind
@@ -28,9 +28,7 @@ EXAMS = 3
 @pytest.fixture(scope="module")
 def ensemble(tmp_path_factory: pytest.TempPathFactory) -> Ensemble:
     models = demo_models(tmp_path_factory.mktemp("models"))
-    return Ensemble(
-        EnsembleSpec(tuple(MemberSpec(p, ("none", "hflip")) for p in models), device="cpu")
-    )
+    return Ensemble(EnsembleSpec(tuple(default_member(p) for p in models), device="cpu"))
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ import pytest
 import yaml
 from pydicom import dcmread
 
+from models.ensemble import default_member
 from tests.support.service_harness import (
     Serve,
     counts,
@@ -48,7 +49,7 @@ def folder_config(tmp: Path, models: list[Path], outputs: list[str], **worker) -
     data = yaml.safe_load(path.read_text())
     data["models"].update(max_batch=8, max_batch_wait_ms=200)
     for member in data["models"]["members"]:
-        member["flips"] = ["none", "hflip"]
+        member["flips"] = list(default_member(Path(member["path"])).flips)
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
 

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from models.family import get_family
+
 
 @dataclass(frozen=True)
 class AugmentConfig:
@@ -35,15 +37,16 @@ def default_augmentation(family: str, level: str = "full") -> AugmentConfig | No
     """The augmentation of a `trainer finetune --augment` level for a family.
 
     "flips" keeps only the mirror images: a small synthetic or site set learns faster with it
-    when rotation and zoom make the task too hard for the data at hand. GMIC's preprocessing
-    turns every breast to face the same way, so a horizontal flip would show the model a
-    breast it never sees at inference; GMIC keeps vertical flips only.
+    when rotation and zoom make the task too hard for the data at hand. Only the flips the
+    family is run under (`ModelFamily.test_time_flips`) are drawn: GMIC's preprocessing turns
+    every breast to face the same way, so a horizontal flip would show it a breast it never
+    sees at inference, and GMIC keeps vertical flips only.
     """
     if level not in LEVELS:
         raise ValueError(f"augmentation level must be one of {', '.join(LEVELS)}, not {level!r}")
     if level == "none":
         return None
-    config = AugmentConfig(hflip=family != "gmic")
+    config = AugmentConfig(hflip="hflip" in get_family(family).test_time_flips)
     if level == "flips":
         return AugmentConfig(config.hflip, True, 0.0, (1.0, 1.0), 0.0)
     return config

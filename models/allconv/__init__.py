@@ -76,6 +76,7 @@ def peak_box(
 
 class AllConvFamily:
     name = "allconv"
+    test_time_flips = ("none", "hflip", "vflip", "hvflip")
 
     def build(self, architecture: dict[str, Any]) -> AllConvNet:
         return build(architecture)

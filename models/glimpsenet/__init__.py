@@ -48,6 +48,7 @@ __all__ = [
 
 class GlimpseNetFamily:
     name = "glimpsenet"
+    test_time_flips = ("none", "hflip", "vflip", "hvflip")
 
     def build(self, architecture: dict[str, Any]) -> GlimpseNet:
         return GlimpseNet(architecture)

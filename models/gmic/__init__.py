@@ -19,6 +19,9 @@ from .preprocess import PreprocessSpec, default_spec, extract_window, preprocess
 
 class GMICFamily:
     name = "gmic"
+    # The preprocessing mirrors every breast to face the same way (`needs_flip`), so a
+    # horizontal flip would show the model a breast it is never trained or run on.
+    test_time_flips = ("none", "vflip")
 
     def build(self, architecture: dict[str, Any]) -> GMIC:
         return GMIC(architecture)

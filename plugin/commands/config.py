@@ -6,6 +6,8 @@ import argparse
 from pathlib import Path
 
 from models.command_line import Subcommands
+from models.ensemble import MemberSpec, check_flips
+from models.modelfile import read_card
 from plugin.config import DEFAULT_CONFIG, Config, ConfigError, load_config
 
 
@@ -27,6 +29,11 @@ def problems(config: Config) -> list[str]:
     for i, member in enumerate(config.models.members):
         if not member.path.is_file():
             found.append(f"models.members.{i}.path: no model file at {member.path}")
+            continue
+        try:
+            check_flips(MemberSpec(member.path, tuple(member.flips)), read_card(member.path))
+        except ValueError as exc:  # a ModelFileError too
+            found.append(f"models.members.{i}: {exc}")
     tls = config.listener.tls
     if tls is not None:
         for key in ("certificate", "private_key", "ca_certificates"):

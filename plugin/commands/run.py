@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from models.command_line import Subcommands
-from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.ensemble import Ensemble, EnsembleSpec, MemberSpec, default_member
 from plugin.config import DEFAULT_CONFIG, Config, WorkerConfig, ensemble_spec, load_config
 from plugin.observability import quiet_pydicom
 from plugin.offline import StudyResult, analyse_studies, scan
@@ -150,7 +150,7 @@ def _spec(config: Config | None, models: list[str], device: str | None) -> Ensem
                 f"no model given and no shipped demo models in {WEIGHTS_DIR}; "
                 "pass --model FILE or --config FILE"
             )
-        spec = EnsembleSpec(tuple(MemberSpec(p, ("none", "hflip")) for p in present))
+        spec = EnsembleSpec(tuple(default_member(p) for p in present))
     for member in spec.members:
         if not Path(member.path).exists():
             raise ValueError(f"model file {member.path} does not exist")
