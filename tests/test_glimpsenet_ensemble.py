@@ -13,7 +13,7 @@ import torch
 
 from models import new_model_file
 from models.allconv import PRESETS as ALLCONV_PRESETS
-from models.ensemble import Ensemble, EnsembleSpec, MemberSpec
+from models.ensemble import Ensemble, EnsembleSpec, default_member
 from models.glimpsenet import PRESETS
 from models.gmic import PRESETS as GMIC_PRESETS
 from models.reading import read_mammogram
@@ -76,9 +76,7 @@ def _algorithm_names(ds) -> list[str]:
 
 
 def test_glimpses_and_mask_land_on_the_source_grid(synth_exam_small, members):
-    ensemble = Ensemble(
-        EnsembleSpec(tuple(MemberSpec(m, ("none", "hflip")) for m in members), device="cpu")
-    )
+    ensemble = Ensemble(EnsembleSpec(tuple(default_member(m) for m in members), device="cpu"))
     images = [read_mammogram(im.dataset) for im in synth_exam_small.images]
     result = ensemble.predict_exam(images)
     glimpsenet = next(m for m in ensemble.models if m.family == "glimpsenet")
