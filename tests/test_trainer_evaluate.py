@@ -189,3 +189,13 @@ def test_progress_writes_plain_periodic_lines_off_a_terminal():
     assert lines[0].startswith("preprocess: 1/5 img") and "loss=0.5" in lines[0]
     assert lines[-1].startswith("preprocess: 5/5 img")
     assert "\r" not in stream.getvalue()
+
+
+def test_a_gmic_member_under_a_horizontal_flip_is_refused(small_site: Path, capsys):
+    """GMIC faces every breast one way, so `hflip` would score breasts it never sees."""
+    gmic = Path(__file__).resolve().parents[1] / "models/weights/demo-gmic.safetensors"
+    args = ["evaluate", "--model", f"{gmic}:none,hflip", "--site-data", str(small_site)]
+    assert main([*args, "--split", "all", "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert "gmic's preprocessing never gives its models an image flipped by hflip" in err
+    assert "choose its flips from none, vflip" in err
