@@ -7,8 +7,9 @@ import argparse
 
 from models.modelfile import read_card
 
+from .. import objectives
 from .objectives import FCGN_LOSSES, PAPER_LAMBDA
-from .train import FCGN_MASKS, FCGN_SCHEDULES, STAGES, GlimpseNetOptions, train
+from .train import FCGN_MASKS, STAGES, GlimpseNetOptions, train
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -23,7 +24,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--fcgn-lr", type=float, default=1e-3, help="FCGN Adam lr (default 1e-3)")
     g.add_argument(
         "--fcgn-schedule",
-        choices=FCGN_SCHEDULES,
+        choices=objectives.SCHEDULES,
         default="constant",
         help="constant: --fcgn-lr throughout, as the paper (default); cosine: annealed to 0 "
         "over --fcgn-epochs",

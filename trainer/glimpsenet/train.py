@@ -54,7 +54,6 @@ from .objectives import FCGN_LOSSES, PAPER_LAMBDA, fcgn_loss, mil_loss
 
 STAGES = ("fcgn", "mil", "both")
 FCGN_MASKS = ("all", "malignant")
-FCGN_SCHEDULES = objectives.SCHEDULES
 CHECKPOINT_FORMAT = 1
 LR_HALVING_EPOCHS = 30
 BWC_HANDLING = (
@@ -151,8 +150,10 @@ def _check(o: GlimpseNetOptions) -> None:
         )
     if o.fcgn_masks not in FCGN_MASKS:
         raise GlimpseNetTrainingError(f"--fcgn-masks must be one of {', '.join(FCGN_MASKS)}")
-    if o.fcgn_schedule not in FCGN_SCHEDULES:
-        raise GlimpseNetTrainingError(f"--fcgn-schedule must be one of {', '.join(FCGN_SCHEDULES)}")
+    if o.fcgn_schedule not in objectives.SCHEDULES:
+        raise GlimpseNetTrainingError(
+            f"--fcgn-schedule must be one of {', '.join(objectives.SCHEDULES)}"
+        )
     if o.fcgn_loss not in FCGN_LOSSES:
         raise GlimpseNetTrainingError(f"--fcgn-loss must be one of {', '.join(FCGN_LOSSES)}")
     if min(o.fcgn_epochs, o.epochs, o.batch_size) < 1 or o.lam <= 0:
