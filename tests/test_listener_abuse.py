@@ -31,6 +31,7 @@ from pynetdicom.sop_class import DigitalMammographyXRayImageStorageForPresentati
 from plugin.listener import Listener
 from plugin.observability import JsonFormatter
 from tests.support.raw_dicom import Closed, RawAssociation, dataset_bytes
+from tests.support.service_harness import wait_until
 from trainer.synth import encode, synth_exam
 
 
@@ -199,7 +200,9 @@ def test_values_are_capped_and_never_copied(make_listener, image, monkeypatch, r
 def test_connections_per_address_are_limited(make_listener, image) -> None:
     listener = make_listener(max_associations_per_address=2)
     held = [socket.create_connection(("127.0.0.1", listener.port)) for _ in range(2)]
-    time.sleep(0.3)
+    # The listener must have taken both before the third arrives: a fixed pause was too short
+    # on a loaded CI machine.
+    wait_until(lambda: listener.active_associations == 2, 10, "the two held connections")
     third = socket.create_connection(("127.0.0.1", listener.port))
     third.settimeout(5)
     assert third.recv(16) == b""  # closed at once: this address holds its share
