@@ -92,6 +92,22 @@ def test_a_cosine_fcgn_schedule_anneals_the_learning_rate(site, tmp_path):
     assert stage["name"] == "fcgn" and stage["lr_schedule"] == "cosine"
 
 
+def test_pooling_replaces_the_bases_and_keeps_its_weights(site, trained, tmp_path):
+    out = tmp_path / "topk.safetensors"
+    args = ["finetune", "--site-data", str(site), "--base", str(trained), "--out", str(out),
+            "--stage", "mil", "--pooling", "topk:k=1", "--epochs", "1", "--lr", "0",
+            "--batch-size", "4", "--n-boot", "20", "--no-progress"]  # fmt: skip
+    assert trainer_main(args) == 0
+    assert read_card(out).architecture["pooling"] == {"kind": "topk", "k": 1, "by": 2}
+    assert read_card(trained).architecture["pooling"] == {"kind": "lse", "r": 5.0}
+    before, after = load_file(str(trained)), load_file(str(out))
+    assert before.keys() == after.keys()
+    # at lr 0 only the batch-norm statistics of the classifier move; the FCGN is frozen
+    assert all(torch.equal(before[k], after[k]) for k in before if k.startswith("fcgn."))
+    statistics = ("running_mean", "running_var", "num_batches_tracked")
+    assert all(torch.equal(before[k], after[k]) for k in before if not k.endswith(statistics))
+
+
 def test_wrong_options_are_refused_with_what_to_do(site, tmp_path, capsys):
     out = tmp_path / "x.safetensors"
     assert trainer_main(_args(site, out, "--stage", "mil")) == 2
@@ -100,6 +116,13 @@ def test_wrong_options_are_refused_with_what_to_do(site, tmp_path, capsys):
     args[args.index("glimpsenet-demo")] = "glimpsenet-huge"
     assert trainer_main(args) == 2
     assert "glimpsenet-paper, glimpsenet-demo" in capsys.readouterr().err
+    assert trainer_main(_args(site, out, "--pooling", "topk:k=9")) == 2
+    assert "k <= 8" in capsys.readouterr().err
+    assert trainer_main(_args(site, out, "--pooling", "max")) == 2
+    assert "pooling" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        trainer_main(_args(site, out, "--pooling", "lse:r"))
+    assert "not NAME=VALUE" in capsys.readouterr().err
 
 
 def test_fcgn_loss_forms_by_hand():

@@ -4,6 +4,7 @@ fine-tuning when the model is a GlimpseNet (`--arch glimpsenet-*`, or a GlimpseN
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from models.modelfile import read_card
 
@@ -44,6 +45,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "so the mask (the ensemble's SEG) marks malignancy",
     )
     g.add_argument("--fcgn-lambda", type=float, default=PAPER_LAMBDA, help="λ (default 100)")
+    g.add_argument(
+        "--pooling",
+        type=pooling_spec,
+        metavar="KIND[:NAME=VALUE,...]",
+        help="MIL pooling for the MIL stage, e.g. lse:r=5, noisy_and:a=10,b=0.2, topk:k=1 "
+        "(default: the preset's or the base's). Pooling has no weights, so a trained base "
+        "keeps its classifier and learns under the new pooling",
+    )
+
+
+def pooling_spec(text: str) -> dict[str, Any]:
+    """`topk:k=1,by=2` → {"kind": "topk", "k": 1, "by": 2}; the architecture checks the rest."""
+    kind, _, rest = text.partition(":")
+    spec: dict[str, Any] = {"kind": kind}
+    for item in filter(None, rest.split(",")):
+        name, eq, value = item.partition("=")
+        if not eq:
+            raise argparse.ArgumentTypeError(f"{item!r} in {text!r} is not NAME=VALUE")
+        try:
+            spec[name] = int(value)
+        except ValueError:
+            try:
+                spec[name] = float(value)
+            except ValueError:
+                raise argparse.ArgumentTypeError(f"{name}={value!r} is not a number") from None
+    return spec
 
 
 def wanted(args: argparse.Namespace) -> bool:
@@ -70,6 +97,7 @@ def run(args: argparse.Namespace) -> int:
         fcgn_loss=args.fcgn_loss,
         fcgn_masks=args.fcgn_masks,
         lam=args.fcgn_lambda,
+        pooling=args.pooling,
         epochs=given("epochs", 20),
         lr=given("lr", 1e-4),
         weight_decay=given("weight_decay", 0.01),

@@ -91,6 +91,9 @@ class GlimpseNetOptions:
     """"all": the union of benign and malignant masks (the paper); "malignant": malignant
     masks only, so the mask (the ensemble's malignancy map) ignores benign findings."""
     lam: float = PAPER_LAMBDA
+    pooling: dict[str, Any] | None = None
+    """MIL pooling (the architecture's `pooling` section) replacing the preset's or the base's;
+    it has no weights, so a base's classifier carries over."""
     epochs: int = 20
     """Epochs of the MIL stage."""
     lr: float = 1e-4
@@ -229,15 +232,19 @@ def _train(o: GlimpseNetOptions) -> GlimpseNetResult:
         base_card = read_card(o.base)
         if base_card.family != "glimpsenet":
             raise GlimpseNetTrainingError(f"{o.base} is a {base_card.family} model, not GlimpseNet")
-        module = load_model(o.base)
         architecture, spec = copy.deepcopy(base_card.architecture), base_card.preprocessing
+        module = load_model(o.base)
+        if o.pooling is not None:
+            weights = module.state_dict()
+            module = _build(architecture, o.pooling)
+            module.load_state_dict(weights)
         base_info = {"file": Path(o.base).name, "name": base_card.name,
                      "version": base_card.version}  # fmt: skip
     else:
         architecture = copy.deepcopy(PRESETS[o.arch])
         if o.fcgn_loss == "printed":
             architecture["fcgn"]["mask_scale"] = o.lam
-        module = GlimpseNet(architecture)
+        module = _build(architecture, o.pooling)
         spec = family.default_preprocessing(architecture)
         base_info = {"from_scratch": f"glimpsenet-{o.arch}", "init_seed": o.seed}
     want_scale = o.lam if o.fcgn_loss == "printed" else 1.0
@@ -292,6 +299,19 @@ def _train(o: GlimpseNetOptions) -> GlimpseNetResult:
     save_model(module, card, out)
     return GlimpseNetResult(out, card, state["history"], reports_to_json(test_report),
                             time.monotonic() - started)  # fmt: skip
+
+
+def _build(architecture: dict[str, Any], pooling: dict[str, Any] | None) -> GlimpseNet:
+    """The network of `architecture`, whose pooling `pooling` replaces (in place) when given."""
+    if pooling is None:
+        return GlimpseNet(architecture)
+    architecture["pooling"] = pooling
+    try:
+        module = GlimpseNet(architecture)
+    except ValueError as exc:
+        raise GlimpseNetTrainingError(f"--pooling {pooling}: {exc}") from None
+    architecture["pooling"] = module.config.pooling.to_dict()  # the card names every argument
+    return module
 
 
 def _resume_stage(state: dict[str, Any], stage: str, module, optimizer, scheduler=None) -> int:
