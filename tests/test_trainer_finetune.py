@@ -239,6 +239,16 @@ def test_finetune_refuses_to_write_over_its_base(site: Path, demo_base: Path):
         finetune(FinetuneOptions(site_data=site, base=demo_base, out=demo_base))
 
 
+def test_glimpsenet_options_are_refused_for_another_family(
+    tiny_site: Path, tiny_base: Path, tmp_path: Path, capsys
+):
+    args = ["finetune", "--site-data", str(tiny_site), "--base", str(tiny_base)]
+    args += ["--out", str(tmp_path / "x.safetensors"), "--pooling", "topk:k=1", "--stage", "mil"]
+    assert main(args) == 2
+    assert "--stage, --pooling: GlimpseNet options" in capsys.readouterr().err
+    assert not (tmp_path / "x.safetensors").exists()
+
+
 def test_evaluate_reports_cis_plots_and_writes_an_operating_point(
     site: Path, demo_base: Path, tmp_path: Path
 ):

@@ -9,7 +9,7 @@ from pathlib import Path
 from models.command_line import Subcommands
 
 from .. import objectives
-from ..finetune import FinetuneOptions, finetune
+from ..finetune import FinetuneError, FinetuneOptions, finetune
 from ..glimpsenet import cli as glimpsenet_cli
 from ..metrics import DEFAULT_N_BOOT
 
@@ -141,6 +141,11 @@ def register(subparsers: Subcommands) -> None:
 def run(args: argparse.Namespace) -> int:
     if glimpsenet_cli.wanted(args):
         return glimpsenet_cli.run(args)
+    if foreign := glimpsenet_cli.options_set(args):
+        raise FinetuneError(
+            f"{', '.join(foreign)}: GlimpseNet options, and this model is not a GlimpseNet; "
+            "drop them, or train --arch glimpsenet-demo|glimpsenet-paper"
+        )
     options = FinetuneOptions(
         site_data=args.site_data,
         out=args.out,

@@ -53,6 +53,21 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "(default: the preset's or the base's). Pooling has no weights, so a trained base "
         "keeps its classifier and learns under the new pooling",
     )
+    p.set_defaults(glimpsenet_defaults={dest: p.get_default(dest) for dest in OPTIONS})
+
+
+OPTIONS = ("stage", "fcgn_epochs", "fcgn_lr", "fcgn_schedule", "fcgn_loss", "fcgn_masks",
+           "fcgn_lambda", "pooling")  # fmt: skip
+"""The destinations of the options above, which mean nothing to the other families."""
+
+
+def options_set(args: argparse.Namespace) -> list[str]:
+    """The GlimpseNet options this command line moves off their defaults, as flags."""
+    return [
+        "--" + dest.replace("_", "-")
+        for dest in OPTIONS
+        if getattr(args, dest) != args.glimpsenet_defaults[dest]
+    ]
 
 
 def pooling_spec(text: str) -> dict[str, Any]:
