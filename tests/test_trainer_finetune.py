@@ -29,6 +29,7 @@ from safetensors import safe_open
 
 from models.allconv import PRESETS
 from models.modelfile import new_model_file, read_card
+from tests.support.held_out import held_out_report
 from trainer import metrics
 from trainer.cli import main
 from trainer.finetune import FinetuneError, FinetuneOptions, finetune
@@ -72,13 +73,6 @@ def holdout_standard_look(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root
 
 
-def _holdout_auc(model: Path, holdout: Path, tmp_path: Path) -> dict:
-    report = tmp_path / f"{model.stem}-holdout.json"
-    args = ["evaluate", "--model", str(model), "--site-data", str(holdout), "--split", "all"]
-    assert main([*args, "--json", str(report), "--n-boot", "100", "--no-progress"]) == 0
-    return json.loads(report.read_text())
-
-
 @pytest.fixture(scope="module")
 def tiny_site(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("tiny")
@@ -118,9 +112,9 @@ def test_finetune_adapts_a_model_to_another_scanners_look(
     assert main([*args, *schedule, "--augment", "flips", "--n-boot", "100", "--no-progress"]) == 0
     assert _sha(base) == before, "the base model file must never change"
 
-    at_home = _holdout_auc(base, holdout_standard_look, tmp_path)["image"]["auc"]
-    base_auc = _holdout_auc(base, holdout, tmp_path)["image"]["auc"]
-    tuned_auc = _holdout_auc(out, holdout, tmp_path)["image"]["auc"]
+    at_home = held_out_report(base, holdout_standard_look, tmp_path)["image"]["auc"]
+    base_auc = held_out_report(base, holdout, tmp_path)["image"]["auc"]
+    tuned_auc = held_out_report(out, holdout, tmp_path)["image"]["auc"]
     print(
         f"held-out image AUC (80 images): base on its own look {at_home:.3f}, on the site's "
         f"look {base_auc:.3f}; fine-tuned on the site's look {tuned_auc:.3f}"

@@ -12,6 +12,10 @@ from .. import objectives
 from .objectives import FCGN_LOSSES, PAPER_LAMBDA
 from .train import FCGN_MASKS, STAGES, GlimpseNetOptions, train
 
+OPTIONS = ("stage", "fcgn_epochs", "fcgn_lr", "fcgn_schedule", "fcgn_loss", "fcgn_masks",
+           "fcgn_lambda", "pooling")  # fmt: skip
+"""Destinations of the options `add_arguments` adds: they mean nothing to other families."""
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group(
@@ -54,11 +58,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         "keeps its classifier and learns under the new pooling",
     )
     p.set_defaults(glimpsenet_defaults={dest: p.get_default(dest) for dest in OPTIONS})
-
-
-OPTIONS = ("stage", "fcgn_epochs", "fcgn_lr", "fcgn_schedule", "fcgn_loss", "fcgn_masks",
-           "fcgn_lambda", "pooling")  # fmt: skip
-"""The destinations of the options above, which mean nothing to the other families."""
 
 
 def options_set(args: argparse.Namespace) -> list[str]:
