@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from models.ensemble import resolve_device
 from models.family import get_family
-from models.glimpsenet import PRESETS, GlimpseNet
+from models.glimpsenet import PRESETS, GlimpseNet, GlimpseNetConfig
 from models.modelfile import ModelCard, load_model, read_card, save_model
 
 from .. import objectives
@@ -232,19 +232,20 @@ def _train(o: GlimpseNetOptions) -> GlimpseNetResult:
         base_card = read_card(o.base)
         if base_card.family != "glimpsenet":
             raise GlimpseNetTrainingError(f"{o.base} is a {base_card.family} model, not GlimpseNet")
-        architecture, spec = copy.deepcopy(base_card.architecture), base_card.preprocessing
+        architecture = _with_pooling(base_card.architecture, o.pooling)
+        spec = base_card.preprocessing
         module = load_model(o.base)
-        if o.pooling is not None:
+        if o.pooling is not None:  # pooling has no weights: the base's carry over
             weights = module.state_dict()
-            module = _build(architecture, o.pooling)
+            module = GlimpseNet(architecture)
             module.load_state_dict(weights)
         base_info = {"file": Path(o.base).name, "name": base_card.name,
                      "version": base_card.version}  # fmt: skip
     else:
-        architecture = copy.deepcopy(PRESETS[o.arch])
+        architecture = _with_pooling(PRESETS[o.arch], o.pooling)
         if o.fcgn_loss == "printed":
             architecture["fcgn"]["mask_scale"] = o.lam
-        module = _build(architecture, o.pooling)
+        module = GlimpseNet(architecture)
         spec = family.default_preprocessing(architecture)
         base_info = {"from_scratch": f"glimpsenet-{o.arch}", "init_seed": o.seed}
     want_scale = o.lam if o.fcgn_loss == "printed" else 1.0
@@ -301,17 +302,17 @@ def _train(o: GlimpseNetOptions) -> GlimpseNetResult:
                             time.monotonic() - started)  # fmt: skip
 
 
-def _build(architecture: dict[str, Any], pooling: dict[str, Any] | None) -> GlimpseNet:
-    """The network of `architecture`, whose pooling `pooling` replaces (in place) when given."""
-    if pooling is None:
-        return GlimpseNet(architecture)
-    architecture["pooling"] = pooling
-    try:
-        module = GlimpseNet(architecture)
-    except ValueError as exc:
-        raise GlimpseNetTrainingError(f"--pooling {pooling}: {exc}") from None
-    architecture["pooling"] = module.config.pooling.to_dict()  # the card names every argument
-    return module
+def _with_pooling(architecture: dict[str, Any], pooling: dict[str, Any] | None) -> dict[str, Any]:
+    """A copy of `architecture` whose MIL pooling `pooling` replaces when given, with every
+    argument named (the card records them)."""
+    architecture = copy.deepcopy(architecture)
+    if pooling is not None:
+        try:
+            config = GlimpseNetConfig.from_dict({**architecture, "pooling": pooling})
+        except ValueError as exc:
+            raise GlimpseNetTrainingError(f"--pooling {pooling}: {exc}") from None
+        architecture["pooling"] = config.pooling.to_dict()
+    return architecture
 
 
 def _resume_stage(state: dict[str, Any], stage: str, module, optimizer, scheduler=None) -> int:
