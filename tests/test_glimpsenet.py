@@ -5,6 +5,7 @@ parameter names and the ImageNet importer, model-file round trip. About 15 s on 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ from models.glimpsenet import (
 from models.glimpsenet import import_imagenet_state_dict as import_imagenet
 from models.glimpsenet.glimpses import box_iou, crop_glimpses, greedy_nms, select_glimpses
 from models.reading import read_mammogram
+
+DEMO = Path(__file__).parents[1] / "models/weights/demo-glimpsenet.safetensors"
 
 
 def _sig(x: float) -> float:
@@ -272,6 +275,24 @@ def test_model_file_round_trip_and_score_maps(tmp_path, synth_exam_small):
     assert torch.allclose(maps.benign, 1 - (1 - p[:, 0]) * (1 - p[:, 1]))
     assert torch.allclose(maps.box_weights, out.glimpse_probabilities[:, :, 2])
     assert ((maps.boxes >= 0) & (maps.boxes <= 512)).all()
+
+
+def test_bf16_keeps_the_mask_and_the_glimpses(synth_exam_small):
+    """The FCGN runs in fp32 under autocast (its mask picks the glimpses); only the classifier
+    runs at the reduced precision. The shipped demo, so that the mask has real peaks."""
+    model = load_model(DEMO).eval()
+    fam = get_family("glimpsenet")
+    spec = read_card(DEMO).preprocessing
+    x = torch.stack([fam.preprocess(read_mammogram(im.dataset), spec).tensor
+                     for im in synth_exam_small.images])  # fmt: skip
+    with torch.inference_mode():
+        fp32 = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            bf16 = model(x)
+    assert bf16.mask.dtype == torch.float32 and torch.equal(bf16.mask, fp32.mask)
+    assert torch.equal(bf16.boxes, fp32.boxes)
+    assert not torch.equal(bf16.glimpse_probabilities, fp32.glimpse_probabilities)
+    np.testing.assert_allclose(bf16.probabilities, fp32.probabilities, atol=0.05)
 
 
 def test_bad_architectures_are_refused_with_the_reason():

@@ -185,8 +185,6 @@ class GlimpseNetOutput:
     """(N, J, 3) per-glimpse probabilities."""
     mask: torch.Tensor
     """(N, 1, fcgn_size, fcgn_size) lesion confidence in [0, 1], float32."""
-    mask_raw: torch.Tensor = field(repr=False)
-    """The FCGN's raw regression output (what the mask loss sees)."""
     boxes: torch.Tensor = field(repr=False)
     """(N, J, 4) glimpse boxes (top, left, bottom, right), best mask score first."""
     input_shape: tuple[int, int] = (0, 0)
@@ -221,6 +219,13 @@ class GlimpseNet(nn.Module):
     def lesion_mask(self, raw: torch.Tensor) -> torch.Tensor:
         return (raw.float() / self.config.mask_scale).clamp(0.0, 1.0)
 
+    def mask(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, 1, fcgn_size, fcgn_size) lesion confidence of full-resolution inputs. The FCGN
+        runs in fp32 under any autocast, as GMIC's global network does: its mask picks the
+        glimpses, a discrete choice that reduced precision must never move."""
+        with torch.autocast(x.device.type, enabled=False):
+            return self.lesion_mask(self.fcgn(self.fcgn_input(x.float())))
+
     def glimpse_boxes(self, mask: torch.Tensor) -> torch.Tensor:
         """(N, J, 4) glimpse boxes on the full-resolution grid, from the (N, 1, s, s) mask;
         float32 on the mask's device, whatever the autocast state."""
@@ -242,15 +247,13 @@ class GlimpseNet(nn.Module):
         return mil.pool(glimpse_probabilities.float(), self.config.pooling.to_dict())
 
     def forward(self, x: torch.Tensor) -> GlimpseNetOutput:
-        raw = self.fcgn(self.fcgn_input(x))
-        mask = self.lesion_mask(raw)
+        mask = self.mask(x)
         boxes = self.glimpse_boxes(mask)
         per_glimpse = self.classify(self.crops(x, boxes))
         return GlimpseNetOutput(
             probabilities=self.pool(per_glimpse),
             glimpse_probabilities=per_glimpse,
             mask=mask,
-            mask_raw=raw,
             boxes=boxes,
             input_shape=tuple(x.shape[-2:]),
         )

@@ -61,8 +61,7 @@ def mask_peaks(
             continue
         mammogram = read_mammogram_file(im.path)
         prepared = family.preprocess(mammogram, spec)
-        raw = module.fcgn(module.fcgn_input(prepared.tensor[None].to(device)))
-        mask = module.lesion_mask(raw)[0, 0].cpu()
+        mask = module.mask(prepared.tensor[None].to(device))[0, 0].cpu()
         h, w = mask.shape
         row, col = divmod(int(torch.argmax(mask)), w)
         in_h, in_w = prepared.geometry.input_shape

@@ -395,8 +395,7 @@ def _glimpse_crops(module, cache, images, device, batch_size) -> torch.Tensor:
     with torch.no_grad():
         for i in range(0, len(images), batch_size):
             x = cache.batch(images[i : i + batch_size]).to(device)
-            mask = module.lesion_mask(module.fcgn(module.fcgn_input(x)))
-            out.append(module.crops(x, module.glimpse_boxes(mask)).cpu())
+            out.append(module.crops(x, module.glimpse_boxes(module.mask(x))).cpu())
     return torch.cat(out)
 
 
