@@ -209,6 +209,23 @@ def test_cli_writes_a_dataset(tmp_path, capsys):
     assert "wrote 2 exams" in capsys.readouterr().out
 
 
+def test_cli_fixes_the_malignant_lesion_kind(tmp_path):
+    """--malignant-kind gives every positive exam that lesion: the files are those of
+    `synth_exam` with `malignant_type`, whose lesions are of that kind."""
+    out = tmp_path / "clusters"
+    trainer_main(
+        ["synth", "--out", str(out), "--exams", "2", "--positive-fraction", "1", "--seed", "3",
+         "--size", "128x104", "--malignant-kind", "pleomorphic_calcifications"]
+    )  # fmt: skip
+    rows = read_labels(out / "labels.csv")
+    for i in range(2):
+        exam = synth_exam(np.random.default_rng([3, i]), rows=128, cols=104, malignant=True,
+                          malignant_type=LesionType.PLEOMORPHIC_CALCIFICATIONS)  # fmt: skip
+        assert exam.lesions[exam.malignant_side][0].type is LesionType.PLEOMORPHIC_CALCIFICATIONS
+        written = [r["sop_instance_uid"] for r in rows[4 * i : 4 * i + 4]]
+        assert written == [im.dataset.SOPInstanceUID for im in exam.images]
+
+
 def test_cli_rejects_a_bad_size(tmp_path, capsys):
     with pytest.raises(SystemExit) as exit_:
         trainer_main(["synth", "--out", str(tmp_path), "--exams", "1", "--size", "big"])

@@ -8,6 +8,7 @@ import time
 
 from models.command_line import Subcommands
 from trainer.synth import DEFAULT_COLS, DEFAULT_ROWS, LOOKS, SYNTAXES, write_dataset
+from trainer.synth.phantom import LesionType
 
 
 def register(subparsers: Subcommands) -> None:
@@ -27,6 +28,12 @@ def register(subparsers: Subcommands) -> None:
         type=float,
         default=0.5,
         help="fraction of exams with a malignant lesion (default 0.5)",
+    )
+    parser.add_argument(
+        "--malignant-kind",
+        choices=[kind.value for kind in LesionType if kind.malignant],
+        help="the positive exams' lesion type (default: either, a spiculated mass about two "
+        "times in three)",
     )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     parser.add_argument(
@@ -73,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         args.out,
         args.exams,
         positive_fraction=args.positive_fraction,
+        malignant_kind=LesionType(args.malignant_kind) if args.malignant_kind else None,
         seed=args.seed,
         transfer_syntax=args.transfer_syntax,
         photometric=args.photometric,

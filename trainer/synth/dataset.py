@@ -14,6 +14,7 @@ from ..progress import progress as progress_bar
 from .dicom import SYNTAXES, encode
 from .exam import DEFAULT_COLS, DEFAULT_ROWS, SynthExam, SynthImage, synth_exam
 from .look import DetectorLook
+from .phantom import LesionType
 
 LABEL_COLUMNS = (
     "path",
@@ -36,6 +37,7 @@ def write_dataset(
     n_exams: int,
     *,
     positive_fraction: float = 0.5,
+    malignant_kind: LesionType | None = None,
     seed: int = 0,
     transfer_syntax: str | Sequence[str] = "explicit",
     photometric: str = "MONOCHROME2",
@@ -51,7 +53,9 @@ def write_dataset(
     turn), or a sequence of names used in turn per image. `photometric` is MONOCHROME1,
     MONOCHROME2 or "mixed" (alternating per exam). `look` is a detector look, or the name of
     one in `trainer.synth.look.LOOKS`. Exactly round(n_exams × positive_fraction)
-    exams are positive. The same arguments write the same files, UIDs included.
+    exams are positive; `malignant_kind` fixes their lesion type (default: either malignant
+    type, a spiculated mass more often). The same arguments write the same files, UIDs
+    included.
     """
     if not 0.0 <= positive_fraction <= 1.0:
         raise ValueError(f"positive fraction must be in [0, 1], not {positive_fraction}")
@@ -75,6 +79,7 @@ def write_dataset(
                 rows=rows,
                 cols=cols,
                 malignant=i in positive,
+                malignant_type=malignant_kind if i in positive else None,
                 bits_stored=bits_stored,
                 photometric=photometrics[i % len(photometrics)],
                 look=look,
