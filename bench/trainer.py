@@ -6,6 +6,8 @@
 One step = augmentation on the prepared batch, forward, the family's loss, backward and an Adam
 step (mixed precision on CUDA, as the trainer runs it). Inputs are random tensors of each
 preset's input shape, since preprocessing is cached once per run and is not part of the step.
+GlimpseNet trains in two stages, in fp32 on every device as `trainer finetune` runs it: a row
+each (the FCGN on a lesion mask; Inception V3 + MIL pooling on the frozen FCGN's glimpses).
 The baseline in the same process is inference (forward only, no grad) of the same model and
 batch: the table shows the ratio inference/training time per image.
 """
@@ -24,6 +26,7 @@ from trainer import objectives
 from trainer.augment import augment, default_augmentation
 from trainer.evaluate import autocast
 from trainer.finetune import parse_arch
+from trainer.glimpsenet.objectives import fcgn_loss, mil_loss
 from trainer.numerics import flush_denormal
 
 DEFAULT_MODELS = (
@@ -32,6 +35,8 @@ DEFAULT_MODELS = (
     "allconv-vgg16",
     "gmic-demo",
     "allconv-demo",
+    "glimpsenet-paper",
+    "glimpsenet-demo",
 )
 
 
@@ -45,8 +50,84 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def bench(name: str, device: torch.device, batch: int, steps: int, precision: str) -> dict:
+def _timed(device: torch.device, steps: int, step, mode) -> float:
+    """Seconds per step after a warm-up step (allocations, cudnn autotune)."""
+    mode()
+    step()
+    _sync(device)
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    _sync(device)
+    return (time.perf_counter() - start) / steps
+
+
+def bench_glimpsenet(name: str, device: torch.device, batch: int, steps: int) -> list[dict]:
+    """GlimpseNet trains in two stages (`trainer.glimpsenet.train`), in fp32: a row each. The
+    FCGN stage regresses a lesion mask; the MIL stage trains Inception V3 on the frozen
+    FCGN's glimpses, cut once per run, so its step starts from the crops."""
+    _, _, architecture = parse_arch(name)
+    torch.manual_seed(0)
+    module = get_family("glimpsenet").build(architecture).to(device)
+    size = module.config.input_size
+    generator = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 1, size, size, generator=generator).to(device)
+    fcgn_x = module.fcgn_input(x)
+    target = torch.zeros(batch, 1, module.config.fcgn_size, module.config.fcgn_size, device=device)
+    target[:, :, 40:60, 40:60] = 1.0
+    with torch.no_grad():
+        crops = module.eval().crops(x, module.glimpse_boxes(module.mask(x)))
+    labels = torch.tensor([[0.0, 0.0, float(i % 2)] for i in range(batch)], device=device)
+    fcgn_opt = torch.optim.Adam(module.fcgn.parameters(), lr=1e-3)
+    mil_opt = torch.optim.Adam(
+        [*module.inception.parameters(), *module.fc.parameters()], lr=1e-4, weight_decay=0.01
+    )
+
+    def step(optimizer, loss) -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    def mil_mode() -> None:
+        module.train()
+        module.fcgn.eval()
+
+    @torch.no_grad()
+    def infer() -> None:
+        get_family("glimpsenet").score_maps(module(x))
+
+    stages = {
+        "fcgn": (lambda: step(fcgn_opt, fcgn_loss(module.fcgn(fcgn_x), target)), module.train),
+        "mil": (
+            lambda: step(mil_opt, mil_loss(module.pool(module.classify(crops)), labels,
+                                           torch.ones_like(labels))),
+            mil_mode,
+        ),
+    }  # fmt: skip
+    infer_s = _timed(device, steps, infer, module.eval)
+    params = {
+        "fcgn": sum(p.numel() for p in module.fcgn.parameters()) / 1e6,
+        "mil": sum(p.numel() for p in (*module.inception.parameters(), *module.fc.parameters()))
+        / 1e6,
+    }
+    return [
+        {
+            "model": f"{name} {stage}",
+            "device": device.type,
+            "precision": "fp32",
+            "batch": batch,
+            "params_M": params[stage],
+            "train": batch / _timed(device, steps, *stages[stage]),
+            "infer": batch / infer_s,
+        }
+        for stage in stages
+    ]
+
+
+def bench(name: str, device: torch.device, batch: int, steps: int, precision: str) -> list[dict]:
     family_name, _, architecture = parse_arch(name)
+    if family_name == "glimpsenet":
+        return bench_glimpsenet(name, device, batch, steps)
     family = get_family(family_name)
     torch.manual_seed(0)
     module = family.build(architecture).to(device)
@@ -73,27 +154,17 @@ def bench(name: str, device: torch.device, batch: int, steps: int, precision: st
         with autocast(device, precision):
             family.score_maps(module(x.to(device)))
 
-    results = {}
-    for label, step, mode in (
-        ("train", train_step, module.train),
-        ("infer", infer_step, module.eval),
-    ):
-        mode()
-        step()  # warm-up (allocations, cudnn autotune)
-        _sync(device)
-        start = time.perf_counter()
-        for _ in range(steps):
-            step()
-        _sync(device)
-        results[label] = batch * steps / (time.perf_counter() - start)
-    return {
-        "model": name,
-        "device": device.type,
-        "precision": precision,
-        "batch": batch,
-        "params_M": sum(p.numel() for p in module.parameters()) / 1e6,
-        **results,
-    }
+    return [
+        {
+            "model": name,
+            "device": device.type,
+            "precision": precision,
+            "batch": batch,
+            "params_M": sum(p.numel() for p in module.parameters()) / 1e6,
+            "train": batch / _timed(device, steps, train_step, module.train),
+            "infer": batch / _timed(device, steps, infer_step, module.eval),
+        }
+    ]
 
 
 def main() -> None:
@@ -128,7 +199,7 @@ def main() -> None:
     else:
         print("cuda: not available (CPU rows only)")
     header = (
-        f"{'model':18s} {'device':6s} {'prec':5s} {'batch':>5s} {'params M':>8s} "
+        f"{'model':21s} {'device':6s} {'prec':5s} {'batch':>5s} {'params M':>8s} "
         f"{'train img/s':>11s} {'infer img/s':>11s} {'infer/train':>11s}"
     )
     print(header)
@@ -137,19 +208,20 @@ def main() -> None:
         for device in devices:
             cuda = device.type == "cuda"
             for name in args.models.split(","):
-                r = bench(
+                rows = bench(
                     name.strip(),
                     device,
                     args.cuda_batch_size if cuda else args.batch_size,
                     args.cuda_steps if cuda else args.steps,
                     args.precision if cuda else "fp32",
                 )
-                print(
-                    f"{r['model']:18s} {r['device']:6s} {r['precision']:5s} {r['batch']:5d} "
-                    f"{r['params_M']:8.2f} {r['train']:11.3f} {r['infer']:11.3f} "
-                    f"{r['infer'] / r['train']:11.2f}",
-                    flush=True,
-                )
+                for r in rows:
+                    print(
+                        f"{r['model']:21s} {r['device']:6s} {r['precision']:5s} {r['batch']:5d} "
+                        f"{r['params_M']:8.2f} {r['train']:11.3f} {r['infer']:11.3f} "
+                        f"{r['infer'] / r['train']:11.2f}",
+                        flush=True,
+                    )
 
 
 if __name__ == "__main__":
