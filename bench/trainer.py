@@ -68,59 +68,53 @@ def bench_glimpsenet(name: str, device: torch.device, batch: int, steps: int) ->
     FCGN's glimpses, cut once per run, so its step starts from the crops."""
     _, _, architecture = parse_arch(name)
     torch.manual_seed(0)
-    module = get_family("glimpsenet").build(architecture).to(device)
-    size = module.config.input_size
-    generator = torch.Generator().manual_seed(0)
-    x = torch.rand(batch, 1, size, size, generator=generator).to(device)
-    fcgn_x = module.fcgn_input(x)
-    target = torch.zeros(batch, 1, module.config.fcgn_size, module.config.fcgn_size, device=device)
-    target[:, :, 40:60, 40:60] = 1.0
+    family = get_family("glimpsenet")
+    module = family.build(architecture).to(device)
+    c = module.config
+    x = torch.rand(batch, 1, c.input_size, c.input_size, generator=torch.Generator().manual_seed(0))
+    x = x.to(device)
+    target = torch.zeros(batch, 1, c.fcgn_size, c.fcgn_size, device=device)
+    target[:, :, c.fcgn_size // 3 : c.fcgn_size // 2, c.fcgn_size // 3 : c.fcgn_size // 2] = 1.0
     with torch.no_grad():
         crops = module.eval().crops(x, module.glimpse_boxes(module.mask(x)))
     labels = torch.tensor([[0.0, 0.0, float(i % 2)] for i in range(batch)], device=device)
-    fcgn_opt = torch.optim.Adam(module.fcgn.parameters(), lr=1e-3)
-    mil_opt = torch.optim.Adam(
-        [*module.inception.parameters(), *module.fc.parameters()], lr=1e-4, weight_decay=0.01
-    )
+    fcgn = list(module.fcgn.parameters())
+    classifier = [*module.inception.parameters(), *module.fc.parameters()]
+    fcgn_opt = torch.optim.Adam(fcgn, lr=1e-3)
+    mil_opt = torch.optim.Adam(classifier, lr=1e-4, weight_decay=0.01)
 
-    def step(optimizer, loss) -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    def fcgn_step() -> None:
+        fcgn_opt.zero_grad(set_to_none=True)
+        fcgn_loss(module.fcgn(module.fcgn_input(x)), target).backward()
+        fcgn_opt.step()
+
+    def mil_step() -> None:
+        mil_opt.zero_grad(set_to_none=True)
+        pooled = module.pool(module.classify(crops))
+        mil_loss(pooled, labels, torch.ones_like(labels)).backward()
+        mil_opt.step()
 
     def mil_mode() -> None:
         module.train()
         module.fcgn.eval()
 
     @torch.no_grad()
-    def infer() -> None:
-        get_family("glimpsenet").score_maps(module(x))
+    def infer_step() -> None:
+        family.score_maps(module(x))
 
-    stages = {
-        "fcgn": (lambda: step(fcgn_opt, fcgn_loss(module.fcgn(fcgn_x), target)), module.train),
-        "mil": (
-            lambda: step(mil_opt, mil_loss(module.pool(module.classify(crops)), labels,
-                                           torch.ones_like(labels))),
-            mil_mode,
-        ),
-    }  # fmt: skip
-    infer_s = _timed(device, steps, infer, module.eval)
-    params = {
-        "fcgn": sum(p.numel() for p in module.fcgn.parameters()) / 1e6,
-        "mil": sum(p.numel() for p in (*module.inception.parameters(), *module.fc.parameters()))
-        / 1e6,
-    }
+    infer = batch / _timed(device, steps, infer_step, module.eval)
+    stages = (("fcgn", fcgn_step, module.train, fcgn), ("mil", mil_step, mil_mode, classifier))
     return [
         {
             "model": f"{name} {stage}",
             "device": device.type,
             "precision": "fp32",
             "batch": batch,
-            "params_M": params[stage],
-            "train": batch / _timed(device, steps, *stages[stage]),
-            "infer": batch / infer_s,
+            "params_M": sum(p.numel() for p in params) / 1e6,
+            "train": batch / _timed(device, steps, step, mode),
+            "infer": infer,
         }
-        for stage in stages
+        for stage, step, mode, params in stages
     ]
 
 
