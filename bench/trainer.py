@@ -79,7 +79,7 @@ def bench_glimpsenet(name: str, device: torch.device, batch: int, steps: int) ->
         crops = module.eval().crops(x, module.glimpse_boxes(module.mask(x)))
     labels = torch.tensor([[0.0, 0.0, float(i % 2)] for i in range(batch)], device=device)
     fcgn = list(module.fcgn.parameters())
-    classifier = [*module.inception.parameters(), *module.fc.parameters()]
+    classifier = module.classifier_parameters()
     fcgn_opt = torch.optim.Adam(fcgn, lr=1e-3)
     mil_opt = torch.optim.Adam(classifier, lr=1e-4, weight_decay=0.01)
 

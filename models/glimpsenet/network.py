@@ -218,15 +218,17 @@ class GlimpseNet(nn.Module):
             return F.pixel_unshuffle(x, c.scale)
         return F.avg_pool2d(x, c.scale)
 
-    def lesion_mask(self, raw: torch.Tensor) -> torch.Tensor:
-        return (raw.float() / self.config.mask_scale).clamp(0.0, 1.0)
-
     def mask(self, x: torch.Tensor) -> torch.Tensor:
         """(N, 1, fcgn_size, fcgn_size) lesion confidence of full-resolution inputs. The FCGN
         runs in fp32 under any autocast, as GMIC's global network does: its mask picks the
         glimpses, a discrete choice that reduced precision must never move."""
         with torch.autocast(x.device.type, enabled=False):
-            return self.lesion_mask(self.fcgn(self.fcgn_input(x.float())))
+            raw = self.fcgn(self.fcgn_input(x.float()))
+        return (raw / self.config.mask_scale).clamp(0.0, 1.0)
+
+    def classifier_parameters(self) -> list[nn.Parameter]:
+        """Inception V3 and its head: what the MIL stage trains, the FCGN frozen."""
+        return [*self.inception.parameters(), *self.fc.parameters()]
 
     def glimpse_boxes(self, mask: torch.Tensor) -> torch.Tensor:
         """(N, J, 4) glimpse boxes on the full-resolution grid, from the (N, 1, s, s) mask;

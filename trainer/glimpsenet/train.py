@@ -404,7 +404,7 @@ def _mil_stage(o, module, cache, train_set, val, device, checkpoint, state) -> N
     val_crops = _glimpse_crops(module, cache, val, device, o.batch_size)
     targets, known = _labels(train_set)
     val_labels = np.array([im.malignant for im in val])
-    params = [*module.inception.parameters(), *module.fc.parameters()]
+    params = module.classifier_parameters()
     optimizer = torch.optim.Adam(params, lr=o.lr, weight_decay=o.weight_decay)
     scheduler = torch.optim.lr_scheduler.StepLR(optimizer, LR_HALVING_EPOCHS, gamma=0.5)
     first = _resume_stage(state, "mil", module, optimizer, scheduler)
